@@ -1,0 +1,50 @@
+"""Typed errors. Each carries a hint that tells the user how to fix the problem."""
+
+from __future__ import annotations
+
+
+class LpcvError(Exception):
+    """Base class: `str(err)` is the problem, `err.hint` is what to do about it."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text}\n  fix: {self.hint}" if self.hint else text
+
+
+class ConfigError(LpcvError):
+    """A stage config value is invalid."""
+
+
+class UnknownModelError(LpcvError, KeyError):
+    """`create_model` was given a name that is not registered."""
+
+    __str__ = LpcvError.__str__
+
+
+class WeightsError(LpcvError):
+    """Weights are missing, corrupt, unreachable or do not fit the architecture."""
+
+
+class OutputDirError(LpcvError):
+    """The output directory cannot be written or already holds a different run."""
+
+
+class ContractError(LpcvError):
+    """A model or artifact does not meet the Track 3 contract."""
+
+
+class ParityError(LpcvError):
+    """Two runtimes disagree by more than the configured threshold."""
+
+    def __init__(self, message: str, *, measured: dict[str, float], threshold: dict[str, float], hint: str | None = None):
+        super().__init__(message, hint)
+        self.measured = measured
+        self.threshold = threshold
+
+
+class MissingDependencyError(LpcvError):
+    """An optional heavy dependency is not installed."""

@@ -1,0 +1,51 @@
+"""Reading RGB images exactly as the Track 3 contract feeds them to a model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from lpcv_depth.contract import TRACK3
+from lpcv_depth.errors import LpcvError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+
+
+class ImageReadError(LpcvError):
+    """An image file could not be decoded."""
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Image files under `folder`, sorted by relative path so every run sees the same order."""
+    root = Path(folder)
+    pattern = "**/*" if recursive else "*"
+    files = [p for p in root.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def load_contract_image(path: str | os.PathLike) -> np.ndarray:
+    """One image as the contract input: float32 (3, 480, 640), RGB, values in [0, 255].
+
+    Other sizes are resized (bilinear) to 640x480 without cropping; intrinsics must be scaled the
+    same way (fx * 640 / W, fy * 480 / H), which is what the RGB-D readers do.
+    """
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"cannot read image {path}: {err}",
+                             hint="remove or replace the file; only readable JPG/PNG files are accepted") from err
+    size = (TRACK3.width, TRACK3.height)
+    if rgb.size != size:
+        rgb = rgb.resize(size, Image.BILINEAR)
+    return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1).copy()
+
+
+def load_contract_batch(paths: list[Path]) -> np.ndarray:
+    """(N, 3, 480, 640) float32 batch of contract images."""
+    return np.stack([load_contract_image(p) for p in paths]) if paths else np.zeros(
+        (0, 3, TRACK3.height, TRACK3.width), np.float32)
