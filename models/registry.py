@@ -1,0 +1,119 @@
+"""The model registry: every model the pipeline knows, with the metadata that lives beside it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from torch import nn
+
+from lpcv_depth.errors import ConfigError, UnknownModelError
+
+NativeOutput = Literal["depth", "disparity"]
+
+
+@dataclass(frozen=True)
+class HubWeights:
+    """An official checkpoint on the Hugging Face Hub."""
+
+    repo_id: str
+    filename: str
+    revision: str = "main"
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.repo_id}/resolve/{self.revision}/{self.filename}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the pipeline needs to know about a backbone, declared once, next to its code.
+
+    build:        returns the randomly initialised backbone; it maps a normalised (B,3,h,w) tensor
+                  to a (B,1,h',w') map of `native_output` (any h',w': the wrapper resizes).
+    load_weights: fills a built backbone from a local file; must raise WeightsError on any mismatch.
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    load_weights: Callable[[nn.Module, Path], None]
+    native_input_size: tuple[int, int]
+    patch_multiple: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    native_output: NativeOutput
+    license: str
+    weight_source: str
+    hub_weights: HubWeights | None = None
+    default_weights: str | None = "hf"
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.native_output not in ("depth", "disparity"):
+            raise ConfigError(f"{self.name}: native_output must be 'depth' or 'disparity', got {self.native_output!r}")
+        height, width = self.native_input_size
+        if height % self.patch_multiple or width % self.patch_multiple:
+            raise ConfigError(f"{self.name}: native_input_size {self.native_input_size} is not a multiple "
+                              f"of patch_multiple {self.patch_multiple}")
+
+    def validate_input_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        height, width = (int(v) for v in size)
+        if height <= 0 or width <= 0 or height % self.patch_multiple or width % self.patch_multiple:
+            raise ConfigError(
+                f"{self.name}: input size {height}x{width} must be positive multiples of {self.patch_multiple}",
+                hint=f"e.g. {self.native_input_size[0]}x{self.native_input_size[1]} (the native size)")
+        return height, width
+
+    def metadata(self) -> dict:
+        """JSON-friendly description for manifests and `--list`."""
+        return {
+            "name": self.name,
+            "native_input_size": list(self.native_input_size),
+            "patch_multiple": self.patch_multiple,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "native_output": self.native_output,
+            "license": self.license,
+            "weight_source": self.weight_source,
+            "hub_weights": self.hub_weights.url if self.hub_weights else None,
+            "default_weights": self.default_weights,
+            "description": self.description,
+        }
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec, *, replace: bool = False) -> ModelSpec:
+    """Make a model available to `create_model` and every stage. One call per model."""
+    if spec.name in _REGISTRY and not replace:
+        raise ConfigError(f"model {spec.name!r} is already registered", hint="pick another name or pass replace=True")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownModelError(f"unknown model {name!r}; registered models: {', '.join(list_models())}",
+                                hint="pick one of the registered names, or register yours with "
+                                     "models.register_model(ModelSpec(...))") from None
+
+
+def resolve_default_weights(spec: ModelSpec) -> str | None:
+    """The model's default weights, with paths relative to the repo root made absolute."""
+    default = spec.default_weights
+    if default is None or default == "hf":
+        return default
+    path = Path(default)
+    if not path.is_absolute():
+        path = Path(__file__).resolve().parent.parent / path
+    return os.fspath(path)
