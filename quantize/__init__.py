@@ -1,0 +1,1 @@
+"""Quantization stage (AIMET post-training quantization)."""
