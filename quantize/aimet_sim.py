@@ -1,0 +1,193 @@
+"""Everything that touches AIMET. aimet-torch is imported lazily, so the rest of the project (and
+its tests) work without it, and a missing install names the exact command that fixes it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from lpcv_depth.errors import MissingDependencyError
+from lpcv_depth.verify import sqnr_db
+
+AIMET_INSTALL = 'pip install "aimet-torch==2.42.0"   (or: pip install -e ".[quant]")'
+HTP_V75_CONFIG = "htp_quantsim_config_v75.json"
+
+
+def import_aimet():
+    """The aimet_torch modules this stage uses, or a MissingDependencyError with the install command."""
+    try:
+        import aimet_torch
+        from aimet_torch.common.defs import QuantScheme
+        from aimet_torch.quantsim import QuantizationSimModel
+    except ImportError as err:
+        raise MissingDependencyError(f"aimet-torch is not importable: {err}", hint=AIMET_INSTALL) from err
+    return aimet_torch, QuantScheme, QuantizationSimModel
+
+
+def htp_v75_config_path() -> Path:
+    """AIMET's quantizer placement rules for the Snapdragon 8 Gen 3 HTP (V75), shipped with aimet-torch."""
+    aimet_torch, _, _ = import_aimet()
+    path = Path(aimet_torch.__file__).parent / "common" / "quantsim_config" / HTP_V75_CONFIG
+    if not path.is_file():
+        raise MissingDependencyError(f"AIMET's HTP V75 config {HTP_V75_CONFIG} is missing from {path.parent}",
+                                     hint=AIMET_INSTALL)
+    return path
+
+
+def quant_scheme(name: str):
+    _, QuantScheme, _ = import_aimet()
+    return {"min-max": QuantScheme.post_training_tf, "tf-enhanced": QuantScheme.post_training_tf_enhanced,
+            "percentile": QuantScheme.post_training_percentile}[name]
+
+
+def fold_batch_norms(model, dummy) -> int:
+    from aimet_torch.batch_norm_fold import fold_all_batch_norms
+
+    return len(fold_all_batch_norms(model, input_shapes=None, dummy_input=dummy))
+
+
+def cross_layer_equalize(model, dummy) -> None:
+    import warnings
+
+    from aimet_torch.cross_layer_equalization import equalize_model
+
+    with warnings.catch_warnings():
+        # AIMET warns that conv-ReLU6-conv pairs are not scaled; that is expected and reported as "no pairs".
+        warnings.simplefilter("ignore", DeprecationWarning)
+        equalize_model(model, dummy_input=dummy)
+
+
+def torch_batches(batches: Iterable[np.ndarray]):
+    import torch
+
+    return [torch.from_numpy(b) for b in batches]
+
+
+def run_forward(model, batches, progress: Callable | None = None) -> np.ndarray:
+    import torch
+
+    outputs = []
+    with torch.no_grad():
+        for batch in batches:
+            outputs.append(model(batch).numpy())
+            if progress:
+                progress()
+    return np.concatenate(outputs)
+
+
+@dataclass
+class Sensitivity:
+    """Per-layer activation sensitivity, measured: SQNR of the model with only that layer at 8 bits."""
+
+    baseline_sqnr_db: float
+    per_layer_sqnr_db: dict[str, float] = field(default_factory=dict)
+    promoted: list[str] = field(default_factory=list)
+    threshold_db: float = 0.0
+
+
+def activation_quantizers(sim) -> dict[str, object]:
+    """name -> output quantizer of every quantized module that has one."""
+    found = {}
+    for name, module in sim.model.named_modules():
+        quantizers = getattr(module, "output_quantizers", None)
+        if quantizers is None:
+            continue
+        for index, quantizer in enumerate(quantizers):
+            if quantizer is not None:
+                found[f"{name}:out{index}" if len(quantizers) > 1 else name] = quantizer
+    return found
+
+
+def promote_sensitive_layers(sim, batches, reference: np.ndarray, *, max_drop_db: float,
+                             progress: Callable | None = None) -> Sensitivity:
+    """Measured mixed precision: with every activation at 16 bits, put one layer at a time back to
+    8 bits and keep at 16 bits the layers whose 8-bit activations cost more than `max_drop_db`.
+
+    The 16-bit baseline isolates each layer's own damage, so a layer is promoted for what it does,
+    not for the noise its neighbours feed it.
+    """
+    quantizers = activation_quantizers(sim)
+    for quantizer in quantizers.values():
+        quantizer.bitwidth = 16
+    baseline = sqnr_db(reference, run_forward(sim.model, batches))
+    result = Sensitivity(baseline_sqnr_db=baseline, threshold_db=max_drop_db)
+    for name, quantizer in quantizers.items():
+        quantizer.bitwidth = 8
+        result.per_layer_sqnr_db[name] = sqnr_db(reference, run_forward(sim.model, batches))
+        quantizer.bitwidth = 16
+        if progress:
+            progress()
+    for name, quantizer in quantizers.items():
+        if baseline - result.per_layer_sqnr_db[name] > max_drop_db:
+            result.promoted.append(name)
+        else:
+            quantizer.bitwidth = 8
+    return result
+
+
+def apply_adaround(model, dummy, batches, *, iterations: int, param_bw: int, scheme, config_file: Path,
+                   workdir: Path):
+    """AdaRound the weights; returns (adarounded model, path of its frozen param encodings)."""
+    from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
+
+    params = AdaroundParameters(data_loader=batches, num_batches=len(batches), default_num_iterations=iterations,
+                                forward_fn=lambda m, batch: m(batch))
+    adarounded = Adaround.apply_adaround(model, dummy, params, path=os.fspath(workdir), filename_prefix="adaround",
+                                         default_param_bw=param_bw, default_quant_scheme=scheme,
+                                         default_config_file=os.fspath(config_file))
+    return adarounded, workdir / "adaround.encodings"
+
+
+def apply_seq_mse(sim, batches, candidates: int) -> None:
+    from aimet_torch.seq_mse import apply_seq_mse as aimet_seq_mse
+
+    aimet_seq_mse(sim, batches, num_candidates=candidates, forward_fn=lambda m, batch: m(batch))
+
+
+def export_for_ai_hub(sim, dummy, folder: Path, name: str, opset: int) -> tuple[Path, Path]:
+    """ONNX + AIMET .encodings, the layout AI Hub takes for pre-quantized models: a `<name>.aimet`
+    folder holding exactly one .onnx and one .encodings (weights kept inside the .onnx)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx_path = folder / f"{name}.onnx"
+    sim.onnx.export((dummy,), os.fspath(onnx_path), input_names=["image"], output_names=["depth"],
+                    opset_version=opset, dynamo=True)
+    encodings = folder / f"{name}.encodings"
+    if not encodings.is_file():
+        raise RuntimeError(f"AIMET did not write {encodings}")
+    _inline_external_data(onnx_path)
+    return onnx_path, encodings
+
+
+def export_qdq(sim, dummy, path: Path, opset: int) -> Path:
+    """A QuantizeLinear/DequantizeLinear ONNX that ONNX Runtime runs on the host."""
+    from aimet_torch.onnx import export as aimet_onnx_export
+
+    aimet_onnx_export(sim.model, (dummy,), os.fspath(path), input_names=["image"], output_names=["depth"],
+                      opset_version=opset, dynamo=True)
+    _inline_external_data(path)
+    return path
+
+
+def _inline_external_data(path: Path) -> None:
+    """Fold the exporter's external weight files back into the .onnx (models here are far below
+    protobuf's 2 GB), so each artifact is one self-contained file."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    locations = {entry.value for tensor in model.graph.initializer if uses_external_data(tensor)
+                 for entry in tensor.external_data if entry.key == "location"}
+    if not locations:
+        return
+    load_external_data_for_model(model, os.fspath(path.parent))
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor):
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+    onnx.save(model, os.fspath(path))
+    for location in locations:
+        (path.parent / location).unlink(missing_ok=True)

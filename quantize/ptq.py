@@ -1,0 +1,505 @@
+"""INT8 post-training quantization with AIMET, verified against the float ONNX on the host.
+
+    python quantize/ptq.py --calib calibration_data                     # w8a8, after export/to_onnx.py
+    python quantize/ptq.py --calib calibration_data --preset mixed --fp32 build/fastdepth/export
+    python quantize/ptq.py --calib calibration_data --min-sqnr 25 --max-fscore-drop 1.0   # CI gate
+
+Reads the export stage's folder (fp32 ONNX + manifest, which says how to rebuild the torch model),
+calibrates AIMET's QuantSim with the HTP V75 (Snapdragon 8 Gen 3) rules, and writes to OUT
+(default build/<model>/ptq-<preset>):
+  <model>.aimet/          one .onnx + one .encodings: the layout AI Hub takes for AIMET models
+  model_qdq.onnx          QuantizeLinear/DequantizeLinear ONNX for ONNX Runtime on the host
+  report.json, report.md, report.png, manifest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lpcv_depth.contract import TRACK3
+from lpcv_depth.errors import ConfigError, ContractError, LpcvError, ParityError
+from lpcv_depth.stage import MANIFEST_NAME, StageLog, StagingDir, read_manifest, sha256_file, write_manifest
+from lpcv_depth.verify import OrtRunner, ParityThresholds, check_output_range, compare_outputs, sqnr_db
+from quantize.calibration import RECOMMENDED_IMAGES, iter_batches, split_calibration_folder
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STAGE = "ptq"
+CALIBRATION_SCHEMES = ("min-max", "tf-enhanced", "percentile")
+
+
+class GateError(LpcvError):
+    """The int8 model was built and verified, but falls short of a --min-sqnr / --max-fscore-drop gate."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    param_bw: int
+    activation_bw: int
+    mixed: bool
+    description: str
+
+
+PRESETS = {
+    "w8a8": Preset(8, 8, False, "per-channel symmetric int8 weights, 8-bit asymmetric activations"),
+    "w8a16": Preset(8, 16, False, "per-channel symmetric int8 weights, 16-bit asymmetric activations"),
+    "mixed": Preset(8, 8, True, "w8a8, with the activations a measured per-layer sensitivity analysis "
+                                "finds fragile kept at 16 bits"),
+}
+
+
+@dataclass(frozen=True)
+class PtqConfig:
+    calib: Path
+    fp32_dir: Path = REPO_ROOT / "build" / "depth_anything_v2_vits" / "export"
+    preset: str = "w8a8"
+    calibration_scheme: str = "tf-enhanced"
+    percentile: float = 99.99
+    bn_fold: bool = True
+    cle: bool = True
+    adaround: bool = False
+    adaround_iterations: int = 1000
+    seq_mse: bool = False
+    seq_mse_candidates: int = 20
+    num_calibration: int | None = None
+    num_holdout: int = 8
+    min_calibration: int = 32
+    # mixed preset: a layer stays 16-bit when its 8-bit activations alone cost more than this.
+    mixed_max_drop_db: float = 1.0
+    mixed_images: int = 2
+    eval_data: Path | None = None
+    min_sqnr_db: float | None = None
+    max_fscore_drop: float | None = None
+    # ORT's QDQ kernels against AIMET's simulation of the same encodings: a mismatch means a broken export.
+    # Rounding ties break differently, and the per-sample max normalisation spreads one step of the max
+    # over the whole map, so single pixels may differ by a few steps; SQNR is the real check.
+    sim_parity: ParityThresholds = field(default_factory=lambda: ParityThresholds(max_abs_diff=0.5, min_sqnr_db=25.0))
+    latency_runs: int = 10
+    out_dir: Path | None = None
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; presets: {', '.join(PRESETS)}")
+        if self.calibration_scheme not in CALIBRATION_SCHEMES:
+            raise ConfigError(f"calibration scheme must be one of {CALIBRATION_SCHEMES}, got {self.calibration_scheme!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        for name in ("adaround_iterations", "seq_mse_candidates", "min_calibration", "mixed_images", "latency_runs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_holdout < 1:
+            raise ConfigError("num_holdout must be >= 1: verification needs images that calibration did not see")
+        if self.max_fscore_drop is not None and self.max_fscore_drop < 0:
+            raise ConfigError(f"max_fscore_drop must be >= 0, got {self.max_fscore_drop}")
+        manifest = Path(self.fp32_dir) / MANIFEST_NAME
+        if not manifest.is_file():
+            raise ConfigError(f"{self.fp32_dir} is not an export stage output (no {MANIFEST_NAME})",
+                              hint="run python export/to_onnx.py first, or pass its output folder with --fp32")
+        if read_manifest(self.fp32_dir).get("stage") != "export":
+            raise ConfigError(f"{self.fp32_dir} holds a {read_manifest(self.fp32_dir).get('stage')!r} output, not an export",
+                              hint="pass the export stage's folder (the one with the fp32 model.onnx)")
+        if self.eval_data is not None and not Path(self.eval_data).is_dir():
+            raise ConfigError(f"--eval-data folder not found: {self.eval_data}")
+
+    @property
+    def preset_spec(self) -> Preset:
+        return PRESETS[self.preset]
+
+    @property
+    def opset(self) -> int:
+        # 16-bit QuantizeLinear needs opset 21; 8-bit runs everywhere from 13 on.
+        return 21 if self.preset_spec.activation_bw > 8 or self.preset_spec.mixed else 17
+
+    @property
+    def destination(self) -> Path:
+        if self.out_dir is not None:
+            return Path(self.out_dir)
+        return Path(self.fp32_dir).parent / f"ptq-{self.preset}"
+
+    def as_dict(self) -> dict:
+        data = {k: os.fspath(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        data["preset_spec"] = asdict(self.preset_spec)
+        data["opset"] = self.opset
+        data["destination"] = os.fspath(self.destination)
+        return data
+
+
+@dataclass(frozen=True)
+class PtqResult:
+    out_dir: Path
+    qdq_onnx: Path
+    aimet_dir: Path
+    report: dict
+    manifest: dict
+
+
+def rebuild_fp32_model(fp32_dir: Path):
+    """The exact torch model the export stage exported, from its manifest (weights checked by sha256)."""
+    from models import create_model, set_gelu_approximation
+
+    manifest = read_manifest(fp32_dir)
+    config, weights = manifest["config"], manifest["results"]["weights"]
+    path = weights.get("path")
+    if weights["source"] != "random":
+        if not path or not Path(path).is_file():
+            raise ConfigError(f"the weights the fp32 model was exported from are gone: {path}",
+                              hint="re-run python export/to_onnx.py with --weights pointing at them")
+        if sha256_file(path) != weights["sha256"]:
+            raise ConfigError(f"weights file {path} changed since export (sha256 differs)",
+                              hint="re-run python export/to_onnx.py so the fp32 ONNX and the quantized model match")
+    model = create_model(config["model"], weights=path if weights["source"] != "random" else None,
+                         output=config["output"], input_size=tuple(manifest["results"]["model"]["input_size"]))
+    set_gelu_approximation(model, config["gelu"])
+    return model, manifest
+
+
+def check_torch_contract(model, sample: np.ndarray) -> dict:
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.from_numpy(sample[:1])).numpy()
+    want = TRACK3.output.concrete_shape(1)
+    if out.shape != want:
+        raise ContractError(f"torch model output shape {out.shape} does not match the contract {want}")
+    return check_output_range(out, TRACK3)
+
+
+def quantize(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
+    """Calibrate, export both int8 artifacts, verify them against fp32 on held-out images, report."""
+    import torch
+
+    from quantize import aimet_sim
+
+    log = log or StageLog(STAGE)
+    aimet_torch, _, QuantizationSimModel = aimet_sim.import_aimet()
+    preset = config.preset_spec
+    fp32_onnx = Path(config.fp32_dir) / "model.onnx"
+    results: dict = {"preset": config.preset, "techniques": {}}
+
+    with log.step("calibration-data") as step:
+        split = split_calibration_folder(config.calib, num_calibration=config.num_calibration,
+                                         num_holdout=config.num_holdout, min_images=config.min_calibration)
+        holdout = np.concatenate(list(iter_batches(split.holdout)))
+        step.detail = f"{len(split.calibration)} calibration + {len(split.holdout)} held-out images"
+    if len(split.calibration) < RECOMMENDED_IMAGES:
+        log.warn(f"{len(split.calibration)} calibration images; use >= {RECOMMENDED_IMAGES} for a real run")
+
+    with log.step("fp32-model") as step:
+        model, export_manifest = rebuild_fp32_model(Path(config.fp32_dir))
+        results["fp32_contract"] = check_torch_contract(model, holdout)
+        fp32_runner = OrtRunner(fp32_onnx)
+        fp32_holdout = fp32_runner.run(holdout)
+        step.detail = f"{export_manifest['config']['model']}, weights {model.weights_info.source}"
+    if model.weights_info.is_random:
+        log.warn("the fp32 model has RANDOM WEIGHTS: fidelity figures are about the pipeline, not a real model")
+
+    dummy = torch.from_numpy(holdout[:1])
+    calibration_batches = aimet_sim.torch_batches(iter_batches(split.calibration))
+    config_file = aimet_sim.htp_v75_config_path()
+    scheme = aimet_sim.quant_scheme(config.calibration_scheme)
+    model = _apply_float_techniques(config, model, dummy, log, results)
+
+    with _Staging(config.destination) as staging:
+        param_encodings = None
+        if config.adaround:
+            with log.step("adaround") as step:
+                model, param_encodings = aimet_sim.apply_adaround(
+                    model, dummy, calibration_batches, iterations=config.adaround_iterations, param_bw=preset.param_bw,
+                    scheme=scheme, config_file=config_file, workdir=staging.scratch)
+                step.detail = f"{config.adaround_iterations} iterations per layer"
+
+        with log.step("quantsim") as step:
+            sim = QuantizationSimModel(model, dummy_input=dummy, quant_scheme=scheme,
+                                       default_output_bw=preset.activation_bw, default_param_bw=preset.param_bw,
+                                       config_file=os.fspath(config_file))
+            if config.calibration_scheme == "percentile":
+                sim.set_percentile_value(config.percentile)
+            if param_encodings is not None:
+                sim.load_encodings(os.fspath(param_encodings), strict=False, partial=True, requires_grad=False,
+                                   allow_overwrite=False)
+            step.detail = f"HTP V75 config, {config.calibration_scheme}, w{preset.param_bw}a{preset.activation_bw}"
+
+        if config.seq_mse:
+            with log.step("seq-mse") as step:
+                aimet_sim.apply_seq_mse(sim, calibration_batches, config.seq_mse_candidates)
+                step.detail = f"{config.seq_mse_candidates} candidates per layer"
+
+        with log.step("compute-encodings") as step, _progress(len(calibration_batches), "calibrating") as tick:
+            sim.compute_encodings(lambda m: aimet_sim.run_forward(m, calibration_batches, tick))
+            step.detail = f"{len(calibration_batches)} images"
+
+        sensitivity_images = torch.from_numpy(holdout[:config.mixed_images])
+        if preset.mixed:
+            with log.step("sensitivity") as step:
+                quantizers = aimet_sim.activation_quantizers(sim)
+                with _progress(len(quantizers), "per-layer sensitivity") as tick:
+                    # Sensitivity is measured against the float torch model on held-out images.
+                    reference = aimet_sim.run_forward(model, [sensitivity_images])
+                    sensitivity = aimet_sim.promote_sensitive_layers(
+                        sim, [sensitivity_images], reference, max_drop_db=config.mixed_max_drop_db, progress=tick)
+                results["mixed_precision"] = {
+                    "baseline_all_16bit_sqnr_db": sensitivity.baseline_sqnr_db,
+                    "max_drop_db": sensitivity.threshold_db, "activation_quantizers": len(quantizers),
+                    "kept_16bit": sensitivity.promoted,
+                    "per_layer_8bit_sqnr_db": sensitivity.per_layer_sqnr_db}
+                step.detail = f"{len(sensitivity.promoted)}/{len(quantizers)} activations kept at 16 bits"
+
+        with log.step("aimet-sim") as step:
+            sim_holdout = aimet_sim.run_forward(sim.model, [torch.from_numpy(holdout[i:i + 1])
+                                                            for i in range(len(holdout))])
+            step.detail = f"SQNR vs fp32 {sqnr_db(fp32_holdout, sim_holdout):.1f} dB on held-out images"
+
+        name = export_manifest["config"]["model"]
+        with log.step("export-aimet") as step:
+            aimet_dir = staging.path / f"{name}.aimet"
+            aimet_onnx, encodings = aimet_sim.export_for_ai_hub(sim, dummy, aimet_dir, name, config.opset)
+            step.artifact = aimet_dir
+        with log.step("export-qdq") as step:
+            qdq_path = aimet_sim.export_qdq(sim, dummy, staging.path / "model_qdq.onnx", config.opset)
+            step.artifact = qdq_path
+
+        verification = verify_int8(config, fp32_runner, fp32_holdout, qdq_path, sim_holdout, holdout, log)
+        int8_holdout = verification.pop("int8_holdout")
+        results.update(verification)
+        results["sizes_bytes"] = {"fp32_onnx": fp32_onnx.stat().st_size, "qdq_onnx": qdq_path.stat().st_size,
+                                  "aimet_onnx": aimet_onnx.stat().st_size, "aimet_encodings": encodings.stat().st_size}
+
+        from quantize.report import write_report
+
+        with log.step("report") as step:
+            report_files = write_report(staging.path, config, results, fp32_holdout, int8_holdout)
+            step.artifact = staging.path / "report.md"
+        inputs = {"fp32_onnx": {"path": os.fspath(fp32_onnx), "sha256": sha256_file(fp32_onnx)},
+                  "export_manifest": {"path": os.fspath(Path(config.fp32_dir) / MANIFEST_NAME)},
+                  "weights": model_weights_info(model), "calibration": split.describe()}
+        manifest_path = write_manifest(staging.path, stage=STAGE, config=config.as_dict(), inputs=inputs,
+                                       outputs=[aimet_onnx, encodings, qdq_path, *report_files], timings=log.timings,
+                                       results=results)
+    out = config.destination
+    result = PtqResult(out, out / "model_qdq.onnx", out / f"{name}.aimet", results, read_manifest(out))
+    log.info(f"ok {log.total_seconds:.1f}s -> {out}")
+    _enforce_gates(config, results)
+    return result
+
+
+def model_weights_info(model) -> dict:
+    info = getattr(model, "weights_info", None)
+    return info.as_dict() if info is not None else {}
+
+
+def _apply_float_techniques(config: PtqConfig, model, dummy, log: StageLog, results: dict):
+    """BN fold and CLE change the float model itself; each one's effect on fp32 is recorded."""
+    from quantize import aimet_sim
+
+    before = _float_output(model, dummy)
+    if config.bn_fold:
+        with log.step("bn-fold") as step:
+            folded = aimet_sim.fold_batch_norms(model, dummy)
+            results["techniques"]["bn_fold"] = {"folded_pairs": folded}
+            step.detail = f"{folded} BatchNorm layers folded" if folded else "no BatchNorm to fold"
+    if config.cle:
+        with log.step("cle") as step:
+            aimet_sim.cross_layer_equalize(model, dummy)
+            after = _float_output(model, dummy)
+            change = sqnr_db(before, after)
+            results["techniques"]["cle"] = {"fp32_sqnr_after_vs_before_db": change}
+            step.detail = ("float model unchanged within precision" if change > 60
+                           else f"float model moved: SQNR {change:.1f} dB vs before")
+    return model
+
+
+def _float_output(model, dummy) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(dummy).numpy()
+
+
+def verify_int8(config: PtqConfig, fp32_runner: OrtRunner, fp32_holdout: np.ndarray, qdq_path: Path,
+                sim_holdout: np.ndarray, holdout: np.ndarray, log: StageLog) -> dict:
+    """int8 QDQ against fp32 (both ONNX Runtime) on held-out images, against AIMET's own simulation,
+    and optionally both against real ground truth."""
+    from lpcv_depth.track3_metric import fscore_against_reference
+
+    results: dict = {}
+    with log.step("qdq-vs-aimet-sim") as step:
+        int8_runner = OrtRunner(qdq_path)
+        int8_holdout = int8_runner.run(holdout)
+        results["qdq_vs_aimet_sim"] = compare_outputs(sim_holdout, int8_holdout, config.sim_parity,
+                                                      "ONNX Runtime QDQ vs AIMET QuantSim")
+        step.detail = f"SQNR {results['qdq_vs_aimet_sim']['sqnr_db']:.1f} dB"
+    with log.step("int8-vs-fp32") as step:
+        check_output_range(int8_holdout, TRACK3, tolerance=1e-2)
+        fidelity = {"sqnr_db": sqnr_db(fp32_holdout, int8_holdout),
+                    "max_abs_diff": float(np.max(np.abs(fp32_holdout - int8_holdout)))}
+        per_frame = [fscore_against_reference(i8, fp) for i8, fp in zip(int8_holdout, fp32_holdout)]
+        fidelity["fscore_vs_fp32"] = float(np.mean([row["fscore@0.1"] for row in per_frame]))
+        fidelity["fscore_vs_fp32_per_image"] = [row["fscore@0.1"] for row in per_frame]
+        fidelity["holdout_images"] = len(holdout)
+        results["int8_vs_fp32"] = fidelity
+        step.detail = (f"SQNR {fidelity['sqnr_db']:.1f} dB, max abs {fidelity['max_abs_diff']:.3f}, "
+                       f"F-score vs fp32 {fidelity['fscore_vs_fp32']:.1f}")
+    if config.eval_data is not None:
+        with log.step("ground-truth") as step:
+            results["ground_truth"] = _score_against_ground_truth(config, fp32_runner, int8_runner)
+            gt = results["ground_truth"]
+            step.detail = (f"F-score fp32 {gt['fp32']['fscore@0.1']:.2f} / int8 {gt['int8']['fscore@0.1']:.2f}, "
+                           f"drop {gt['fscore_drop']:.2f}")
+    with log.step("host-latency") as step:
+        results["host_latency_ms"] = {"fp32": _median_latency_ms(fp32_runner, holdout[:1], config.latency_runs),
+                                      "int8_qdq": _median_latency_ms(int8_runner, holdout[:1], config.latency_runs),
+                                      "runs": config.latency_runs,
+                                      "note": "ONNX Runtime on this x86 host: a sanity figure only. x86 ORT runs QDQ "
+                                              "int8 slower than fp32; it says nothing about the phone's NPU."}
+        step.detail = (f"fp32 {results['host_latency_ms']['fp32']:.0f} ms, int8 QDQ "
+                       f"{results['host_latency_ms']['int8_qdq']:.0f} ms (host ORT, not the phone)")
+    results["int8_holdout"] = int8_holdout
+    return results
+
+
+def _score_against_ground_truth(config: PtqConfig, fp32_runner: OrtRunner, int8_runner: OrtRunner) -> dict:
+    from lpcv_depth.rgbd import load_rgbd_dataset
+    from lpcv_depth.track3_metric import mean_metrics, score_frame
+
+    per_model: dict[str, list[dict]] = {"fp32": [], "int8": []}
+    skipped = 0
+    for frame in load_rgbd_dataset(config.eval_data):
+        try:
+            image, gt = frame.load_image(), frame.load_ground_truth()
+        except LpcvError:
+            skipped += 1
+            continue
+        for label, runner in (("fp32", fp32_runner), ("int8", int8_runner)):
+            pred = runner.run(image[None])[0]
+            per_model[label].append(score_frame(pred, gt.depth, gt.conf))
+    if not per_model["fp32"]:
+        raise ConfigError(f"no usable RGB-D frames in --eval-data {config.eval_data} ({skipped} skipped)")
+    summary = {label: mean_metrics(rows) for label, rows in per_model.items()}
+    summary["frames"] = len(per_model["fp32"])
+    summary["skipped"] = skipped
+    summary["fscore_drop"] = summary["fp32"]["fscore@0.1"] - summary["int8"]["fscore@0.1"]
+    return summary
+
+
+def _median_latency_ms(runner: OrtRunner, image: np.ndarray, runs: int) -> float:
+    runner.run(image)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        runner.run(image)
+        times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))
+
+
+def _enforce_gates(config: PtqConfig, results: dict) -> None:
+    fidelity = results["int8_vs_fp32"]
+    failures = []
+    if config.min_sqnr_db is not None and fidelity["sqnr_db"] < config.min_sqnr_db:
+        failures.append(f"SQNR {fidelity['sqnr_db']:.2f} dB < --min-sqnr {config.min_sqnr_db:g}")
+    if config.max_fscore_drop is not None:
+        if "ground_truth" in results:
+            drop, what = results["ground_truth"]["fscore_drop"], "F-score drop vs GT"
+        else:
+            drop, what = 100.0 - fidelity["fscore_vs_fp32"], "F-score drop vs fp32"
+        if drop > config.max_fscore_drop:
+            failures.append(f"{what} {drop:.2f} > --max-fscore-drop {config.max_fscore_drop:g}")
+    if failures:
+        raise GateError("int8 model falls short: " + "; ".join(failures),
+                        hint="the artifacts and report were written; try --preset mixed or w8a16, more calibration "
+                             "images, --calibration-scheme, --adaround or --seq-mse")
+
+
+class _Staging(StagingDir):
+    """StagingDir plus a scratch folder (AdaRound's encodings) that never reaches the output."""
+
+    def __enter__(self):
+        path = super().__enter__()
+        self.scratch = path.parent / f".{path.name}-scratch"
+        self.scratch.mkdir(exist_ok=True)
+        return self
+
+    def __exit__(self, *exc):
+        import shutil
+
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        return super().__exit__(*exc)
+
+
+class _progress:
+    """A tqdm bar on stderr for the long loops (calibration, sensitivity)."""
+
+    def __init__(self, total: int, what: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=f"{STAGE}: {what}", unit="it", leave=False, file=sys.stderr)
+
+    def __enter__(self):
+        return lambda: self.bar.update(1)
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python quantize/ptq.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calib", type=Path, required=True, help="folder of calibration photos (JPG/PNG)")
+    parser.add_argument("--fp32", type=Path, default=PtqConfig.fp32_dir,
+                        help="export stage output folder (default build/depth_anything_v2_vits/export)")
+    parser.add_argument("--preset", default="w8a8", choices=tuple(PRESETS))
+    parser.add_argument("--calibration-scheme", default="tf-enhanced", choices=CALIBRATION_SCHEMES)
+    parser.add_argument("--percentile", type=float, default=99.99)
+    parser.add_argument("--no-bn-fold", dest="bn_fold", action="store_false")
+    parser.add_argument("--no-cle", dest="cle", action="store_false")
+    parser.add_argument("--adaround", action="store_true", help="AdaRound the weights (minutes on CPU)")
+    parser.add_argument("--adaround-iterations", type=int, default=1000)
+    parser.add_argument("--seq-mse", action="store_true", help="sequential MSE weight encodings")
+    parser.add_argument("--num-calib", type=int, default=None, help="use only the first N calibration images")
+    parser.add_argument("--holdout", type=int, default=8, help="last N images are held out for verification")
+    parser.add_argument("--min-calib", type=int, default=32, help="fewer calibration images is an error")
+    parser.add_argument("--mixed-max-drop", type=float, default=1.0,
+                        help="mixed preset: keep a layer 16-bit if its 8-bit activations cost more SQNR (dB)")
+    parser.add_argument("--eval-data", type=Path, default=None, help="RGB-D set(s) for F-score/abs_rel vs GT")
+    parser.add_argument("--min-sqnr", type=float, default=None, help="gate: exit 3 if int8 vs fp32 SQNR is lower")
+    parser.add_argument("--max-fscore-drop", type=float, default=None, help="gate: exit 3 if F-score drops more")
+    parser.add_argument("--latency-runs", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default <fp32>/../ptq-<preset>)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = StageLog(STAGE)
+    try:
+        config = PtqConfig(calib=args.calib, fp32_dir=args.fp32, preset=args.preset,
+                           calibration_scheme=args.calibration_scheme, percentile=args.percentile,
+                           bn_fold=args.bn_fold, cle=args.cle, adaround=args.adaround,
+                           adaround_iterations=args.adaround_iterations, seq_mse=args.seq_mse,
+                           num_calibration=args.num_calib, num_holdout=args.holdout, min_calibration=args.min_calib,
+                           mixed_max_drop_db=args.mixed_max_drop, eval_data=args.eval_data,
+                           min_sqnr_db=args.min_sqnr, max_fscore_drop=args.max_fscore_drop,
+                           latency_runs=args.latency_runs, out_dir=args.out)
+        result = quantize(config, log)
+    except GateError as err:
+        print(f"{STAGE}: GATE FAILED: {err}", file=sys.stderr)
+        return 3
+    except (LpcvError, ParityError) as err:
+        print(f"{STAGE}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{STAGE}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    log.info(f"report: {os.path.relpath(result.out_dir / 'report.md')}")
+    log.info(f"next: python evaluation/score.py --onnx {os.path.relpath(result.qdq_onnx)} --data DATA_DIR")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

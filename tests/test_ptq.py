@@ -1,0 +1,122 @@
+"""PTQ end to end on the real FastDepth: AIMET calibration, both int8 artifacts, host verification,
+report and gates. Calibrates on 16 images so the default suite stays quick."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("aimet_torch", reason="aimet-torch (the quant extra) is not installed")
+
+from export.to_onnx import ExportConfig, export_onnx  # noqa: E402
+from lpcv_depth.errors import ConfigError  # noqa: E402
+from lpcv_depth.verify import OrtRunner  # noqa: E402
+from quantize.ptq import GateError, PtqConfig, quantize  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fastdepth_export(tmp_path_factory, fastdepth_tflite, calibration_dir):
+    out = tmp_path_factory.mktemp("fd") / "export"
+    export_onnx(ExportConfig(model="fastdepth", weights=str(fastdepth_tflite), out_dir=out,
+                             check_images=calibration_dir, num_check_images=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def calib_subset(tmp_path_factory, calibration_dir):
+    # Every 6th frame of the walk-through: 16 consecutive frames see too narrow a range of depths
+    # (measured: 8 dB SQNR and a 6-point F-score drop vs 28 dB with spread-out frames).
+    folder = tmp_path_factory.mktemp("calib")
+    for path in sorted(calibration_dir.glob("*.jpg"))[::6][:20]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def _config(fp32_dir, calib, out, **overrides) -> PtqConfig:
+    options = dict(calib=calib, fp32_dir=fp32_dir, num_holdout=4, min_calibration=8,
+                   cle=False, latency_runs=2, out_dir=out)
+    options.update(overrides)
+    return PtqConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def w8a8(fastdepth_export, calib_subset, tmp_path_factory, rgbd_dir):
+    out = tmp_path_factory.mktemp("ptq") / "w8a8"
+    return quantize(_config(fastdepth_export, calib_subset, out, eval_data=rgbd_dir / "kinect_home"))
+
+
+def test_artifacts_for_ai_hub_and_host(w8a8):
+    aimet_files = sorted(p.name for p in w8a8.aimet_dir.iterdir())
+    assert aimet_files == ["fastdepth.encodings", "fastdepth.onnx"], "AI Hub wants exactly one .onnx + one .encodings"
+    encodings = json.loads((w8a8.aimet_dir / "fastdepth.encodings").read_text())
+    assert encodings["activation_encodings"] and encodings["param_encodings"]
+    qdq = onnx.load(str(w8a8.qdq_onnx))
+    ops = {n.op_type for n in qdq.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    assert [i.name for i in qdq.graph.input] == ["image"] and [o.name for o in qdq.graph.output] == ["depth"]
+    assert not list(w8a8.out_dir.glob("*.data")), "weights must live inside the ONNX files"
+    for name in ("report.json", "report.md", "report.png", "manifest.json"):
+        assert (w8a8.out_dir / name).is_file()
+
+
+def test_int8_is_verified_against_fp32_and_aimet(w8a8):
+    report = w8a8.report
+    assert report["int8_vs_fp32"]["holdout_images"] == 4
+    # Measured about 25-28 dB and F-score ~99 for w8a8 FastDepth; far lower means broken quantization.
+    assert report["int8_vs_fp32"]["sqnr_db"] > 18
+    assert report["int8_vs_fp32"]["fscore_vs_fp32"] > 95
+    assert report["qdq_vs_aimet_sim"]["sqnr_db"] > 25
+    gt = report["ground_truth"]
+    assert gt["frames"] == 5 and abs(gt["fscore_drop"]) < 5
+    assert report["host_latency_ms"]["fp32"] > 0 and "not" in report["host_latency_ms"]["note"]
+    markdown = (w8a8.out_dir / "report.md").read_text()
+    assert "SQNR" in markdown and "F-score" in markdown and "sanity figure" in markdown
+
+
+def test_manifest_pins_calibration_and_tools(w8a8, calib_subset):
+    manifest = w8a8.manifest
+    calibration = manifest["inputs"]["calibration"]
+    assert calibration["calibration_count"] == 16 and calibration["holdout_count"] == 4
+    assert not set(calibration["calibration_files"]) & set(calibration["holdout_files"])
+    assert len(calibration["calibration_sha256"]) == 64
+    assert "aimet-torch" in manifest["tool_versions"]
+    assert manifest["config"]["preset"] == "w8a8" and manifest["config"]["opset"] == 17
+    assert {"compute-encodings", "export-aimet", "export-qdq", "qdq-vs-aimet-sim"} <= set(manifest["timings_s"])
+
+
+def test_qdq_runs_in_onnxruntime_at_the_contract(w8a8, calib_subset):
+    from lpcv_depth.images import list_images, load_contract_batch
+
+    out = OrtRunner(w8a8.qdq_onnx).run(load_contract_batch(list_images(calib_subset)[-2:]))
+    assert out.shape == (2, 1, 480, 640) and np.isfinite(out).all()
+    assert out.min() >= -1e-3 and out.max() <= 1 + 1e-2
+
+
+def test_mixed_precision_is_measured(fastdepth_export, calib_subset, tmp_path):
+    result = quantize(_config(fastdepth_export, calib_subset, tmp_path / "mixed", preset="mixed",
+                              mixed_max_drop_db=0.5, bn_fold=False))
+    mixed = result.report["mixed_precision"]
+    assert mixed["activation_quantizers"] == len(mixed["per_layer_8bit_sqnr_db"]) > 10
+    drops = {k: mixed["baseline_all_16bit_sqnr_db"] - v for k, v in mixed["per_layer_8bit_sqnr_db"].items()}
+    assert set(mixed["kept_16bit"]) == {k for k, d in drops.items() if d > 0.5}
+    assert result.manifest["config"]["opset"] == 21
+    assert {"QuantizeLinear"} <= {n.op_type for n in onnx.load(str(result.qdq_onnx)).graph.node}
+
+
+def test_gate_fails_after_writing_the_report(fastdepth_export, calib_subset, tmp_path):
+    with pytest.raises(GateError, match="min-sqnr 99"):
+        quantize(_config(fastdepth_export, calib_subset, tmp_path / "gated", min_sqnr_db=99.0, bn_fold=False))
+    assert (tmp_path / "gated" / "report.md").is_file()
+
+
+def test_bad_inputs(fastdepth_export, calib_subset, tmp_path):
+    with pytest.raises(ConfigError, match="not an export stage output"):
+        PtqConfig(calib=calib_subset, fp32_dir=tmp_path)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        PtqConfig(calib=calib_subset, fp32_dir=fastdepth_export, preset="w4a4")
+    with pytest.raises(ConfigError, match="num_holdout"):
+        PtqConfig(calib=calib_subset, fp32_dir=fastdepth_export, num_holdout=0)
