@@ -297,7 +297,14 @@ def _apply_float_techniques(config: PtqConfig, model, dummy, log: StageLog, resu
     """BN fold and CLE change the float model itself; each one's effect on fp32 is recorded."""
     from quantize import aimet_sim
 
+    from models.depth_anything_v2 import fold_layer_scales
+
     before = _float_output(model, dummy)
+    # Always on: exact, and AIMET cannot wrap a parameter-holding custom module like LayerScale.
+    with log.step("layer-scale-fold") as step:
+        folded_scales = fold_layer_scales(model)
+        results["techniques"]["layer_scale_fold"] = {"folded": folded_scales}
+        step.detail = f"{folded_scales} LayerScales folded into their Linear layers"
     if config.bn_fold:
         with log.step("bn-fold") as step:
             folded = aimet_sim.fold_batch_norms(model, dummy)
