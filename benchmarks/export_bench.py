@@ -55,17 +55,10 @@ def _export(model: str, weights: str, out: Path) -> tuple[float, float]:
 
 
 def _ort_latency_ms(onnx_path: Path, runs: int) -> float:
-    import onnxruntime as ort
+    from lpcv_depth.verify import OrtRunner
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     image = np.random.default_rng(0).uniform(0, 255, (1, 3, 480, 640)).astype(np.float32)
-    session.run(None, {"image": image})  # warm-up: first run allocates
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {"image": image})
-        times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))
+    return OrtRunner(onnx_path).median_latency_ms(image, runs)
 
 
 def main() -> int:

@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,10 +32,12 @@ from tqdm import tqdm
 from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import ConfigError, ContractError, LpcvError
 from lpcv_depth.rgbd import DatasetError, Frame, FrameError, dataset_files, load_rgbd_dataset
-from lpcv_depth.stage import StageLog, StagingDir, read_manifest, sha256_file, sha256_of_files, write_manifest
+from lpcv_depth.stage import (StageLog, StagingDir, config_as_dict, read_manifest, sha256_file, sha256_of_files,
+                              write_manifest)
 from lpcv_depth.track3_metric import (DEPTH_METRICS, F_THRESHOLDS_M, FSCORE, GRIDS, OFFICIAL_K, POINT_METRICS,
                                       evaluation_masks, fscore_key, mean_metrics, score_frame)
 from lpcv_depth.visualize import depth_comparison_panel
+from models.weights import parse_weights_arg
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGE = "evaluate"
@@ -114,9 +116,7 @@ class EvaluateConfig:
         return REPO_ROOT / "build" / "eval" / f"{self.source_name}{variant}"
 
     def as_dict(self) -> dict:
-        data = {key: os.fspath(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}
-        data["destination"] = os.fspath(self.destination)
-        return data
+        return config_as_dict(self)
 
 
 @dataclass(frozen=True)
@@ -375,10 +375,6 @@ def _next_command(config: EvaluateConfig, destination: Path) -> str:
     return f"cat {os.path.relpath(destination / 'summary.md')}"
 
 
-def _parse_weights(text: str) -> str | None:
-    return None if text.lower() == "none" else text
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python evaluation/score.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -388,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an ONNX file (fp32 or int8 QDQ), run with ONNX Runtime")
     source.add_argument("--predictions", type=Path, default=None,
                         help="a folder of <frame id>.npy predictions of shape (1,1,480,640), e.g. AI Hub outputs")
-    parser.add_argument("--weights", default="default", type=_parse_weights,
+    parser.add_argument("--weights", default="default", type=parse_weights_arg,
                         help="with --model: PATH, 'hf' (official checkpoint), 'default' (the model's declared "
                              "weights; the default here) or 'None' (random init, pipeline tests only)")
     parser.add_argument("--output", default="depth", choices=("depth", "disparity"), help="with --model")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,8 @@ import numpy as np
 from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.images import list_images, load_contract_batch
-from lpcv_depth.stage import StageLog, StagingDir, read_manifest, sha256_of_files, write_manifest
+from lpcv_depth.stage import StageLog, StagingDir, config_as_dict, read_manifest, sha256_of_files, write_manifest
+from models.weights import parse_weights_arg
 from lpcv_depth.verify import (OrtRunner, ParityThresholds, check_onnx_io, check_output_range, compare_outputs,
                                sqnr_db)
 
@@ -73,9 +74,7 @@ class ExportConfig:
         return REPO_ROOT / "build" / self.model / f"export{suffix}"
 
     def as_dict(self) -> dict:
-        data = asdict(self)
-        data["destination"] = os.fspath(self.destination)
-        return data
+        return config_as_dict(self)
 
 
 @dataclass(frozen=True)
@@ -240,15 +239,11 @@ def _parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
-def _parse_weights(text: str) -> str | None:
-    return None if text.lower() == "none" else text
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python export/to_onnx.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name (default {DEFAULT_MODEL}); --list shows all")
-    parser.add_argument("--weights", default="hf", type=_parse_weights,
+    parser.add_argument("--weights", default="hf", type=parse_weights_arg,
                         help="PATH to a checkpoint, 'hf' (official download, default), 'default' (the model's "
                              "declared default), or 'None' for random init (pipeline tests only)")
     parser.add_argument("--output", default="depth", choices=("depth", "disparity"),

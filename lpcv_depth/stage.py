@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -175,6 +175,15 @@ class StagingDir:
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
         return False
+
+
+def config_as_dict(config: Any) -> dict[str, Any]:
+    """A stage config dataclass as manifest JSON: paths as strings, plus where the stage writes."""
+    from dataclasses import asdict
+
+    data = json.loads(json.dumps(asdict(config), default=_json_default))
+    data["destination"] = os.fspath(config.destination)
+    return data
 
 
 def describe_output(path: Path, root: Path) -> dict[str, Any]:

@@ -107,6 +107,18 @@ class OrtRunner:
         self.input_name = self.session.get_inputs()[0].name
         self.batch = int(self.session.get_inputs()[0].shape[0])
 
+    def median_latency_ms(self, image: np.ndarray, runs: int) -> float:
+        """Median wall time of one batch over `runs` runs, after one warm-up run (which allocates)."""
+        import time
+
+        self.run(image)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            self.run(image)
+            times.append((time.perf_counter() - start) * 1000)
+        return float(np.median(times))
+
     def run(self, images: np.ndarray) -> np.ndarray:
         """Run all `images` (N,3,H,W), padding the last batch by repetition to the static batch size."""
         results = []

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,8 @@ import numpy as np
 
 from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import ConfigError, ContractError, LpcvError, ParityError
-from lpcv_depth.stage import MANIFEST_NAME, StageLog, StagingDir, read_manifest, sha256_file, write_manifest
+from lpcv_depth.stage import (MANIFEST_NAME, StageLog, StagingDir, config_as_dict, read_manifest, sha256_file,
+                              write_manifest)
 from lpcv_depth.verify import OrtRunner, ParityThresholds, check_output_range, compare_outputs, sqnr_db
 from quantize.calibration import RECOMMENDED_IMAGES, iter_batches, split_calibration_folder
 
@@ -123,10 +123,9 @@ class PtqConfig:
         return Path(self.fp32_dir).parent / f"ptq-{self.preset}"
 
     def as_dict(self) -> dict:
-        data = {k: os.fspath(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        data = config_as_dict(self)
         data["preset_spec"] = asdict(self.preset_spec)
         data["opset"] = self.opset
-        data["destination"] = os.fspath(self.destination)
         return data
 
 
@@ -278,7 +277,7 @@ def quantize(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
         inputs = {"fp32_onnx": {"path": os.fspath(fp32_onnx), "sha256": sha256_file(fp32_onnx)},
                   "export_manifest": {"path": os.fspath(Path(config.fp32_dir) / MANIFEST_NAME)},
                   "weights": model_weights_info(model), "calibration": split.describe()}
-        manifest_path = write_manifest(staging.path, stage=STAGE, config=config.as_dict(), inputs=inputs,
+        write_manifest(staging.path, stage=STAGE, config=config.as_dict(), inputs=inputs,
                                        outputs=[aimet_onnx, encodings, qdq_path, *report_files], timings=log.timings,
                                        results=results)
     out = config.destination
@@ -359,8 +358,8 @@ def verify_int8(config: PtqConfig, fp32_runner: OrtRunner, fp32_holdout: np.ndar
             step.detail = (f"F-score fp32 {gt['fp32']['fscore@0.1']:.2f} / int8 {gt['int8']['fscore@0.1']:.2f}, "
                            f"drop {gt['fscore_drop']:.2f}")
     with log.step("host-latency") as step:
-        results["host_latency_ms"] = {"fp32": _median_latency_ms(fp32_runner, holdout[:1], config.latency_runs),
-                                      "int8_qdq": _median_latency_ms(int8_runner, holdout[:1], config.latency_runs),
+        results["host_latency_ms"] = {"fp32": fp32_runner.median_latency_ms(holdout[:1], config.latency_runs),
+                                      "int8_qdq": int8_runner.median_latency_ms(holdout[:1], config.latency_runs),
                                       "runs": config.latency_runs,
                                       "note": "ONNX Runtime on this x86 host: a sanity figure only. x86 ORT runs QDQ "
                                               "int8 slower than fp32; it says nothing about the phone's NPU."}
@@ -392,16 +391,6 @@ def _score_against_ground_truth(config: PtqConfig, fp32_runner: OrtRunner, int8_
     summary["skipped"] = skipped
     summary["fscore_drop"] = summary["fp32"]["fscore@0.1"] - summary["int8"]["fscore@0.1"]
     return summary
-
-
-def _median_latency_ms(runner: OrtRunner, image: np.ndarray, runs: int) -> float:
-    runner.run(image)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        runner.run(image)
-        times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))
 
 
 def _enforce_gates(config: PtqConfig, results: dict) -> None:
