@@ -113,8 +113,9 @@ class PtqConfig:
 
     @property
     def opset(self) -> int:
-        # 16-bit QuantizeLinear needs opset 21; 8-bit runs everywhere from 13 on.
-        return 21 if self.preset_spec.activation_bw > 8 or self.preset_spec.mixed else 17
+        # 16-bit QuantizeLinear needs opset 21. 8-bit uses 18, the dynamo exporter's own opset: converted
+        # down to 17, ReduceMin's axes become an attribute and AIMET's masked-softmax pattern check fails.
+        return 21 if self.preset_spec.activation_bw > 8 or self.preset_spec.mixed else 18
 
     @property
     def destination(self) -> Path:

@@ -84,7 +84,7 @@ def test_manifest_pins_calibration_and_tools(w8a8, calib_subset):
     assert not set(calibration["calibration_files"]) & set(calibration["holdout_files"])
     assert len(calibration["calibration_sha256"]) == 64
     assert "aimet-torch" in manifest["tool_versions"]
-    assert manifest["config"]["preset"] == "w8a8" and manifest["config"]["opset"] == 17
+    assert manifest["config"]["preset"] == "w8a8" and manifest["config"]["opset"] == 18
     assert {"compute-encodings", "export-aimet", "export-qdq", "qdq-vs-aimet-sim"} <= set(manifest["timings_s"])
 
 
