@@ -76,7 +76,7 @@ def bench_fastdepth(out: Path) -> dict:
         for label, onnx_path in (("fp32", export_dir / "model.onnx"), ("int8", ptq_dir / "model_qdq.onnx")):
             summary = evaluate(EvaluateConfig(data=dataset, onnx=onnx_path, out_dir=out / "eval" / f"{dataset.name}-{label}",
                                               num_vis=0)).summary
-            scores[label] = summary["overall"]
+            scores[label] = summary["overall"]["metrics"]
         per_set[dataset.name] = {"fp32_fscore": round(scores["fp32"]["fscore@0.1"], 2),
                                  "int8_fscore": round(scores["int8"]["fscore@0.1"], 2),
                                  "drop": round(scores["fp32"]["fscore@0.1"] - scores["int8"]["fscore@0.1"], 2),

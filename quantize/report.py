@@ -61,6 +61,8 @@ def _markdown(config, results: dict) -> str:
                   f"| drop | {gt['fscore_drop']:.2f} | |", ""]
     lines += ["## What each technique bought", ""]
     techniques = results.get("techniques", {})
+    if techniques.get("layer_scale_fold", {}).get("folded"):
+        lines.append(f"- LayerScale fold: {techniques['layer_scale_fold']['folded']} folded into Linear layers (exact).")
     if "bn_fold" in techniques:
         lines.append(f"- BN fold: {techniques['bn_fold']['folded_pairs']} BatchNorm layers folded.")
     if "cle" in techniques:
