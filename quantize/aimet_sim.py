@@ -182,13 +182,14 @@ def _inline_external_data(path: Path) -> None:
     model = onnx.load(os.fspath(path), load_external_data=False)
     locations = {entry.value for tensor in model.graph.initializer if uses_external_data(tensor)
                  for entry in tensor.external_data if entry.key == "location"}
-    if not locations:
-        return
-    load_external_data_for_model(model, os.fspath(path.parent))
-    for tensor in model.graph.initializer:
-        if uses_external_data(tensor):
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-    onnx.save(model, os.fspath(path))
-    for location in locations:
+    if locations:
+        load_external_data_for_model(model, os.fspath(path.parent))
+        for tensor in model.graph.initializer:
+            if uses_external_data(tensor):
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+        onnx.save(model, os.fspath(path))
+    # The exporter may also leave a `<model>.onnx.data` that nothing references (e.g. with
+    # prequantized constants); it must not sit beside the artifact looking like part of it.
+    for location in locations | {f"{path.name}.data"}:
         (path.parent / location).unlink(missing_ok=True)
