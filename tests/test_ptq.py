@@ -120,3 +120,14 @@ def test_bad_inputs(fastdepth_export, calib_subset, tmp_path):
         PtqConfig(calib=calib_subset, fp32_dir=fastdepth_export, preset="w4a4")
     with pytest.raises(ConfigError, match="num_holdout"):
         PtqConfig(calib=calib_subset, fp32_dir=fastdepth_export, num_holdout=0)
+
+
+def test_w8a16_is_near_lossless_and_exports_16bit_qdq(fastdepth_export, calib_subset, tmp_path):
+    result = quantize(_config(fastdepth_export, calib_subset, tmp_path / "w8a16", preset="w8a16", bn_fold=False))
+    # Measured 40 dB here (73 dB on other held-out frames) against 25-28 dB for w8a8:
+    # 16-bit activations leave mostly the int8 weights' error.
+    assert result.report["int8_vs_fp32"]["sqnr_db"] > 35
+    assert result.manifest["config"]["opset"] == 21
+    qdq = onnx.load(str(result.qdq_onnx))
+    zero_point_types = {init.data_type for init in qdq.graph.initializer if init.name.endswith("zero_point")}
+    assert onnx.TensorProto.UINT16 in zero_point_types, "activations must be quantized to 16 bits"
