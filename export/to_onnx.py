@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,7 +149,7 @@ def export_onnx(config: ExportConfig, log: StageLog | None = None) -> ExportResu
         raw_path = staging / "model.raw.onnx"
         onnx_path = staging / "model.onnx"
         dummy = torch.zeros(config.batch, *TRACK3.input.shape[1:])
-        with log.step("torch.onnx.export") as step, warnings_suppressed():
+        with log.step("torch.onnx.export") as step, tracer_warnings_silenced():
             torch.onnx.export(model, (dummy,), os.fspath(raw_path), input_names=[TRACK3.input.name],
                               output_names=[TRACK3.output.name], opset_version=config.opset,
                               dynamo=config.exporter == "dynamo", do_constant_folding=True)
@@ -217,18 +219,12 @@ def _op_histogram(model) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-class warnings_suppressed:
+@contextmanager
+def tracer_warnings_silenced():
     """torch.onnx emits TracerWarnings for every shape-dependent `if`; with static shapes they are expected."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
+        yield
 
 
 def _parse_size(text: str) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -103,6 +104,7 @@ class OrtRunner:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        self.path = Path(model_path)
         self.session = ort.InferenceSession(os.fspath(model_path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.batch = int(self.session.get_inputs()[0].shape[0])

@@ -10,6 +10,7 @@ calibrates AIMET's QuantSim with the HTP V75 (Snapdragon 8 Gen 3) rules, and wri
   <model>.aimet/          one .onnx + one .encodings: the layout AI Hub takes for AIMET models
   model_qdq.onnx          QuantizeLinear/DequantizeLinear ONNX for ONNX Runtime on the host
   report.json, report.md, report.png, manifest.json
+  eval/fp32/, eval/int8/  with --eval-data: the evaluate stage's per-frame scores of both models
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lpcv_depth.contract import TRACK3
-from lpcv_depth.errors import ConfigError, ContractError, LpcvError, ParityError
+from lpcv_depth.errors import ConfigError, ContractError, LpcvError
 from lpcv_depth.stage import (MANIFEST_NAME, StageLog, StagingDir, config_as_dict, read_manifest, sha256_file,
                               write_manifest)
 from lpcv_depth.verify import OrtRunner, ParityThresholds, check_output_range, compare_outputs, sqnr_db
@@ -299,7 +300,6 @@ def _apply_float_techniques(config: PtqConfig, model, dummy, log: StageLog, resu
 
     from models.depth_anything_v2 import fold_layer_scales
 
-    before = _float_output(model, dummy)
     # Always on: exact, and AIMET cannot wrap a parameter-holding custom module like LayerScale.
     with log.step("layer-scale-fold") as step:
         folded_scales = fold_layer_scales(model)
@@ -312,20 +312,14 @@ def _apply_float_techniques(config: PtqConfig, model, dummy, log: StageLog, resu
             step.detail = f"{folded} BatchNorm layers folded" if folded else "no BatchNorm to fold"
     if config.cle:
         with log.step("cle") as step:
+            before = aimet_sim.run_forward(model, [dummy])
             aimet_sim.cross_layer_equalize(model, dummy)
-            after = _float_output(model, dummy)
+            after = aimet_sim.run_forward(model, [dummy])
             change = sqnr_db(before, after)
             results["techniques"]["cle"] = {"fp32_sqnr_after_vs_before_db": change}
             step.detail = ("float model unchanged within precision" if change > 60
                            else f"float model moved: SQNR {change:.1f} dB vs before")
     return model
-
-
-def _float_output(model, dummy) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(dummy).numpy()
 
 
 def verify_int8(config: PtqConfig, fp32_runner: OrtRunner, fp32_holdout: np.ndarray, qdq_path: Path,
@@ -354,7 +348,8 @@ def verify_int8(config: PtqConfig, fp32_runner: OrtRunner, fp32_holdout: np.ndar
                        f"F-score vs fp32 {fidelity['fscore_vs_fp32']:.1f}")
     if config.eval_data is not None:
         with log.step("ground-truth") as step:
-            results["ground_truth"] = _score_against_ground_truth(config, fp32_runner, int8_runner)
+            results["ground_truth"] = _score_against_ground_truth(config, fp32_runner.path, qdq_path,
+                                                                  qdq_path.parent / "eval")
             gt = results["ground_truth"]
             step.detail = (f"F-score fp32 {gt['fp32']['fscore@0.1']:.2f} / int8 {gt['int8']['fscore@0.1']:.2f}, "
                            f"drop {gt['fscore_drop']:.2f}")
@@ -370,26 +365,21 @@ def verify_int8(config: PtqConfig, fp32_runner: OrtRunner, fp32_holdout: np.ndar
     return results
 
 
-def _score_against_ground_truth(config: PtqConfig, fp32_runner: OrtRunner, int8_runner: OrtRunner) -> dict:
-    from lpcv_depth.rgbd import load_rgbd_dataset
-    from lpcv_depth.track3_metric import mean_metrics, score_frame
+def _score_against_ground_truth(config: PtqConfig, fp32_onnx: Path, qdq_path: Path, folder: Path) -> dict:
+    """Both ONNX models through the evaluate stage, so PTQ scores frames exactly as `evaluation/score.py`
+    does (same metric, same skipping of bad frames); each one's per-frame CSV lands in `folder`."""
+    from evaluation.score import EvaluateConfig, evaluate
 
-    per_model: dict[str, list[dict]] = {"fp32": [], "int8": []}
-    skipped = 0
-    for frame in load_rgbd_dataset(config.eval_data):
-        try:
-            image, gt = frame.load_image(), frame.load_ground_truth()
-        except LpcvError:
-            skipped += 1
-            continue
-        for label, runner in (("fp32", fp32_runner), ("int8", int8_runner)):
-            pred = runner.run(image[None])[0]
-            per_model[label].append(score_frame(pred, gt.depth, gt.conf))
-    if not per_model["fp32"]:
-        raise ConfigError(f"no usable RGB-D frames in --eval-data {config.eval_data} ({skipped} skipped)")
-    summary = {label: mean_metrics(rows) for label, rows in per_model.items()}
-    summary["frames"] = len(per_model["fp32"])
-    summary["skipped"] = skipped
+    summary: dict = {}
+    for label, onnx_path in (("fp32", fp32_onnx), ("int8", qdq_path)):
+        overall = evaluate(EvaluateConfig(data=Path(config.eval_data), onnx=onnx_path, out_dir=folder / label,
+                                          num_vis=0), StageLog(f"{STAGE}/evaluate-{label}")).summary["overall"]
+        if not overall["scored"]:
+            raise ConfigError(f"no usable RGB-D frames in --eval-data {config.eval_data} "
+                              f"({overall['skipped']} skipped)")
+        summary[label] = overall["metrics"]
+    summary["frames"] = overall["scored"]
+    summary["skipped"] = overall["skipped"]
     summary["fscore_drop"] = summary["fp32"]["fscore@0.1"] - summary["int8"]["fscore@0.1"]
     return summary
 
@@ -487,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     except GateError as err:
         print(f"{STAGE}: GATE FAILED: {err}", file=sys.stderr)
         return 3
-    except (LpcvError, ParityError) as err:
+    except LpcvError as err:
         print(f"{STAGE}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
