@@ -10,6 +10,7 @@ calibrates AIMET's QuantSim with the HTP V75 (Snapdragon 8 Gen 3) rules, and wri
   <model>.aimet/          one .onnx + one .encodings: the layout AI Hub takes for AIMET models
   model_qdq.onnx          QuantizeLinear/DequantizeLinear ONNX for ONNX Runtime on the host
   report.json, report.md, report.png, manifest.json
+  holdout_outputs.npz     fp32 / AIMET-sim / QDQ outputs on the held-out images (for later checks)
   eval/fp32/, eval/int8/  with --eval-data: the evaluate stage's per-frame scores of both models
 """
 
@@ -33,6 +34,8 @@ from quantize.calibration import RECOMMENDED_IMAGES, iter_batches, split_calibra
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGE = "ptq"
 CALIBRATION_SCHEMES = ("min-max", "tf-enhanced", "percentile")
+# fp32 ONNX, AIMET QuantSim and QDQ ONNX outputs on the held-out images, in the manifest's holdout_files order.
+HOLDOUT_OUTPUTS = "holdout_outputs.npz"
 
 
 class GateError(LpcvError):
@@ -276,12 +279,16 @@ def quantize(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
         with log.step("report") as step:
             report_files = write_report(staging.path, config, results, fp32_holdout, int8_holdout)
             step.artifact = staging.path / "report.md"
+        # Later checks (the local HTP check) compare against the same held-out outputs instead of
+        # rebuilding AIMET's simulation; the image files are listed in the manifest's calibration split.
+        holdout_outputs = staging.path / HOLDOUT_OUTPUTS
+        np.savez_compressed(holdout_outputs, fp32=fp32_holdout, aimet_sim=sim_holdout, int8_qdq=int8_holdout)
         inputs = {"fp32_onnx": {"path": os.fspath(fp32_onnx), "sha256": sha256_file(fp32_onnx)},
                   "export_manifest": {"path": os.fspath(Path(config.fp32_dir) / MANIFEST_NAME)},
                   "weights": model_weights_info(model), "calibration": split.describe()}
         write_manifest(staging.path, stage=STAGE, config=config.as_dict(), inputs=inputs,
-                                       outputs=[aimet_onnx, encodings, qdq_path, *report_files], timings=log.timings,
-                                       results=results)
+                       outputs=[aimet_onnx, encodings, qdq_path, holdout_outputs, *report_files],
+                       timings=log.timings, results=results)
     out = config.destination
     result = PtqResult(out, out / "model_qdq.onnx", out / f"{name}.aimet", results, read_manifest(out))
     log.info(f"ok {log.total_seconds:.1f}s -> {out}")

@@ -88,6 +88,17 @@ def test_manifest_pins_calibration_and_tools(w8a8, calib_subset):
     assert {"compute-encodings", "export-aimet", "export-qdq", "qdq-vs-aimet-sim"} <= set(manifest["timings_s"])
 
 
+def test_holdout_outputs_are_kept_for_later_checks(w8a8):
+    saved = np.load(w8a8.out_dir / "holdout_outputs.npz")
+    assert set(saved.files) == {"fp32", "aimet_sim", "int8_qdq"}
+    assert all(saved[name].shape == (4, 1, 480, 640) for name in saved.files)
+    # The saved arrays are the ones the report measured, not a re-run.
+    from lpcv_depth.verify import sqnr_db
+
+    assert sqnr_db(saved["fp32"], saved["int8_qdq"]) == pytest.approx(w8a8.report["int8_vs_fp32"]["sqnr_db"])
+    assert "holdout_outputs.npz" in {entry["path"] for entry in w8a8.manifest["outputs"]}
+
+
 def test_qdq_runs_in_onnxruntime_at_the_contract(w8a8, calib_subset):
     from lpcv_depth.images import list_images, load_contract_batch
 
