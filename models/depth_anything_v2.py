@@ -63,7 +63,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
+        # Indexed rather than unpacked: torch.fx (AIMET's model preparation) cannot iterate a shape.
+        batch, tokens, dim = x.shape[0], x.shape[1], x.shape[2]
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
         attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
@@ -106,6 +107,30 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
+def patch_grid(x: torch.Tensor) -> tuple[int, int]:
+    """Rows and columns of 14x14 patches. Python ints, so exported graphs get constant sizes."""
+    return int(x.shape[-2]) // PATCH_SIZE, int(x.shape[-1]) // PATCH_SIZE
+
+
+def resample_position_embedding(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """The trained 37x37 table resampled (bicubic) to a patch grid, with DINOv2's +0.1 offset."""
+    native = pos_embed.shape[1] - 1
+    side = int(math.sqrt(native))
+    if grid_h == grid_w == side:
+        return pos_embed
+    table = pos_embed[:, 1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    scale = ((grid_h + _POS_EMBED_OFFSET) / side, (grid_w + _POS_EMBED_OFFSET) / side)
+    table = F.interpolate(table, scale_factor=scale, mode="bicubic", antialias=False)
+    table = table.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+    return torch.cat((pos_embed[:, :1], table.to(pos_embed.dtype)), dim=1)
+
+
+# torch.fx (AIMET's model preparation) keeps these two as opaque calls evaluated at run time: their
+# shape arithmetic and branches cannot be traced symbolically, and neither holds anything to quantize.
+torch.fx.wrap("patch_grid")
+torch.fx.wrap("resample_position_embedding")
+
+
 class DinoV2Encoder(nn.Module):
     """DINOv2 ViT/14 without registers, returning normalised patch tokens of chosen blocks."""
 
@@ -128,23 +153,11 @@ class DinoV2Encoder(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
-    def position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """The trained 37x37 table resampled (bicubic) to the input's patch grid, as DINOv2 does."""
-        native = self.pos_embed.shape[1] - 1
-        side = int(math.sqrt(native))
-        if grid_h == grid_w == side:
-            return self.pos_embed
-        table = self.pos_embed[:, 1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        scale = ((grid_h + _POS_EMBED_OFFSET) / side, (grid_w + _POS_EMBED_OFFSET) / side)
-        table = F.interpolate(table, scale_factor=scale, mode="bicubic", antialias=False)
-        table = table.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
-        return torch.cat((self.pos_embed[:, :1], table.to(self.pos_embed.dtype)), dim=1)
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        grid_h, grid_w = int(x.shape[-2]) // PATCH_SIZE, int(x.shape[-1]) // PATCH_SIZE
+        grid = patch_grid(x)
         tokens = self.patch_embed(x)
         tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
-        tokens = tokens + self.position_embedding(grid_h, grid_w)
+        tokens = tokens + resample_position_embedding(self.pos_embed, grid[0], grid[1])
         features = []
         for index, block in enumerate(self.blocks):
             tokens = block(tokens)
@@ -212,9 +225,9 @@ class DPTHead(nn.Module):
             x = tokens.permute(0, 2, 1).reshape(tokens.shape[0], tokens.shape[-1], grid_h, grid_w)
             maps.append(rn(resize(project(x))))
         l1, l2, l3, l4 = maps
-        path = s.refinenet4(l4, size=tuple(l3.shape[-2:]))
-        path = s.refinenet3(path, l3, size=tuple(l2.shape[-2:]))
-        path = s.refinenet2(path, l2, size=tuple(l1.shape[-2:]))
+        path = s.refinenet4(l4, size=l3.shape[-2:])
+        path = s.refinenet3(path, l3, size=l2.shape[-2:])
+        path = s.refinenet2(path, l2, size=l1.shape[-2:])
         path = s.refinenet1(path, l1)
         out = s.output_conv1(path)
         out = F.interpolate(out, size=(grid_h * PATCH_SIZE, grid_w * PATCH_SIZE), mode="bilinear", align_corners=True)
@@ -232,8 +245,8 @@ class DepthAnythingV2(nn.Module):
         self.depth_head = DPTHead(cfg.embed_dim, cfg.head_features, cfg.head_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grid_h, grid_w = int(x.shape[-2]) // PATCH_SIZE, int(x.shape[-1]) // PATCH_SIZE
-        return F.relu(self.depth_head(self.pretrained(x), grid_h, grid_w))
+        grid = patch_grid(x)
+        return F.relu(self.depth_head(self.pretrained(x), grid[0], grid[1]))
 
 
 def load_depth_anything_checkpoint(model: nn.Module, path: Path) -> None:

@@ -32,14 +32,23 @@ OUTPUT_MODES: tuple[str, ...] = ("depth", "disparity")
 _EPS = 1e-6
 
 
+# The per-sample statistics below are written so that no arithmetic happens on the statistics
+# themselves: int8 quantization puts a quantizer after every add/sub/div, and a quantizer calibrated
+# on a handful of per-image maxima clips the larger ones, which rescales (or saturates) a whole map.
+# max/min/clamp only select values already on the tensor's quantization grid.
+
+
+def _per_sample_max(x: torch.Tensor) -> torch.Tensor:
+    return x.amax(dim=(1, 2, 3), keepdim=True).clamp(min=_EPS)
+
+
 def _per_sample_min_max(x: torch.Tensor) -> torch.Tensor:
-    low = x.amin(dim=(1, 2, 3), keepdim=True)
-    high = x.amax(dim=(1, 2, 3), keepdim=True)
-    return (x - low) / (high - low + _EPS)
+    shifted = x - x.amin(dim=(1, 2, 3), keepdim=True)
+    return shifted / _per_sample_max(shifted)
 
 
 def _per_sample_scale(x: torch.Tensor) -> torch.Tensor:
-    return x / (x.amax(dim=(1, 2, 3), keepdim=True) + _EPS)
+    return x / _per_sample_max(x)
 
 
 class Track3Wrapper(nn.Module):
@@ -60,12 +69,13 @@ class Track3Wrapper(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0, persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        # No test on tensor shapes here, so torch.fx (AIMET's model preparation) can trace the wrapper:
+        # the input size is static, and the output is always resized (a same-size bilinear resize is exact).
         x = (image - self.pixel_mean) / self.pixel_std
-        if tuple(x.shape[-2:]) != self.input_size:
+        if self.input_size != (TRACK3.height, TRACK3.width):
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
         raw = self.backbone(x)
-        if tuple(raw.shape[-2:]) != (TRACK3.height, TRACK3.width):
-            raw = F.interpolate(raw, size=(TRACK3.height, TRACK3.width), mode="bilinear", align_corners=False)
+        raw = F.interpolate(raw, size=(TRACK3.height, TRACK3.width), mode="bilinear", align_corners=False)
         return self._to_output(raw)
 
     def _to_output(self, raw: torch.Tensor) -> torch.Tensor:
@@ -73,8 +83,9 @@ class Track3Wrapper(nn.Module):
             disparity = _per_sample_min_max(raw)
             if self.output_mode == "disparity":
                 return disparity
-            return _per_sample_scale(1.0 / (disparity + self.disparity_floor))
-        depth = F.relu(raw) + _EPS
+            # 1/(d+floor) divided by its own maximum 1/floor (d's minimum is 0), in one division.
+            return self.disparity_floor / (disparity + self.disparity_floor)
+        depth = raw.clamp(min=_EPS)
         if self.output_mode == "depth":
             return _per_sample_scale(depth)
         return _per_sample_min_max(1.0 / depth)

@@ -44,6 +44,36 @@ def quant_scheme(name: str):
             "percentile": QuantScheme.post_training_percentile}[name]
 
 
+@dataclass
+class Preparation:
+    """What AIMET's model preparation did: QuantSim only quantizes nn.Module layers, so functional
+    ops (matmul, softmax, residual adds, interpolate, the wrapper's normalisation) must become modules."""
+
+    traced: bool
+    modules_added: int = 0
+    error: str | None = None
+
+
+def prepare_for_quantsim(model):
+    """The model with its functional ops turned into quantizable modules (torch.fx), or the model
+    unchanged plus the reason when it cannot be traced; the caller decides how loudly to say so."""
+    import logging
+
+    from aimet_torch.model_preparer import prepare_model
+
+    before = sum(1 for _ in model.modules())
+    preparer_log = logging.getLogger("ModelPreparer")
+    level = preparer_log.level
+    preparer_log.setLevel(logging.WARNING)  # it logs one INFO line per converted op
+    try:
+        prepared = prepare_model(model)
+    except Exception as err:  # noqa: BLE001 - any tracing failure means "not traceable"; the reason is kept
+        return model, Preparation(traced=False, error=f"{type(err).__name__}: {str(err).splitlines()[0]}")
+    finally:
+        preparer_log.setLevel(level)
+    return prepared, Preparation(traced=True, modules_added=sum(1 for _ in prepared.modules()) - before)
+
+
 def fold_batch_norms(model, dummy) -> int:
     from aimet_torch.batch_norm_fold import fold_all_batch_norms
 
