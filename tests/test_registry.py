@@ -129,3 +129,18 @@ def test_input_size_must_fit_the_patch_multiple():
 
     with pytest.raises(ConfigError, match="multiples of 14"):
         create_model("depth_anything_v2_vits", weights=None, input_size=(480, 640))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_traces_with_torch_fx_so_aimet_quantizes_every_op(name):
+    # AIMET's QuantSim only quantizes nn.Modules; its model preparation turns functional ops into
+    # modules with torch.fx, which fails on Python control flow over tensor shapes.
+    multiple = get_spec(name).patch_multiple
+    model = create_model(name, weights=None, input_size=(4 * multiple, 4 * multiple))  # small: fast on CPU
+    traced = torch.fx.symbolic_trace(model)
+    functions = {getattr(node.target, "__name__", str(node.target)) for node in traced.graph.nodes
+                 if node.op == "call_function"}
+    assert "interpolate" in functions, "the output resize must be traced, not hidden in an opaque call"
+    image = torch.rand(1, 3, 480, 640) * 255
+    with torch.no_grad():
+        assert torch.equal(traced(image), model(image))
