@@ -172,10 +172,31 @@ def apply_adaround(model, dummy, batches, *, iterations: int, param_bw: int, sch
     return adarounded, workdir / "adaround.encodings"
 
 
-def apply_seq_mse(sim, batches, candidates: int) -> None:
+def apply_seq_mse(sim, batches, candidates: int) -> int:
+    """Sequential MSE weight encodings for every Conv2d/Linear; returns how many layers it optimized.
+
+    aimet-torch 2.42 silently skips layers whose weights have more than 4 bits (its
+    SUPPORTED_PARAM_BW), i.e. every layer of our 8-bit presets: `--seq-mse` would be a no-op. The
+    search itself (candidate ranges scored by the layer's output MSE) is bit-width agnostic, so the
+    limit is lifted for the call; the report's ablation measures what it buys.
+    """
+    import aimet_torch._base.seq_mse as seq_mse_base
     from aimet_torch.seq_mse import apply_seq_mse as aimet_seq_mse
 
-    aimet_seq_mse(sim, batches, num_candidates=candidates, forward_fn=lambda m, batch: m(batch))
+    limit = seq_mse_base.SUPPORTED_PARAM_BW
+    seq_mse_base.SUPPORTED_PARAM_BW = 32
+    try:
+        aimet_seq_mse(sim, batches, num_candidates=candidates, forward_fn=lambda m, batch: m(batch))
+    finally:
+        seq_mse_base.SUPPORTED_PARAM_BW = limit
+    return sum(1 for module in sim.model.modules() if _weight_encoding_frozen(module))
+
+
+def _weight_encoding_frozen(module) -> bool:
+    """SeqMSE freezes the weight encodings it chose (AIMET's allow_overwrite flag)."""
+    quantizers = getattr(module, "param_quantizers", None)
+    weight = quantizers["weight"] if quantizers is not None and "weight" in quantizers else None
+    return weight is not None and getattr(weight, "_allow_overwrite", True) is False
 
 
 def export_for_ai_hub(sim, dummy, folder: Path, name: str, opset: int) -> tuple[Path, Path]:

@@ -183,7 +183,7 @@ def quantize(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
     from quantize import aimet_sim
 
     log = log or StageLog(STAGE)
-    aimet_torch, _, QuantizationSimModel = aimet_sim.import_aimet()
+    aimet_sim.import_aimet()  # before any work: a missing install fails with the command that fixes it
     preset = config.preset_spec
     fp32_onnx = Path(config.fp32_dir) / "model.onnx"
     results: dict = {"preset": config.preset, "techniques": {}}
@@ -214,6 +214,7 @@ def quantize(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
 
     with _Staging(config.destination) as staging:
         param_encodings = None
+        float_model = model
         if config.adaround:
             with log.step("adaround") as step:
                 model, param_encodings = aimet_sim.apply_adaround(
@@ -222,24 +223,34 @@ def quantize(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
                 step.detail = f"{config.adaround_iterations} iterations per layer"
 
         with log.step("quantsim") as step:
-            sim = QuantizationSimModel(model, dummy_input=dummy, quant_scheme=scheme,
-                                       default_output_bw=preset.activation_bw, default_param_bw=preset.param_bw,
-                                       config_file=os.fspath(config_file))
-            if config.calibration_scheme == "percentile":
-                sim.set_percentile_value(config.percentile)
-            if param_encodings is not None:
-                sim.load_encodings(os.fspath(param_encodings), strict=False, partial=True, requires_grad=False,
-                                   allow_overwrite=False)
+            sim = _quantsim(config, model, dummy, param_encodings)
             step.detail = f"HTP V75 config, {config.calibration_scheme}, w{preset.param_bw}a{preset.activation_bw}"
 
         if config.seq_mse:
             with log.step("seq-mse") as step:
-                aimet_sim.apply_seq_mse(sim, calibration_batches, config.seq_mse_candidates)
-                step.detail = f"{config.seq_mse_candidates} candidates per layer"
+                optimized = aimet_sim.apply_seq_mse(sim, calibration_batches, config.seq_mse_candidates)
+                results["techniques"]["seq_mse"] = {"layers_optimized": optimized,
+                                                    "candidates": config.seq_mse_candidates}
+                step.detail = f"{optimized} layers, {config.seq_mse_candidates} candidate ranges each"
+            if not optimized:
+                raise RuntimeError("SeqMSE optimized no layer: aimet-torch changed how it selects layers")
 
-        with log.step("compute-encodings") as step, _progress(len(calibration_batches), "calibrating") as tick:
-            sim.compute_encodings(lambda m: aimet_sim.run_forward(m, calibration_batches, tick))
+        with log.step("compute-encodings") as step:
+            _calibrate(sim, calibration_batches)
             step.detail = f"{len(calibration_batches)} images"
+
+        holdout_batches = [torch.from_numpy(holdout[i:i + 1]) for i in range(len(holdout))]
+        if config.adaround or config.seq_mse:
+            # What the weight-rounding techniques bought: the same sim with nearest rounding, same images.
+            applied = " + ".join(name for name, on in (("AdaRound", config.adaround), ("SeqMSE", config.seq_mse)) if on)
+            with log.step("rounding-ablation") as step:
+                nearest = _quantsim(config, float_model, dummy, None)
+                _calibrate(nearest, calibration_batches)
+                without = sqnr_db(fp32_holdout, aimet_sim.run_forward(nearest.model, holdout_batches))
+                with_ = sqnr_db(fp32_holdout, aimet_sim.run_forward(sim.model, holdout_batches))
+                results["ablation"] = {applied: {"sqnr_db": without, "sqnr_db_with": with_, "gain_db": with_ - without}}
+                step.detail = f"AIMET sim SQNR {with_:.2f} dB with {applied}, {without:.2f} dB with nearest rounding"
+                del nearest
 
         sensitivity_images = torch.from_numpy(holdout[:config.mixed_images])
         if preset.mixed:
@@ -258,8 +269,7 @@ def quantize(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
                 step.detail = f"{len(sensitivity.promoted)}/{len(quantizers)} activations kept at 16 bits"
 
         with log.step("aimet-sim") as step:
-            sim_holdout = aimet_sim.run_forward(sim.model, [torch.from_numpy(holdout[i:i + 1])
-                                                            for i in range(len(holdout))])
+            sim_holdout = aimet_sim.run_forward(sim.model, holdout_batches)
             step.detail = f"SQNR vs fp32 {sqnr_db(fp32_holdout, sim_holdout):.1f} dB on held-out images"
 
         name = export_manifest["config"]["model"]
@@ -297,6 +307,30 @@ def quantize(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
     log.info(f"ok {log.total_seconds:.1f}s -> {out}")
     _enforce_gates(config, results)
     return result
+
+
+def _quantsim(config: PtqConfig, model, dummy, param_encodings: Path | None):
+    """AIMET's QuantSim of `model` with the HTP V75 rules, optionally with frozen (AdaRound) weight encodings."""
+    from quantize import aimet_sim
+
+    _, _, QuantizationSimModel = aimet_sim.import_aimet()
+    preset = config.preset_spec
+    sim = QuantizationSimModel(model, dummy_input=dummy, quant_scheme=aimet_sim.quant_scheme(config.calibration_scheme),
+                               default_output_bw=preset.activation_bw, default_param_bw=preset.param_bw,
+                               config_file=os.fspath(aimet_sim.htp_v75_config_path()))
+    if config.calibration_scheme == "percentile":
+        sim.set_percentile_value(config.percentile)
+    if param_encodings is not None:
+        sim.load_encodings(os.fspath(param_encodings), strict=False, partial=True, requires_grad=False,
+                           allow_overwrite=False)
+    return sim
+
+
+def _calibrate(sim, batches) -> None:
+    from quantize import aimet_sim
+
+    with _progress(len(batches), "calibrating") as tick:
+        sim.compute_encodings(lambda m: aimet_sim.run_forward(m, batches, tick))
 
 
 def model_weights_info(model) -> dict:
@@ -467,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adaround", action="store_true", help="AdaRound the weights (minutes on CPU)")
     parser.add_argument("--adaround-iterations", type=int, default=1000)
     parser.add_argument("--seq-mse", action="store_true", help="sequential MSE weight encodings")
+    parser.add_argument("--seq-mse-candidates", type=int, default=PtqConfig.seq_mse_candidates,
+                        help="candidate weight ranges SeqMSE scores per layer")
     parser.add_argument("--num-calib", type=int, default=None, help="use only the first N calibration images")
     parser.add_argument("--holdout", type=int, default=8, help="last N images are held out for verification")
     parser.add_argument("--min-calib", type=int, default=32, help="fewer calibration images is an error")
@@ -488,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                            calibration_scheme=args.calibration_scheme, percentile=args.percentile,
                            bn_fold=args.bn_fold, cle=args.cle, adaround=args.adaround,
                            adaround_iterations=args.adaround_iterations, seq_mse=args.seq_mse,
+                           seq_mse_candidates=args.seq_mse_candidates,
                            num_calibration=args.num_calib, num_holdout=args.holdout, min_calibration=args.min_calib,
                            mixed_max_drop_db=args.mixed_max_drop, eval_data=args.eval_data,
                            min_sqnr_db=args.min_sqnr, max_fscore_drop=args.max_fscore_drop,
@@ -503,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{STAGE}: interrupted; nothing was written", file=sys.stderr)
         return 130
     log.info(f"report: {os.path.relpath(result.out_dir / 'report.md')}")
-    log.info(f"next: python evaluation/score.py --onnx {os.path.relpath(result.qdq_onnx)} --data DATA_DIR")
+    log.info(f"next: python quantize/htp_check.py --ptq {os.path.relpath(result.out_dir)}   "
+             f"(then: python export/aihub.py {os.path.relpath(result.out_dir)})")
     return 0
 
 

@@ -68,8 +68,17 @@ def _markdown(config, results: dict) -> str:
     if "cle" in techniques:
         lines.append(f"- CLE: float model after vs before, SQNR {techniques['cle']['fp32_sqnr_after_vs_before_db']:.1f} dB "
                      "(high = CLE found little to equalize).")
+    if "seq_mse" in techniques:
+        lines.append(f"- SeqMSE: weight encodings of {techniques['seq_mse']['layers_optimized']} layers chosen from "
+                     f"{techniques['seq_mse']['candidates']} candidate ranges by output MSE.")
     for name, figures in results.get("ablation", {}).items():
-        lines.append(f"- {name}: int8 vs fp32 SQNR {figures['sqnr_db']:.2f} dB without it.")
+        lines.append(f"- {name}: AIMET sim vs fp32 SQNR {figures['sqnr_db_with']:.2f} dB, against "
+                     f"{figures['sqnr_db']:.2f} dB with nearest rounding ({figures['gain_db']:+.2f} dB).")
+    preparation = results.get("preparation")
+    if preparation:
+        lines.append(f"- Model preparation (torch.fx): {preparation['modules_added']} functional ops made quantizable."
+                     if preparation["traced"] else
+                     f"- Model preparation FAILED ({preparation['error']}): functional ops stay float.")
     if "mixed_precision" in results:
         mixed = results["mixed_precision"]
         lines.append(f"- Mixed precision: {len(mixed['kept_16bit'])} of {mixed['activation_quantizers']} activations "

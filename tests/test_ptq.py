@@ -4,7 +4,6 @@ report and gates. Calibrates on 16 images so the default suite stays quick."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import onnx
@@ -12,44 +11,19 @@ import pytest
 
 pytest.importorskip("aimet_torch", reason="aimet-torch (the quant extra) is not installed")
 
-from export.to_onnx import ExportConfig, export_onnx  # noqa: E402
 from lpcv_depth.errors import ConfigError  # noqa: E402
 from lpcv_depth.verify import OrtRunner  # noqa: E402
 from quantize.ptq import GateError, PtqConfig, quantize  # noqa: E402
+from tests.conftest import fastdepth_ptq_config  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def fastdepth_export(tmp_path_factory, fastdepth_tflite, calibration_dir):
-    out = tmp_path_factory.mktemp("fd") / "export"
-    export_onnx(ExportConfig(model="fastdepth", weights=str(fastdepth_tflite), out_dir=out,
-                             check_images=calibration_dir, num_check_images=2))
-    return out
-
-
-@pytest.fixture(scope="module")
-def calib_subset(tmp_path_factory, calibration_dir):
-    # Every 6th frame of the walk-through: 16 consecutive frames see too narrow a range of depths
-    # (measured: 8 dB SQNR and a 6-point F-score drop vs 28 dB with spread-out frames).
-    folder = tmp_path_factory.mktemp("calib")
-    for path in sorted(calibration_dir.glob("*.jpg"))[::6][:20]:
-        shutil.copy(path, folder / path.name)
-    return folder
-
-
-def _config(fp32_dir, calib, out, **overrides) -> PtqConfig:
-    options = dict(calib=calib, fp32_dir=fp32_dir, num_holdout=4, min_calibration=8,
-                   cle=False, latency_runs=2, out_dir=out)
-    options.update(overrides)
-    return PtqConfig(**options)
-
-
-@pytest.fixture(scope="module")
-def w8a8(fastdepth_export, calib_subset, tmp_path_factory, rgbd_dir):
-    out = tmp_path_factory.mktemp("ptq") / "w8a8"
-    return quantize(_config(fastdepth_export, calib_subset, out, eval_data=rgbd_dir / "kinect_home"))
+@pytest.fixture
+def w8a8(fastdepth_w8a8):
+    return fastdepth_w8a8  # conftest: one FastDepth w8a8 PTQ per test run, shared with the HTP check
 
 
 def test_artifacts_for_ai_hub_and_host(w8a8):
+    assert w8a8.report["preparation"]["traced"] and w8a8.report["preparation"]["modules_added"] > 0
     aimet_files = sorted(p.name for p in w8a8.aimet_dir.iterdir())
     assert aimet_files == ["fastdepth.encodings", "fastdepth.onnx"], "AI Hub wants exactly one .onnx + one .encodings"
     encodings = json.loads((w8a8.aimet_dir / "fastdepth.encodings").read_text())
@@ -108,7 +82,7 @@ def test_qdq_runs_in_onnxruntime_at_the_contract(w8a8, calib_subset):
 
 
 def test_mixed_precision_is_measured(fastdepth_export, calib_subset, tmp_path):
-    result = quantize(_config(fastdepth_export, calib_subset, tmp_path / "mixed", preset="mixed",
+    result = quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "mixed", preset="mixed",
                               mixed_max_drop_db=0.5, bn_fold=False))
     mixed = result.report["mixed_precision"]
     assert mixed["activation_quantizers"] == len(mixed["per_layer_8bit_sqnr_db"]) > 10
@@ -120,7 +94,7 @@ def test_mixed_precision_is_measured(fastdepth_export, calib_subset, tmp_path):
 
 def test_gate_fails_after_writing_the_report(fastdepth_export, calib_subset, tmp_path):
     with pytest.raises(GateError, match="min-sqnr 99"):
-        quantize(_config(fastdepth_export, calib_subset, tmp_path / "gated", min_sqnr_db=99.0, bn_fold=False))
+        quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "gated", min_sqnr_db=99.0, bn_fold=False))
     assert (tmp_path / "gated" / "report.md").is_file()
 
 
@@ -134,7 +108,7 @@ def test_bad_inputs(fastdepth_export, calib_subset, tmp_path):
 
 
 def test_w8a16_is_near_lossless_and_exports_16bit_qdq(fastdepth_export, calib_subset, tmp_path):
-    result = quantize(_config(fastdepth_export, calib_subset, tmp_path / "w8a16", preset="w8a16", bn_fold=False))
+    result = quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "w8a16", preset="w8a16", bn_fold=False))
     # Measured 40 dB here (73 dB on other held-out frames) against 25-28 dB for w8a8:
     # 16-bit activations leave mostly the int8 weights' error.
     assert result.report["int8_vs_fp32"]["sqnr_db"] > 35
@@ -142,3 +116,23 @@ def test_w8a16_is_near_lossless_and_exports_16bit_qdq(fastdepth_export, calib_su
     qdq = onnx.load(str(result.qdq_onnx))
     zero_point_types = {init.data_type for init in qdq.graph.initializer if init.name.endswith("zero_point")}
     assert onnx.TensorProto.UINT16 in zero_point_types, "activations must be quantized to 16 bits"
+
+
+def test_weight_rounding_techniques_are_applied_and_attributed(fastdepth_export, calib_subset, tmp_path):
+    result = quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "seqmse", seq_mse=True, seq_mse_candidates=5))
+    # Every Conv2d of FastDepth: AIMET alone would skip all of them at 8 bits.
+    assert result.report["techniques"]["seq_mse"]["layers_optimized"] == 38
+    ablation = result.report["ablation"]["SeqMSE"]
+    assert ablation["gain_db"] == pytest.approx(ablation["sqnr_db_with"] - ablation["sqnr_db"])
+    assert ablation["sqnr_db"] > 18 and ablation["sqnr_db_with"] > 18
+    assert "nearest rounding" in (result.out_dir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_adaround_runs_and_is_attributed(fastdepth_export, calib_subset, tmp_path):
+    result = quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "adaround", adaround=True,
+                              adaround_iterations=20, num_calibration=4))
+    ablation = result.report["ablation"]["AdaRound"]
+    assert ablation["sqnr_db_with"] > 18
+    assert "adaround" in result.manifest["timings_s"]
+    assert result.report["qdq_vs_aimet_sim"]["sqnr_db"] > 25, "AdaRounded weights must survive the QDQ export"
