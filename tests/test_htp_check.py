@@ -1,0 +1,272 @@
+"""The local QNN HTP check: tiny QDQ models through the x86 build of the HTP backend (it runs here,
+so these are in the default suite), the refused-op and bad-input paths, and the real FastDepth w8a8."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn (the qnn extra, Linux x86_64) is not installed")
+
+from lpcv_depth.errors import ConfigError, ContractError, MissingDependencyError  # noqa: E402
+from quantize import htp_check  # noqa: E402
+from quantize.htp_check import GateError, HtpCheckConfig, check_htp, main  # noqa: E402
+
+HEIGHT, WIDTH = 480, 640
+
+
+def _float_model(path, *, with_erf: bool = False):
+    """image (1,3,480,640) in [0,255] -> Conv -> Relu [-> Erf] -> Conv -> Sigmoid -> depth (1,1,480,640):
+    smoothing kernels scaled so the sigmoid stays in its linear range (depth-like, never saturated)."""
+    rng = np.random.default_rng(0)
+    w1 = np.full((8, 3, 3, 3), 1 / (27 * 255), np.float32) * rng.uniform(0.5, 1.5, (8, 1, 1, 1)).astype(np.float32)
+    w2 = np.full((1, 8, 3, 3), 1 / 72, np.float32) * rng.uniform(0.5, 1.5, (1, 8, 1, 1)).astype(np.float32)
+    initializers = [numpy_helper.from_array(w1 * 4, "w1"), numpy_helper.from_array(np.full(8, -1.0, np.float32), "b1"),
+                    numpy_helper.from_array(w2 * 2, "w2")]
+    nodes = [helper.make_node("Conv", ["image", "w1", "b1"], ["conv1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["conv1"], ["relu1"], name="relu1")]
+    hidden = "relu1"
+    if with_erf:  # exact GELU's Erf: the QNN EP has no Erf
+        nodes.append(helper.make_node("Erf", ["relu1"], ["erf1"], name="erf1"))
+        hidden = "erf1"
+    nodes += [helper.make_node("Conv", [hidden, "w2"], ["conv2"], pads=[1, 1, 1, 1], name="conv2"),
+              helper.make_node("Sigmoid", ["conv2"], ["depth"], name="sigmoid")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, HEIGHT, WIDTH])],
+                              [helper.make_tensor_value_info("depth", TensorProto.FLOAT, [1, 1, HEIGHT, WIDTH])],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def _quantize(float_path, qdq_path, images, *, skip=()):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter({"image": image[None]} for image in images)
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    ops = [op for op in ("Conv", "Relu", "Sigmoid") if op not in skip]
+    quantize_static(str(float_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=ops)
+    return qdq_path
+
+
+def _photos(folder, count):
+    """Smooth synthetic photos: gradients plus blobs, so depth maps are not noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    for index in range(count):
+        rng = np.random.default_rng(index)
+        base = (xx / WIDTH * 120 + yy / HEIGHT * 80)[..., None] + rng.uniform(0, 40, 3)
+        cy, cx = rng.uniform(0, HEIGHT), rng.uniform(0, WIDTH)
+        blob = 90 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 60.0 ** 2))[..., None]
+        Image.fromarray(np.clip(base + blob, 0, 255).astype(np.uint8)).save(folder / f"photo_{index:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A float model, its QDQ int8 version, one with an Erf the HTP refuses, and photos."""
+    from lpcv_depth.images import list_images, load_contract_image
+
+    root = tmp_path_factory.mktemp("tiny")
+    photos = _photos(root / "photos", 6)
+    images = [load_contract_image(p) for p in list_images(photos)]
+    calibration, held_out = images[:4], root / "held_out"
+    held_out.mkdir()
+    for path in list_images(photos)[4:]:
+        shutil.copy(path, held_out / path.name)
+    float_path = _float_model(root / "float.onnx")
+    erf_float = _float_model(root / "float_erf.onnx", with_erf=True)
+    return {"float": float_path, "qdq": _quantize(float_path, root / "qdq.onnx", calibration),
+            "qdq_erf": _quantize(erf_float, root / "qdq_erf.onnx", calibration), "float_erf": erf_float,
+            "images": held_out, "root": root}
+
+
+def test_tiny_qdq_runs_fully_on_the_htp(tiny, tmp_path):
+    config = HtpCheckConfig(ptq=tiny["qdq"], images=tiny["images"], fp32_onnx=tiny["float"], fscore_max_points=5000,
+                            out_dir=tmp_path / "out")
+    result = check_htp(config)
+    report = result.report
+    coverage = report["coverage"]
+    assert coverage["full_htp"] and coverage["cpu_nodes"] == 0 and coverage["htp_partitions"] == 1
+    assert not coverage["refused"] and not report["warnings"]
+    # The HTP's fixed-point requantization lands a few steps from ORT's CPU kernels, never far.
+    parity = report["numerics"]["htp_vs_int8_cpu"]
+    assert parity["sqnr_db"] > 25 and parity["max_abs_diff"] < 0.05
+    assert report["numerics"]["htp_vs_fp32"]["sqnr_db"] > 20
+    assert report["fp16_baseline"]["full_htp"] and report["fp16_baseline"]["vs_fp32"]["sqnr_db"] > 40
+    # The context binary is kept, recorded for the hub stage, and loads again.
+    ctx = report["context_binary"]
+    assert (result.out_dir / ctx["path"]).stat().st_size == ctx["bytes"] > 0
+    assert ctx["htp_arch"] == "75" and ctx["soc_model"] == "57" and ctx["build_s"] > 0
+    context_graph = onnx.load(str(result.context_onnx)).graph
+    assert [node.op_type for node in context_graph.node] == ["EPContext"]
+    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    assert manifest["stage"] == "htp-check" and manifest["results"]["context_binary"]["sha256"] == ctx["sha256"]
+    assert {entry["path"] for entry in manifest["outputs"]} >= {"model_ctx.onnx", ctx["path"], "report.md", "report.json"}
+    markdown = (result.out_dir / "report.md").read_text()
+    assert "not device latency" in markdown and "Op coverage" in markdown and "fp16" in markdown
+    assert report["emulation_time"]["int8"]["frames"] == 2
+    assert "NOT device latency" in report["emulation_time"]["int8"]["note"]
+
+
+def test_refused_op_is_named_and_the_partition_reported(tiny, tmp_path, capsys):
+    config = HtpCheckConfig(ptq=tiny["qdq_erf"], images=tiny["images"], fp32_onnx=tiny["float_erf"],
+                            fp16_baseline=False, fscore_max_points=5000, out_dir=tmp_path / "out")
+    report = check_htp(config).report
+    coverage = report["coverage"]
+    assert not coverage["full_htp"]
+    assert "fallback to CPU EP has been explicitly disabled" in coverage["no_fallback_error"]
+    assert coverage["cpu_op_types"]["Erf"] == 1 and coverage["htp_partitions"] == 2
+    assert coverage["htp_op_types"]["Conv"] == 2
+    erf = [row for row in coverage["refused"] if row["op_type"] == "Erf"]
+    assert erf and "not supported" in erf[0]["reason"]
+    out = capsys.readouterr().out
+    assert "WARNING NOT FULLY ON THE HTP" in out and "Erf" in out and "303 ms" in out
+    # The partitioned model still runs (HTP + CPU) and still matches the CPU within rounding.
+    assert report["numerics"]["htp_vs_int8_cpu"]["sqnr_db"] > 25
+    assert "**NO**" in (tmp_path / "out" / "report.md").read_text()
+
+
+def _drop_input_quantization(qdq_path, out_path):
+    """The QDQ model with its input QuantizeLinear/DequantizeLinear removed: the first Conv takes the
+    float image with int8 per-channel weights, the pattern the ptq export leaves around FastDepth's
+    unquantized Resize outputs."""
+    model = onnx.load(str(qdq_path))
+    graph = model.graph
+    quantize = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "image")
+    dequantize = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == quantize.output[0])
+    for node in graph.node:
+        node.input[:] = ["image" if name == dequantize.output[0] else name for name in node.input]
+    graph.node.remove(quantize)
+    graph.node.remove(dequantize)
+    onnx.save(model, str(out_path))
+    return out_path
+
+
+def test_unquantized_activation_is_named_as_the_cause(tiny, tmp_path):
+    qdq = _drop_input_quantization(tiny["qdq"], tmp_path / "qdq_float_input.onnx")
+    report = check_htp(HtpCheckConfig(ptq=qdq, images=tiny["images"], max_frames=1, fp16_baseline=False,
+                                      context_binary=False, fscore_max_points=5000, out_dir=tmp_path / "out")).report
+    coverage = report["coverage"]
+    assert not coverage["full_htp"] and set(coverage["cpu_op_types"]) == {"DequantizeLinear"}
+    weight_rows = [row for row in coverage["refused"] if "per-channel" in row["reason"]]
+    assert weight_rows and all("graph input 'image'" in row["cause"] for row in weight_rows)
+    assert "context_binary" not in report and not (tmp_path / "out" / "model_ctx.onnx").exists()
+
+
+def test_require_full_htp_gate_exits_3_after_writing_the_report(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["--ptq", str(tiny["qdq_erf"]), "--images", str(tiny["images"]), "--no-fp16-baseline",
+                 "--max-frames", "1", "--fscore-max-points", "5000", "--require-full-htp", "--out", str(out)])
+    assert code == 3
+    assert "GATE FAILED" in capsys.readouterr().err and "Erf" in (out / "report.md").read_text()
+    with pytest.raises(GateError):
+        check_htp(HtpCheckConfig(ptq=tiny["qdq_erf"], images=tiny["images"], fp16_baseline=False, max_frames=1,
+                                 fscore_max_points=5000, require_full_htp=True, out_dir=out))
+
+
+def test_float_model_is_refused_as_not_qdq(tiny, tmp_path, capsys):
+    with pytest.raises(ContractError, match="not a QDQ int8 model"):
+        check_htp(HtpCheckConfig(ptq=tiny["float"], images=tiny["images"], out_dir=tmp_path / "out"))
+    code = main(["--ptq", str(tiny["float"]), "--images", str(tiny["images"]), "--out", str(tmp_path / "cli")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a QDQ int8 model" in err and "fix:" in err
+    assert not (tmp_path / "out").exists(), "nothing is written for a refused input"
+
+
+def test_config_is_validated(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="no held-out images"):
+        HtpCheckConfig(ptq=tiny["qdq"])
+    with pytest.raises(ConfigError, match="htp_arch"):
+        HtpCheckConfig(ptq=tiny["qdq"], images=tiny["images"], htp_arch="74")
+    with pytest.raises(ConfigError, match="soc_model"):
+        HtpCheckConfig(ptq=tiny["qdq"], images=tiny["images"], soc_model="SM8650")
+    with pytest.raises(ConfigError, match="max_frames"):
+        HtpCheckConfig(ptq=tiny["qdq"], images=tiny["images"], max_frames=0)
+    with pytest.raises(ConfigError, match="not found"):
+        HtpCheckConfig(ptq=tmp_path / "missing")
+    with pytest.raises(ConfigError, match="not a ptq stage output"):
+        HtpCheckConfig(ptq=tiny["root"])
+
+
+def test_missing_wheel_names_the_install_command(monkeypatch, tmp_path, tiny):
+    monkeypatch.setattr(htp_check, "_REGISTERED", {})
+    monkeypatch.setitem(sys.modules, "onnxruntime_qnn", None)  # import raises ImportError
+    with pytest.raises(MissingDependencyError) as err:
+        htp_check.import_qnn()
+    assert 'pip install -e ".[qnn]"' in str(err.value) and "Linux x86_64" in str(err.value)
+    code = main(["--ptq", str(tiny["qdq"]), "--images", str(tiny["images"]), "--out", str(tmp_path / "out")])
+    assert code == 2
+
+
+def test_missing_htp_library_is_named(monkeypatch):
+    import onnxruntime_qnn
+
+    monkeypatch.setattr(htp_check, "_REGISTERED", {})
+    monkeypatch.setattr(onnxruntime_qnn, "get_qnn_htp_path", lambda: "/nowhere/libQnnHtp.so")
+    with pytest.raises(MissingDependencyError, match="libQnnHtp.so is missing"):
+        htp_check.import_qnn()
+
+
+def test_other_platforms_are_told_why(monkeypatch):
+    monkeypatch.setattr(htp_check, "_REGISTERED", {})
+    monkeypatch.setattr(htp_check.platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(htp_check.sys, "platform", "darwin")
+    with pytest.raises(MissingDependencyError, match="Linux x86_64 wheel") as err:
+        htp_check.import_qnn()
+    assert "darwin/arm64" in str(err.value) and "aihub" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# FastDepth, real weights, real AIMET w8a8
+
+
+@pytest.fixture
+def fastdepth_ptq_dir(fastdepth_w8a8):
+    return fastdepth_w8a8.out_dir  # conftest: the FastDepth w8a8 PTQ shared with test_ptq.py
+
+
+def _fastdepth_assertions(report):
+    # The HTP's fixed-point arithmetic stays near ORT's CPU kernels and AIMET's simulation (measured
+    # 20-34 dB depending on the export); far lower means an op computes something else on the NPU.
+    assert report["numerics"]["htp_vs_int8_cpu"]["sqnr_db"] > 15
+    assert report["numerics"]["htp_vs_aimet_sim"]["sqnr_db"] > 15
+    assert report["numerics"]["htp_vs_fp32"]["fscore"] >= 99.0
+    gt = report["ground_truth"]
+    assert gt["fscore_drop"] <= 1.0, f"HTP int8 loses {gt['fscore_drop']:.2f} F-score points vs fp32"
+
+
+def test_fastdepth_w8a8_on_the_htp_one_set(fastdepth_ptq_dir, rgbd_dir):
+    """Default suite: 2 held-out images and 2 frames of one set (15-40 s per frame of emulation)."""
+    config = HtpCheckConfig(ptq=fastdepth_ptq_dir, eval_data=rgbd_dir / "kinect_home", max_frames=2,
+                            fp16_baseline=False)
+    report = check_htp(config).report
+    coverage = report["coverage"]
+    assert coverage["full_htp"], f"on the CPU: {coverage['cpu_op_types']}; refused: {coverage['refused']}"
+    assert coverage["htp_partitions"] == 1 and report["context_binary"]["bytes"] > 1e6
+    _fastdepth_assertions(report)
+    assert report["ground_truth"]["frames"] == 2
+
+
+@pytest.mark.slow
+def test_fastdepth_w8a8_on_the_htp_all_rgbd_sets(fastdepth_ptq_dir, rgbd_dir):
+    """Every shared RGB-D frame (28) and the fp16 baseline: about 10-15 minutes of emulation."""
+    report = check_htp(HtpCheckConfig(ptq=fastdepth_ptq_dir, eval_data=rgbd_dir,
+                                      out_dir=fastdepth_ptq_dir / "htp-all")).report
+    _fastdepth_assertions(report)
+    assert report["ground_truth"]["frames"] == 28 and len(report["ground_truth"]["sets"]) == 4
+    assert report["fp16_baseline"]["full_htp"] and report["fp16_baseline"]["vs_fp32"]["sqnr_db"] > 40
