@@ -6,7 +6,7 @@
 
 Takes an export folder (fp32 model.onnx), a ptq folder (uploads <model>.aimet/, the layout AI Hub
 takes for AIMET int8 models), an .onnx file, an .aimet folder, or a precompiled QNN context binary
-(.bin, profiled and run as-is: no compile job). Per artifact, writes OUT (default
+(.bin, or the htp-check folder that built one: profiled and run as-is, no compile job). Per artifact, writes OUT (default
 build/<model>/hub-<export|ptq-PRESET>-<runtime>):
   hub_jobs.json        every job id the moment it is submitted (what a rerun resumes from)
   compiled/model.*     the compiled model as downloaded
@@ -93,6 +93,20 @@ def _check_aimet_dir(folder: Path) -> None:
                           hint="it must hold exactly one .onnx and one .encodings (and optionally one .data)")
 
 
+def _htp_check_artifact(folder: Path) -> HubArtifact:
+    """The QNN context binary the local HTP check built, measured against the QDQ model it came from."""
+    manifest = read_manifest(folder)
+    binary = manifest["results"].get("context_binary")
+    if not binary or not (folder / binary["path"]).is_file():
+        raise ConfigError(f"htp-check folder {folder} holds no QNN context binary",
+                          hint="rerun python quantize/htp_check.py without --no-context-binary")
+    ptq_dir = Path(manifest["config"]["ptq"])  # a ptq folder, or the QDQ .onnx itself
+    qdq = ptq_dir if ptq_dir.suffix == ".onnx" else ptq_dir / "model_qdq.onnx"
+    model_name = next((p.stem for p in ptq_dir.glob("*.aimet")), None) if ptq_dir.is_dir() else None
+    return HubArtifact("qnn_context_binary", folder / binary["path"], "int8", "htp-check", model_name, folder,
+                       qdq if qdq.is_file() else None)
+
+
 def resolve_artifact(path: Path, reference_onnx: Path | None = None) -> HubArtifact:
     """Turn the user's argument into what to upload and what to compare with; ConfigError if unusable."""
     path = Path(path)
@@ -113,6 +127,8 @@ def resolve_artifact(path: Path, reference_onnx: Path | None = None) -> HubArtif
         qdq = path / "model_qdq.onnx"
         artifact = HubArtifact("ptq", aimet, "int8", f"ptq-{manifest['config'].get('preset', 'int8')}",
                                aimet.stem, path, qdq if qdq.is_file() else None)
+    elif path.is_dir() and stage == "htp-check":
+        artifact = _htp_check_artifact(path)
     elif path.is_dir() and path.suffix == ".aimet":
         _check_aimet_dir(path)
         qdq = path.parent / "model_qdq.onnx"

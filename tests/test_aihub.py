@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from export.aihub import (EXIT_JOB_FAILED, EXIT_TIMEOUT, STATE_NAME, HubConfig, main, run_hub, summarize_profile)
-from export.to_onnx import ExportConfig, export_onnx
 from lpcv_depth.errors import ConfigError, MissingDependencyError, OutputDirError
 from lpcv_depth.hub_client import HubAuthError, HubClient, HubJobFailedError, HubTimeoutError, HubUnavailableError
 from lpcv_depth.images import list_images
@@ -24,12 +23,9 @@ from tests.fake_qai_hub import FakeQaiHub, make_ptq_folder, write_client_ini
 EMAIL = "lowpowervision@gmail.com"
 
 
-@pytest.fixture(scope="module")
-def fp32_export(tmp_path_factory, fastdepth_tflite, calibration_dir) -> Path:
-    out = tmp_path_factory.mktemp("fastdepth") / "export"
-    export_onnx(ExportConfig(model="fastdepth", weights=str(fastdepth_tflite), out_dir=out,
-                             check_images=calibration_dir, num_check_images=2))
-    return out
+@pytest.fixture(scope="session")
+def fp32_export(fastdepth_export) -> Path:
+    return fastdepth_export  # conftest: the real FastDepth, exported once per test run
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +297,26 @@ def test_context_binary_is_profiled_without_compiling(fp32_export, calibration_d
     assert results["inference"]["vs_host"]["reference"].endswith("model.onnx")
     stdout = capsys.readouterr().out
     assert "no compile job to share" in stdout and "no compile job" in stdout
+
+
+def test_htp_check_folder_sends_its_context_binary(int8_ptq, calibration_dir, tmp_path):
+    from lpcv_depth.stage import write_manifest
+
+    htp = tmp_path / "htp-check"
+    htp.mkdir()
+    (htp / "model_ctx_qnn.bin").write_bytes(b"QNN context binary" * 100)
+    write_manifest(htp, stage="htp-check", config={"ptq": str(int8_ptq)}, inputs={}, outputs=[], timings={},
+                   results={"context_binary": {"path": "model_ctx_qnn.bin", "htp_arch": "75"}})
+    fake = FakeQaiHub()
+    result = run_hub(_config(htp, tmp_path / "hub", images=calibration_dir, max_frames=1), _client(fake))
+    assert [kind for kind, _, _ in fake.submitted] == ["profile", "inference"]
+    assert fake.models[fake.uploads[0]].model_type == "QNN_CONTEXT_BINARY"
+    # On-device outputs are measured against the QDQ model the binary was built from.
+    assert result.manifest["results"]["inference"]["vs_host"]["reference"] == str(int8_ptq / "model_qdq.onnx")
+
+    (htp / "model_ctx_qnn.bin").unlink()
+    with pytest.raises(ConfigError, match="no QNN context binary"):
+        _config(htp, tmp_path / "hub2")
 
 
 def test_output_folder_of_someone_else_is_refused(fp32_export, tmp_path):
