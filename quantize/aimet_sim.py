@@ -193,10 +193,10 @@ def apply_seq_mse(sim, batches, candidates: int) -> int:
 
 
 def _weight_encoding_frozen(module) -> bool:
-    """SeqMSE freezes the weight encodings it chose (AIMET's allow_overwrite flag)."""
+    """SeqMSE freezes the weight encodings it chose (no longer overwritable by compute_encodings)."""
     quantizers = getattr(module, "param_quantizers", None)
     weight = quantizers["weight"] if quantizers is not None and "weight" in quantizers else None
-    return weight is not None and getattr(weight, "_allow_overwrite", True) is False
+    return weight is not None and not weight.is_overwrite_allowed()
 
 
 def export_for_ai_hub(sim, dummy, folder: Path, name: str, opset: int) -> tuple[Path, Path]:

@@ -131,8 +131,12 @@ def test_weight_rounding_techniques_are_applied_and_attributed(fastdepth_export,
 @pytest.mark.slow
 def test_adaround_runs_and_is_attributed(fastdepth_export, calib_subset, tmp_path):
     result = quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "adaround", adaround=True,
-                              adaround_iterations=20, num_calibration=4))
+                              adaround_iterations=20))
     ablation = result.report["ablation"]["AdaRound"]
-    assert ablation["sqnr_db_with"] > 18
+    # 20 iterations (of AdaRound's default 1000) change the rounding but are too few to anneal it:
+    # measured -1.5 dB against nearest rounding. The test checks the rounding really changed and is
+    # attributed; the report, not the test, says whether it paid off.
+    assert ablation["sqnr_db_with"] > 18 and abs(ablation["gain_db"]) > 0.01
+    assert ablation["gain_db"] == pytest.approx(ablation["sqnr_db_with"] - ablation["sqnr_db"])
     assert "adaround" in result.manifest["timings_s"]
     assert result.report["qdq_vs_aimet_sim"]["sqnr_db"] > 25, "AdaRounded weights must survive the QDQ export"
