@@ -1,6 +1,7 @@
 """PTQ benchmark: wall time and peak memory of `quantize/ptq.py`, and int8 fidelity.
 
     python benchmarks/ptq_bench.py fastdepth     # real weights: F-score drop w8a8 vs fp32 on every shared RGB-D set
+    python benchmarks/ptq_bench.py fastdepth --ptq-args "--calibration-scheme tf-enhanced" --out build/bench/tfe
     python benchmarks/ptq_bench.py vits          # DA-V2 ViT-S, random weights, full size, 64 calibration images
 
 Each stage runs in its own process, so its peak RSS is its own (os.wait4).
@@ -62,14 +63,14 @@ def bench_vits(out: Path, num_calib: int) -> dict:
             "qdq_vs_sim_sqnr_db": round(report["qdq_vs_aimet_sim"]["sqnr_db"], 2)}
 
 
-def bench_fastdepth(out: Path) -> dict:
+def bench_fastdepth(out: Path, ptq_args: list[str]) -> dict:
     from evaluation.score import EvaluateConfig, evaluate
 
     export_dir, ptq_dir = out / "fastdepth-export", out / "fastdepth-ptq"
     run_stage(["export/to_onnx.py", "--model", "fastdepth", "--weights", "default", "--out", str(export_dir),
                "--check-images", str(CALIBRATION)])
     wall, rss = run_stage(["quantize/ptq.py", "--calib", str(CALIBRATION), "--fp32", str(export_dir),
-                           "--out", str(ptq_dir)])
+                           "--out", str(ptq_dir), *ptq_args])
     per_set = {}
     for dataset in sorted(p for p in RGBD.iterdir() if p.is_dir()):
         scores = {}
@@ -83,7 +84,7 @@ def bench_fastdepth(out: Path) -> dict:
                                  "fp32_abs_rel": round(scores["fp32"]["abs_rel"], 4),
                                  "int8_abs_rel": round(scores["int8"]["abs_rel"], 4)}
     report = json.loads((ptq_dir / "report.json").read_text())
-    return {"model": "fastdepth (real weights)", "ptq_wall_s": round(wall, 1), "ptq_peak_rss_gib": round(rss, 2),
+    return {"model": "fastdepth (real weights)", "ptq_args": ptq_args, "ptq_wall_s": round(wall, 1), "ptq_peak_rss_gib": round(rss, 2),
             "int8_vs_fp32_sqnr_db": round(report["int8_vs_fp32"]["sqnr_db"], 2), "per_set": per_set}
 
 
@@ -92,8 +93,12 @@ def main() -> int:
     parser.add_argument("which", choices=("fastdepth", "vits"))
     parser.add_argument("--num-calib", type=int, default=64)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench" / "ptq")
+    parser.add_argument("--ptq-args", default="", help='extra ptq.py flags for fastdepth, e.g. "--preset mixed"')
     args = parser.parse_args()
-    result = bench_fastdepth(args.out) if args.which == "fastdepth" else bench_vits(args.out, args.num_calib)
+    if args.which == "fastdepth":
+        result = bench_fastdepth(args.out, args.ptq_args.split())
+    else:
+        result = bench_vits(args.out, args.num_calib)
     print(json.dumps(result, indent=2))
     return 0
 

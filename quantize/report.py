@@ -47,6 +47,7 @@ def _markdown(config, results: dict) -> str:
         "| metric | value |",
         "|---|---|",
         f"| SQNR | {fidelity['sqnr_db']:.2f} dB |",
+        f"| SQNR after a per-image scale fit (the scorer ignores scale) | {fidelity['sqnr_db_scale_aligned']:.2f} dB |",
         f"| max abs diff | {fidelity['max_abs_diff']:.4f} |",
         f"| Track 3 F-score of int8, fp32 as reference | {fidelity['fscore_vs_fp32']:.2f} |",
         f"| QDQ ONNX vs AIMET QuantSim SQNR | {sim['sqnr_db']:.2f} dB (max abs {sim['max_abs_diff']:.4f}) |",

@@ -41,7 +41,11 @@ def test_int8_is_verified_against_fp32_and_aimet(w8a8):
     report = w8a8.report
     assert report["int8_vs_fp32"]["holdout_images"] == 4
     # Measured about 25-28 dB and F-score ~99 for w8a8 FastDepth; far lower means broken quantization.
-    assert report["int8_vs_fp32"]["sqnr_db"] > 18
+    # Plain SQNR counts the per-image scale error that clipping the far depth range causes under the
+    # default tf-enhanced calibration (measured 10-15 dB); the scorer ignores scale, and so does the
+    # scale-aligned SQNR (measured 28-33 dB per image). Far lower means broken quantization.
+    assert report["int8_vs_fp32"]["sqnr_db"] > 8
+    assert report["int8_vs_fp32"]["sqnr_db_scale_aligned"] > 22
     assert report["int8_vs_fp32"]["fscore_vs_fp32"] > 95
     assert report["qdq_vs_aimet_sim"]["sqnr_db"] > 25
     gt = report["ground_truth"]
@@ -109,9 +113,11 @@ def test_bad_inputs(fastdepth_export, calib_subset, tmp_path):
 
 def test_w8a16_is_near_lossless_and_exports_16bit_qdq(fastdepth_export, calib_subset, tmp_path):
     result = quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "w8a16", preset="w8a16", bn_fold=False))
-    # Measured 40 dB here (73 dB on other held-out frames) against 25-28 dB for w8a8:
-    # 16-bit activations leave mostly the int8 weights' error.
-    assert result.report["int8_vs_fp32"]["sqnr_db"] > 35
+    # Measured 54 dB scale-aligned here against 28-33 dB for w8a8: 16-bit activations leave mostly
+    # the int8 weights' error. (Plain SQNR, 16 dB, still counts tf-enhanced's clipping of the
+    # per-image maximum, a pure scale error the scorer removes.)
+    fidelity = result.report["int8_vs_fp32"]
+    assert fidelity["sqnr_db_scale_aligned"] > 45 and fidelity["fscore_vs_fp32"] > 99.5
     assert result.manifest["config"]["opset"] == 21
     qdq = onnx.load(str(result.qdq_onnx))
     zero_point_types = {init.data_type for init in qdq.graph.initializer if init.name.endswith("zero_point")}
@@ -119,7 +125,8 @@ def test_w8a16_is_near_lossless_and_exports_16bit_qdq(fastdepth_export, calib_su
 
 
 def test_weight_rounding_techniques_are_applied_and_attributed(fastdepth_export, calib_subset, tmp_path):
-    result = quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "seqmse", seq_mse=True, seq_mse_candidates=5))
+    result = quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "seqmse", seq_mse=True, seq_mse_candidates=5,
+                                           calibration_scheme="min-max"))
     # Every Conv2d of FastDepth: AIMET alone would skip all of them at 8 bits.
     assert result.report["techniques"]["seq_mse"]["layers_optimized"] == 38
     ablation = result.report["ablation"]["SeqMSE"]
@@ -131,7 +138,7 @@ def test_weight_rounding_techniques_are_applied_and_attributed(fastdepth_export,
 @pytest.mark.slow
 def test_adaround_runs_and_is_attributed(fastdepth_export, calib_subset, tmp_path):
     result = quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "adaround", adaround=True,
-                              adaround_iterations=20))
+                              adaround_iterations=20, calibration_scheme="min-max"))
     ablation = result.report["ablation"]["AdaRound"]
     # 20 iterations (of AdaRound's default 1000) change the rounding but are too few to anneal it:
     # measured -1.5 dB against nearest rounding. The test checks the rounding really changed and is
