@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from lpcv_depth.errors import ConfigError, LpcvError
-from lpcv_depth.stage import (MANIFEST_NAME, StageLog, StagingDir, config_as_dict, read_manifest, sha256_file,
-                              write_manifest)
+from lpcv_depth.stage import (MANIFEST_NAME, StageLog, StagingDir, config_as_dict, exit_status, read_manifest,
+                              sha256_file, write_manifest)
 from lpcv_depth.track3_metric import FSCORE
 from lpcv_depth.verify import sqnr_db
 
@@ -338,12 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         config = CompareConfig(fp32=args.fp32, int8=args.int8, fp32_hub=args.fp32_hub, int8_hub=args.int8_hub,
                                out_dir=args.out, target_fps=args.target_fps)
         result = compare(config, log)
-    except LpcvError as err:
-        print(f"{STAGE}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{STAGE}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except (LpcvError, KeyboardInterrupt) as err:
+        return exit_status(STAGE, err)
     log.info(f"next: cat {os.path.relpath(result.out_dir / 'compare.md')}")
     return 0
 

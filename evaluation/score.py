@@ -32,8 +32,8 @@ from tqdm import tqdm
 from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import ConfigError, ContractError, LpcvError
 from lpcv_depth.rgbd import DatasetError, Frame, FrameError, dataset_files, load_rgbd_dataset
-from lpcv_depth.stage import (StageLog, StagingDir, config_as_dict, read_manifest, sha256_file, sha256_of_files,
-                              write_manifest)
+from lpcv_depth.stage import (StageLog, StagingDir, config_as_dict, exit_status, read_manifest, sha256_file,
+                              sha256_of_files, write_manifest)
 from lpcv_depth.track3_metric import (DEPTH_METRICS, F_THRESHOLDS_M, FSCORE, GRIDS, OFFICIAL_K, POINT_METRICS,
                                       evaluation_masks, fscore_key, mean_metrics, score_frame)
 from lpcv_depth.visualize import depth_comparison_panel
@@ -414,12 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                                 intrinsics=args.intrinsics, out_dir=args.out, num_vis=args.num_vis,
                                 max_points=args.max_points, threads=args.threads)
         result = evaluate(config, log)
-    except LpcvError as err:
-        print(f"{STAGE}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{STAGE}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except (LpcvError, KeyboardInterrupt) as err:
+        return exit_status(STAGE, err)
     overall = result.summary["overall"]
     log.info(f"F@0.1 {overall['metrics'][FSCORE]:.2f}, abs_rel {overall['metrics']['abs_rel']:.3f} over "
              f"{overall['scored']} frames ({overall['skipped']} skipped); table: "

@@ -38,8 +38,8 @@ from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import ConfigError, LpcvError, OutputDirError
 from lpcv_depth.hub_client import (S24_DEVICE, HubClient, HubError, HubJob, HubJobFailedError, HubTimeoutError,
                                    TensorInfo)
-from lpcv_depth.stage import (MANIFEST_NAME, StageLog, config_as_dict, read_manifest, sha256_file, sha256_of_files,
-                              write_manifest)
+from lpcv_depth.stage import (MANIFEST_NAME, StageLog, config_as_dict, exit_status, read_manifest, sha256_file,
+                              sha256_of_files, write_manifest)
 
 STAGE = "hub"
 RUNTIMES = ("qnn_context_binary", "tflite", "qnn_dlc", "onnx")
@@ -835,14 +835,9 @@ def main(argv: list[str] | None = None, client: HubClient | None = None) -> int:
     except HubTimeoutError as err:
         print(f"{STAGE}: TIMED OUT: {err}", file=sys.stderr)
         return EXIT_TIMEOUT
-    except LpcvError as err:
-        print(f"{STAGE}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+    except (LpcvError, KeyboardInterrupt) as err:
         where = f" in {os.path.relpath(out / STATE_NAME)}" if out is not None else ""
-        print(f"{STAGE}: interrupted; submitted job ids are recorded{where}: rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+        return exit_status(STAGE, err, f"submitted job ids are recorded{where}: rerun the same command to resume")
     log.info(f"next: {next_command(results)}")
     return 0
 

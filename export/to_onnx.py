@@ -22,7 +22,8 @@ import numpy as np
 from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.images import list_images, load_contract_batch
-from lpcv_depth.stage import StageLog, StagingDir, config_as_dict, read_manifest, sha256_of_files, write_manifest
+from lpcv_depth.stage import (StageLog, StagingDir, config_as_dict, exit_status, read_manifest, sha256_of_files,
+                              write_manifest)
 from models.weights import parse_weights_arg
 from lpcv_depth.verify import (OrtRunner, ParityThresholds, check_onnx_io, check_output_range, compare_outputs,
                                sqnr_db)
@@ -278,12 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                               num_check_images=args.num_check_images,
                               parity=ParityThresholds(max_abs_diff=args.max_abs_diff, min_sqnr_db=args.min_sqnr))
         result = export_onnx(config, log)
-    except LpcvError as err:
-        print(f"{STAGE}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{STAGE}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except (LpcvError, KeyboardInterrupt) as err:
+        return exit_status(STAGE, err)
     relative = os.path.relpath(result.onnx_path.parent)
     log.info(f"next: python quantize/ptq.py --calib calibration_data --fp32 {relative}")
     return 0

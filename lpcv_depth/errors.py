@@ -48,3 +48,8 @@ class ParityError(LpcvError):
 
 class MissingDependencyError(LpcvError):
     """An optional heavy dependency is not installed."""
+
+
+class GateError(LpcvError):
+    """A stage built and verified its artifacts and wrote its report, but the model falls short of a
+    quality gate the user set (e.g. --min-sqnr, --max-fscore-drop, --require-full-htp)."""

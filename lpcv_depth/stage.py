@@ -22,9 +22,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from lpcv_depth.errors import OutputDirError
+from lpcv_depth.errors import GateError, LpcvError, OutputDirError
 
 MANIFEST_NAME = "manifest.json"
+# Exit statuses every stage CLI uses.
+EXIT_ERROR = 2
+EXIT_GATE = 3
+EXIT_INTERRUPTED = 130
 _TRACKED_PACKAGES = (
     "lpcv-depth", "torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxsim", "numpy",
     "aimet-torch", "qai-hub", "onnxruntime-qnn", "ai-edge-litert",
@@ -222,3 +226,19 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (set, tuple)):
         return list(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def exit_status(stage: str, err: BaseException, interrupted: str = "nothing was written") -> int:
+    """Print a stage CLI's failure on stderr the one way all stages do, and return its exit status:
+    a missed gate 3, any other LpcvError 2 (message plus its fix), Ctrl+C 130. Anything else is a bug
+    and is re-raised with its traceback."""
+    if isinstance(err, GateError):
+        print(f"{stage}: GATE FAILED: {err}", file=sys.stderr)
+        return EXIT_GATE
+    if isinstance(err, LpcvError):
+        print(f"{stage}: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    if isinstance(err, KeyboardInterrupt):
+        print(f"{stage}: interrupted; {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    raise err

@@ -41,9 +41,9 @@ from typing import Iterator
 
 import numpy as np
 
-from lpcv_depth.errors import ConfigError, ContractError, LpcvError, MissingDependencyError
-from lpcv_depth.stage import (MANIFEST_NAME, StageLog, StagingDir, config_as_dict, read_manifest, sha256_file,
-                              write_manifest)
+from lpcv_depth.errors import ConfigError, ContractError, GateError, LpcvError, MissingDependencyError
+from lpcv_depth.stage import (EXIT_ERROR, MANIFEST_NAME, StageLog, StagingDir, config_as_dict, exit_status,
+                              read_manifest, sha256_file, write_manifest)
 from lpcv_depth.verify import ParityThresholds, sqnr_db
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -69,11 +69,6 @@ _FALLBACK_REFUSED = "fallback to CPU EP has been explicitly disabled"
 _PHONE_CPU_COST = ("On the phone every HTP/CPU boundary costs a round trip off the NPU: qai-hub-models measured "
                    "Depth-Anything-V2 w8a16 at 303 ms with 42 layers on the CPU, against milliseconds fully on "
                    "the NPU.")
-
-
-class GateError(LpcvError):
-    """The check ran and wrote its report, but the model falls short of a --require-full-htp /
-    --max-fscore-drop / --min-sqnr gate."""
 
 
 class HtpRefusedError(ContractError):
@@ -869,19 +864,12 @@ def main(argv: list[str] | None = None) -> int:
                                 require_full_htp=args.require_full_htp, max_fscore_drop=args.max_fscore_drop,
                                 min_sqnr_db=args.min_sqnr, out_dir=args.out)
         result = check_htp(config, log)
-    except GateError as err:
-        print(f"{STAGE}: GATE FAILED: {err}", file=sys.stderr)
-        return 3
-    except LpcvError as err:
-        print(f"{STAGE}: error: {err}", file=sys.stderr)
-        return 2
     except OSError as err:
         print(f"{STAGE}: error: {err}\n  fix: an input file vanished or became unreadable during the run (did another "
               "stage rewrite the ptq folder?); run the check again", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{STAGE}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return EXIT_ERROR
+    except (LpcvError, KeyboardInterrupt) as err:
+        return exit_status(STAGE, err)
     log.info(f"report: {os.path.relpath(result.out_dir / 'report.md')}")
     target = config.ptq_dir or config.qdq_onnx
     log.info(f"next: python export/aihub.py {os.path.relpath(target)}   (device latency: only AI Hub measures it)")

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from lpcv_depth.contract import TRACK3
-from lpcv_depth.errors import ConfigError, ContractError, LpcvError
-from lpcv_depth.stage import (MANIFEST_NAME, StageLog, StagingDir, config_as_dict, read_manifest, sha256_file,
-                              write_manifest)
+from lpcv_depth.errors import ConfigError, ContractError, GateError, LpcvError
+from lpcv_depth.stage import (MANIFEST_NAME, StageLog, StagingDir, config_as_dict, exit_status, read_manifest,
+                              sha256_file, write_manifest)
 from lpcv_depth.verify import (OrtRunner, ParityThresholds, check_output_range, compare_outputs,
                                scale_aligned_sqnr_db, sqnr_db)
 from quantize.calibration import RECOMMENDED_IMAGES, iter_batches, split_calibration_folder
@@ -37,10 +37,6 @@ STAGE = "ptq"
 CALIBRATION_SCHEMES = ("min-max", "tf-enhanced", "percentile")
 # fp32 ONNX, AIMET QuantSim and QDQ ONNX outputs on the held-out images, in the manifest's holdout_files order.
 HOLDOUT_OUTPUTS = "holdout_outputs.npz"
-
-
-class GateError(LpcvError):
-    """The int8 model was built and verified, but falls short of a --min-sqnr / --max-fscore-drop gate."""
 
 
 @dataclass(frozen=True)
@@ -534,15 +530,8 @@ def main(argv: list[str] | None = None) -> int:
                            min_sqnr_db=args.min_sqnr, max_fscore_drop=args.max_fscore_drop,
                            latency_runs=args.latency_runs, out_dir=args.out)
         result = quantize(config, log)
-    except GateError as err:
-        print(f"{STAGE}: GATE FAILED: {err}", file=sys.stderr)
-        return 3
-    except LpcvError as err:
-        print(f"{STAGE}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{STAGE}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except (LpcvError, KeyboardInterrupt) as err:
+        return exit_status(STAGE, err)
     log.info(f"report: {os.path.relpath(result.out_dir / 'report.md')}")
     log.info(f"next: python quantize/htp_check.py --ptq {os.path.relpath(result.out_dir)}   "
              f"(then: python export/aihub.py {os.path.relpath(result.out_dir)})")
