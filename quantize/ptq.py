@@ -77,6 +77,11 @@ class PtqConfig:
     # mixed preset: a layer stays 16-bit when its 8-bit activations alone cost more than this.
     mixed_max_drop_db: float = 1.0
     mixed_images: int = 2
+    # Bits of the activations from the last weighted layer to the output (8 or 16). Before the contract's
+    # per-image normalisation the depth is absolute: one 8-bit grid over 0..7 m has 2.7 cm steps and
+    # clips the far wall of a large room, over 0..36 m its 14 cm steps blur a desk at 1 m. At 16 bits
+    # one grid serves both; these tensors have one channel, so the cost on the NPU is small.
+    output_tail_bw: int = 16
     eval_data: Path | None = None
     min_sqnr_db: float | None = None
     max_fscore_drop: float | None = None
@@ -97,6 +102,8 @@ class PtqConfig:
         for name in ("adaround_iterations", "seq_mse_candidates", "min_calibration", "mixed_images", "latency_runs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.output_tail_bw not in (8, 16):
+            raise ConfigError(f"output_tail_bw must be 8 or 16, got {self.output_tail_bw}")
         if self.num_holdout < 1:
             raise ConfigError("num_holdout must be >= 1: verification needs images that calibration did not see")
         if self.max_fscore_drop is not None and self.max_fscore_drop < 0:
@@ -119,7 +126,7 @@ class PtqConfig:
     def opset(self) -> int:
         # 16-bit QuantizeLinear needs opset 21. 8-bit uses 18, the dynamo exporter's own opset: converted
         # down to 17, ReduceMin's axes become an attribute and AIMET's masked-softmax pattern check fails.
-        return 21 if self.preset_spec.activation_bw > 8 or self.preset_spec.mixed else 18
+        return 21 if self.preset_spec.activation_bw > 8 or self.preset_spec.mixed or self.output_tail_bw > 8 else 18
 
     @property
     def destination(self) -> Path:
@@ -223,6 +230,12 @@ def quantize(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
         with log.step("quantsim") as step:
             sim = _quantsim(config, model, dummy, param_encodings)
             step.detail = f"HTP V75 config, {config.calibration_scheme}, w{preset.param_bw}a{preset.activation_bw}"
+            results["calibration_analyzers"] = aimet_sim.calibration_analyzers(sim)
+            step.detail += "; activation ranges: " + ", ".join(
+                f"{count} {label}" for label, count in results["calibration_analyzers"].items())
+            if sim.widened_tail:
+                results["techniques"]["output_tail"] = {"bits": config.output_tail_bw, "quantizers": sim.widened_tail}
+                step.detail += f"; output tail at {config.output_tail_bw} bits ({len(sim.widened_tail)} activations)"
 
         if config.seq_mse:
             with log.step("seq-mse") as step:
@@ -253,7 +266,8 @@ def quantize(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
         sensitivity_images = torch.from_numpy(holdout[:config.mixed_images])
         if preset.mixed:
             with log.step("sensitivity") as step:
-                quantizers = aimet_sim.activation_quantizers(sim)
+                # The output tail is 16-bit by rule, not by measurement.
+                quantizers = {name: q for name, q in aimet_sim.activation_quantizers(sim).items() if q.bitwidth <= 8}
                 with _progress(len(quantizers), "per-layer sensitivity") as tick:
                     # Sensitivity is measured against the float torch model on held-out images.
                     reference = aimet_sim.run_forward(model, [sensitivity_images])
@@ -316,6 +330,9 @@ def _quantsim(config: PtqConfig, model, dummy, param_encodings: Path | None):
     sim = QuantizationSimModel(model, dummy_input=dummy, quant_scheme=aimet_sim.quant_scheme(config.calibration_scheme),
                                default_output_bw=preset.activation_bw, default_param_bw=preset.param_bw,
                                config_file=os.fspath(aimet_sim.htp_v75_config_path()))
+    sim.widened_tail = []
+    if config.output_tail_bw > preset.activation_bw:
+        sim.widened_tail = aimet_sim.widen_output_tail(sim, aimet_sim.output_tail(model, dummy), config.output_tail_bw)
     if config.calibration_scheme == "percentile":
         sim.set_percentile_value(config.percentile)
     if param_encodings is not None:
@@ -506,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-calib", type=int, default=None, help="use only the first N calibration images")
     parser.add_argument("--holdout", type=int, default=8, help="last N images are held out for verification")
     parser.add_argument("--min-calib", type=int, default=32, help="fewer calibration images is an error")
+    parser.add_argument("--output-tail-bits", type=int, choices=(8, 16), default=16,
+                        help="bits of the activations after the last conv (the absolute depth before the per-image "
+                             "normalisation; default 16; 8: every activation int8)")
     parser.add_argument("--mixed-max-drop", type=float, default=1.0,
                         help="mixed preset: keep a layer 16-bit if its 8-bit activations cost more SQNR (dB)")
     parser.add_argument("--eval-data", type=Path, default=None, help="RGB-D set(s) for F-score/abs_rel vs GT")
@@ -526,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                            adaround_iterations=args.adaround_iterations, seq_mse=args.seq_mse,
                            seq_mse_candidates=args.seq_mse_candidates,
                            num_calibration=args.num_calib, num_holdout=args.holdout, min_calibration=args.min_calib,
-                           mixed_max_drop_db=args.mixed_max_drop, eval_data=args.eval_data,
+                           mixed_max_drop_db=args.mixed_max_drop, output_tail_bw=args.output_tail_bits, eval_data=args.eval_data,
                            min_sqnr_db=args.min_sqnr, max_fscore_drop=args.max_fscore_drop,
                            latency_runs=args.latency_runs, out_dir=args.out)
         result = quantize(config, log)
