@@ -65,34 +65,15 @@ def calibration_analyzers(sim) -> dict[str, int]:
     return counts
 
 
-@dataclass
-class OutputTail:
-    """The last weighted layer and every leaf module after it, in execution order, plus the module
-    whose output feeds that layer: after it the network only resizes and normalises its answer."""
-
-    layers: list[str]
-    feeder: str | None = None
-
-
-def output_tail(model, dummy) -> OutputTail:
-    """Found with one forward pass and hooks on the leaf modules; the feeder is matched by tensor identity."""
+def output_tail(model, dummy) -> list[str]:
+    """Leaf modules from the last weighted layer to the model output, in execution order (one forward
+    pass with hooks). After that layer the network only resizes and normalises its answer."""
     import torch
 
     order: list[str] = []
-    producers: dict[int, str] = {}
-    inputs: dict[str, list[int]] = {}
-    kept = []  # keeps tensors alive, so an id() is never reused within the pass
-
-    def record(name):
-        def hook(_module, args, output):
-            order.append(name)
-            inputs.setdefault(name, [id(a) for a in args if isinstance(a, torch.Tensor)])
-            producers[id(output)] = name
-            kept.append((args, output))
-        return hook
-
     leaves = [(name, module) for name, module in model.named_modules() if not list(module.children())]
-    hooks = [module.register_forward_hook(record(name)) for name, module in leaves]
+    hooks = [module.register_forward_hook(lambda _module, _args, _out, name=name: order.append(name))
+             for name, module in leaves]
     try:
         with torch.no_grad():
             model(dummy)
@@ -102,33 +83,35 @@ def output_tail(model, dummy) -> OutputTail:
     modules = dict(leaves)
     weighted = [i for i, name in enumerate(order) if next(modules[name].parameters(recurse=False), None) is not None]
     if not weighted:
-        return OutputTail(layers=[])
-    last = order[weighted[-1]]
-    feeder = next((producers[i] for i in inputs.get(last, []) if i in producers), None)
-    return OutputTail(layers=list(dict.fromkeys(order[weighted[-1]:])), feeder=feeder)
+        return []
+    return list(dict.fromkeys(order[weighted[-1]:]))
 
 
-def widen_output_tail(sim, tail: OutputTail, bitwidth: int) -> list[str]:
-    """Set the activation quantizers of the tail, and the feeder's output, to `bitwidth` with min-max
-    ranges, before calibration. Returns their names.
+def widen_output_tail(sim, tail: list[str], bitwidth: int) -> list[str]:
+    """Quantize the activations of `tail` (from output_tail) at `bitwidth` with min-max ranges, before
+    calibration. Returns their names.
 
-    The feeder too: the HTP refuses a conv with 8-bit input and 16-bit output (QNN 2.51 cannot add
-    its bias), so the last conv runs w8a16 whole. Min-max, whatever the scheme elsewhere: at 16 bits
-    even a 0..36 m range has 0.55 mm steps, so there is no rounding noise to trade for clipping, and
-    clipping the far wall (tf-enhanced cut FastDepth's head at 6.9 m, below the 8.7 m of the Kinect
-    rooms) flattens real geometry."""
+    The last weighted layer gets its own input quantizer at `bitwidth` (a requantization of the 8-bit
+    tensor feeding it): QNN 2.51 refuses a conv with an 8-bit input and a 16-bit output, and widening
+    the producer instead only moves that problem up when the producer is a conv too (DA-V2's head).
+    Min-max, whatever the scheme elsewhere: at 16 bits even a 0..36 m range has 0.55 mm steps, so
+    there is no rounding noise to trade for clipping, and clipping the far wall (tf-enhanced cut
+    FastDepth's head at 6.9 m, below the 8.7 m of the Kinect rooms) flattens real geometry."""
+    from aimet_torch.quantization.affine import QuantizeDequantize
     from aimet_torch.quantization.encoding_analyzer import MinMaxEncodingAnalyzer
 
     modules = dict(sim.model.named_modules())
-    places = ([(tail.feeder, "output_quantizers")] if tail.feeder else []) + [
-        (name, kind) for name in tail.layers for kind in ("input_quantizers", "output_quantizers")]
     widened = []
-    for name, kind in places:
-        for index, quantizer in enumerate(getattr(modules.get(name), kind, None) or []):
-            if quantizer is not None:
-                quantizer.bitwidth = bitwidth
-                quantizer.encoding_analyzer = MinMaxEncodingAnalyzer(quantizer.encoding_analyzer.observer.shape)
-                widened.append(f"{name}:{kind[:-len('_quantizers')]}{index}")
+    for position, name in enumerate(tail):
+        module = modules.get(name)
+        if position == 0 and getattr(module, "input_quantizers", None) and module.input_quantizers[0] is None:
+            module.input_quantizers[0] = QuantizeDequantize((), bitwidth, False, MinMaxEncodingAnalyzer(()))
+        for kind in ("input_quantizers", "output_quantizers"):
+            for index, quantizer in enumerate(getattr(module, kind, None) or []):
+                if quantizer is not None:
+                    quantizer.bitwidth = bitwidth
+                    quantizer.encoding_analyzer = MinMaxEncodingAnalyzer(quantizer.encoding_analyzer.observer.shape)
+                    widened.append(f"{name}:{kind[:-len('_quantizers')]}{index}")
     return widened
 
 

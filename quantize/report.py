@@ -80,6 +80,15 @@ def _markdown(config, results: dict) -> str:
         lines.append(f"- Model preparation (torch.fx): {preparation['modules_added']} functional ops made quantizable."
                      if preparation["traced"] else
                      f"- Model preparation FAILED ({preparation['error']}): functional ops stay float.")
+    if "output_tail" in techniques:
+        tail = techniques["output_tail"]
+        lines.append(f"- Output tail at {tail['bits']} bits, min-max ({len(tail['quantizers'])} activations, from the "
+                     f"input of the last conv to the output; `--output-tail-bits 8` for pure int8): "
+                     + ", ".join(tail["quantizers"]))
+    if results.get("calibration_analyzers"):
+        lines.append("- Activation ranges: " + ", ".join(f"{count} {label}" for label, count in
+                                                         results["calibration_analyzers"].items())
+                     + " (aimet-torch calibrates Relu outputs, which the HTP config pins at min 0, min-max).")
     if "mixed_precision" in results:
         mixed = results["mixed_precision"]
         lines.append(f"- Mixed precision: {len(mixed['kept_16bit'])} of {mixed['activation_quantizers']} activations "

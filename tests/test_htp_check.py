@@ -108,6 +108,11 @@ def test_tiny_qdq_runs_fully_on_the_htp(tiny, tmp_path):
     assert parity["sqnr_db"] > 25 and parity["max_abs_diff"] < 0.05
     assert report["numerics"]["htp_vs_fp32"]["sqnr_db"] > 20
     assert report["fp16_baseline"]["full_htp"] and report["fp16_baseline"]["vs_fp32"]["sqnr_db"] > 40
+    # The target, per set (negative: int8 scored higher). Measured with 112 calibration images:
+    # -0.35 / 0.21 / -0.91 / -1.40; with an 8-bit output tail tum_desk lost 3.1.
+    for set_name, scores in report["ground_truth"]["sets"].items():
+        drop = scores["fp32"] - scores["int8_htp"]
+        assert drop <= 1.0, f"{set_name}: HTP int8 loses {drop:.2f} F-score points vs fp32"
     # The context binary is kept, recorded for the hub stage, and loads again.
     ctx = report["context_binary"]
     assert (result.out_dir / ctx["path"]).stat().st_size == ctx["bytes"] > 0
@@ -241,10 +246,12 @@ def fastdepth_ptq_dir(fastdepth_w8a8):
 
 
 def _fastdepth_assertions(report):
-    # The HTP's fixed-point arithmetic stays near ORT's CPU kernels and AIMET's simulation (measured
-    # 20-34 dB depending on the export); far lower means an op computes something else on the NPU.
-    assert report["numerics"]["htp_vs_int8_cpu"]["sqnr_db"] > 15
-    assert report["numerics"]["htp_vs_aimet_sim"]["sqnr_db"] > 15
+    # The HTP's fixed-point arithmetic stays near ORT's CPU kernels and AIMET's simulation: measured
+    # 30-32 dB with the 16-bit output tail (20 dB with an 8-bit tail, whose 14 cm depth steps turned
+    # the HTP's one-step rounding differences into F-score swings); lower means an op computes
+    # something else on the NPU.
+    assert report["numerics"]["htp_vs_int8_cpu"]["sqnr_db"] > 25
+    assert report["numerics"]["htp_vs_aimet_sim"]["sqnr_db"] > 25
     assert report["numerics"]["htp_vs_fp32"]["fscore"] >= 99.0
     gt = report["ground_truth"]
     assert gt["fscore_drop"] <= 1.0, f"HTP int8 loses {gt['fscore_drop']:.2f} F-score points vs fp32"

@@ -163,10 +163,10 @@ def test_adaround_runs_and_is_attributed(fastdepth_export, calib_subset, tmp_pat
 
 def test_output_tail_is_16bit_min_max_and_calibration_methods_are_reported(w8a8):
     tail = w8a8.report["techniques"]["output_tail"]
-    # From the decoder output feeding the head conv (so the conv is w8a16 whole, which the HTP
+    # From the head conv's input (requantized to 16 bits, so the conv is w8a16 whole, which the HTP
     # requires) through the depth head (metres) to the contract output.
     assert tail["bits"] == 16 and "backbone.head.act:output0" in tail["quantizers"]
-    assert tail["quantizers"][0] == "backbone.module_interpolate_5:output0"
+    assert tail["quantizers"][0] == "backbone.head.conv:input0"
     analyzers = w8a8.report["calibration_analyzers"]
     # tf-enhanced for the encoder; min-max for the 10 decoder ReLUs (AIMET's rule) and the 16-bit tail.
     assert analyzers["tf-enhanced"] > 0 and analyzers["min-max"] >= 10 + len(tail["quantizers"])
@@ -178,3 +178,5 @@ def test_output_tail_is_16bit_min_max_and_calibration_methods_are_reported(w8a8)
     # The depth grid must resolve a desk at 1 m; at 8 bits over the calibrated 0..36 m it was 14 cm.
     scales = {t.name: onnx.numpy_helper.to_array(t) for t in qdq.graph.initializer if t.name.endswith("_scale")}
     assert all(scales[name.replace("_zero_point", "_scale")].max() < 0.005 for name in wide)
+    markdown = (w8a8.out_dir / "report.md").read_text()
+    assert "Output tail at 16 bits" in markdown and "min-max" in markdown
