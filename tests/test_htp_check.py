@@ -108,11 +108,6 @@ def test_tiny_qdq_runs_fully_on_the_htp(tiny, tmp_path):
     assert parity["sqnr_db"] > 25 and parity["max_abs_diff"] < 0.05
     assert report["numerics"]["htp_vs_fp32"]["sqnr_db"] > 20
     assert report["fp16_baseline"]["full_htp"] and report["fp16_baseline"]["vs_fp32"]["sqnr_db"] > 40
-    # The target, per set (negative: int8 scored higher). Measured with 112 calibration images:
-    # -0.35 / 0.21 / -0.91 / -1.40; with an 8-bit output tail tum_desk lost 3.1.
-    for set_name, scores in report["ground_truth"]["sets"].items():
-        drop = scores["fp32"] - scores["int8_htp"]
-        assert drop <= 1.0, f"{set_name}: HTP int8 loses {drop:.2f} F-score points vs fp32"
     # The context binary is kept, recorded for the hub stage, and loads again.
     ctx = report["context_binary"]
     assert (result.out_dir / ctx["path"]).stat().st_size == ctx["bytes"] > 0
@@ -277,3 +272,8 @@ def test_fastdepth_w8a8_on_the_htp_all_rgbd_sets(fastdepth_ptq_dir, rgbd_dir):
     _fastdepth_assertions(report)
     assert report["ground_truth"]["frames"] == 28 and len(report["ground_truth"]["sets"]) == 4
     assert report["fp16_baseline"]["full_htp"] and report["fp16_baseline"]["vs_fp32"]["sqnr_db"] > 40
+    # The target, per set (negative: int8 scored higher). Measured with 112 calibration images:
+    # -0.35 / 0.21 / -0.91 / -1.40; with an 8-bit output tail tum_desk lost 3.1.
+    for set_name, scores in report["ground_truth"]["sets"].items():
+        drop = scores["fp32"] - scores["int8_htp"]
+        assert drop <= 1.0, f"{set_name}: HTP int8 loses {drop:.2f} F-score points vs fp32"
