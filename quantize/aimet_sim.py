@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -56,13 +56,20 @@ def calibration_analyzers(sim) -> dict[str, int]:
              "PercentileEncodingAnalyzer": "percentile"}
     counts: dict[str, int] = {}
     for module in sim.model.modules():
-        for kind in ("input_quantizers", "output_quantizers"):
-            for quantizer in getattr(module, kind, None) or []:
-                analyzer = getattr(quantizer, "encoding_analyzer", None)
-                if analyzer is not None:
-                    label = names.get(type(analyzer).__name__, type(analyzer).__name__)
-                    counts[label] = counts.get(label, 0) + 1
+        for _, _, quantizer in _activation_slots(module):
+            analyzer = getattr(quantizer, "encoding_analyzer", None)
+            if analyzer is not None:
+                label = names.get(type(analyzer).__name__, type(analyzer).__name__)
+                counts[label] = counts.get(label, 0) + 1
     return counts
+
+
+def _activation_slots(module) -> Iterator[tuple[str, int, object]]:
+    """("input"|"output", index, quantizer) for every enabled activation quantizer of one module."""
+    for kind in ("input", "output"):
+        for index, quantizer in enumerate(getattr(module, f"{kind}_quantizers", None) or []):
+            if quantizer is not None:
+                yield kind, index, quantizer
 
 
 def output_tail(model, dummy) -> list[str]:
@@ -102,16 +109,17 @@ def widen_output_tail(sim, tail: list[str], bitwidth: int) -> list[str]:
 
     modules = dict(sim.model.named_modules())
     widened = []
+    missing = [name for name in tail if name not in modules]
+    if missing:  # the tail was found on another model object; widening nothing would go unnoticed
+        raise RuntimeError(f"output tail modules {missing} are not in the QuantSim model")
     for position, name in enumerate(tail):
-        module = modules.get(name)
+        module = modules[name]
         if position == 0 and getattr(module, "input_quantizers", None) and module.input_quantizers[0] is None:
             module.input_quantizers[0] = QuantizeDequantize((), bitwidth, False, MinMaxEncodingAnalyzer(()))
-        for kind in ("input_quantizers", "output_quantizers"):
-            for index, quantizer in enumerate(getattr(module, kind, None) or []):
-                if quantizer is not None:
-                    quantizer.bitwidth = bitwidth
-                    quantizer.encoding_analyzer = MinMaxEncodingAnalyzer(quantizer.encoding_analyzer.observer.shape)
-                    widened.append(f"{name}:{kind[:-len('_quantizers')]}{index}")
+        for kind, index, quantizer in _activation_slots(module):
+            quantizer.bitwidth = bitwidth
+            quantizer.encoding_analyzer = MinMaxEncodingAnalyzer(quantizer.encoding_analyzer.observer.shape)
+            widened.append(f"{name}:{kind}{index}")
     return widened
 
 
@@ -190,15 +198,15 @@ class Sensitivity:
     threshold_db: float = 0.0
 
 
-def activation_quantizers(sim) -> dict[str, object]:
-    """name -> output quantizer of every quantized module that has one."""
+def activation_quantizers(sim, max_bitwidth: int | None = None) -> dict[str, object]:
+    """name -> output quantizer of every quantized module that has one (at most `max_bitwidth` bits)."""
     found = {}
     for name, module in sim.model.named_modules():
         quantizers = getattr(module, "output_quantizers", None)
         if quantizers is None:
             continue
         for index, quantizer in enumerate(quantizers):
-            if quantizer is not None:
+            if quantizer is not None and (max_bitwidth is None or quantizer.bitwidth <= max_bitwidth):
                 found[f"{name}:out{index}" if len(quantizers) > 1 else name] = quantizer
     return found
 
@@ -212,7 +220,7 @@ def promote_sensitive_layers(sim, batches, reference: np.ndarray, *, max_drop_db
     not for the noise its neighbours feed it.
     """
     # Quantizers already wider than 8 bits (the output tail) were set by rule and stay as they are.
-    quantizers = {name: q for name, q in activation_quantizers(sim).items() if q.bitwidth <= 8}
+    quantizers = activation_quantizers(sim, max_bitwidth=8)
     for quantizer in quantizers.values():
         quantizer.bitwidth = 16
     baseline = sqnr_db(reference, run_forward(sim.model, batches))

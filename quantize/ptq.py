@@ -217,6 +217,9 @@ def quantize(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
     scheme = aimet_sim.quant_scheme(config.calibration_scheme)
     model = _apply_float_techniques(config, model, dummy, log, results)
 
+    # Found once on the float model; AdaRound keeps the module names.
+    tail = aimet_sim.output_tail(model, dummy) if config.output_tail_bw > preset.activation_bw else []
+
     with _Staging(config.destination) as staging:
         param_encodings = None
         float_model = model
@@ -228,14 +231,14 @@ def quantize(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
                 step.detail = f"{config.adaround_iterations} iterations per layer"
 
         with log.step("quantsim") as step:
-            sim = _quantsim(config, model, dummy, param_encodings)
+            sim, widened_tail = _quantsim(config, model, dummy, param_encodings, tail)
             step.detail = f"HTP V75 config, {config.calibration_scheme}, w{preset.param_bw}a{preset.activation_bw}"
             results["calibration_analyzers"] = aimet_sim.calibration_analyzers(sim)
             step.detail += "; activation ranges: " + ", ".join(
                 f"{count} {label}" for label, count in results["calibration_analyzers"].items())
-            if sim.widened_tail:
-                results["techniques"]["output_tail"] = {"bits": config.output_tail_bw, "quantizers": sim.widened_tail}
-                step.detail += f"; output tail at {config.output_tail_bw} bits ({len(sim.widened_tail)} activations)"
+            if widened_tail:
+                results["techniques"]["output_tail"] = {"bits": config.output_tail_bw, "quantizers": widened_tail}
+                step.detail += f"; output tail at {config.output_tail_bw} bits ({len(widened_tail)} activations)"
 
         if config.seq_mse:
             with log.step("seq-mse") as step:
@@ -255,7 +258,7 @@ def quantize(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
             # What the weight-rounding techniques bought: the same sim with nearest rounding, same images.
             applied = " + ".join(name for name, on in (("AdaRound", config.adaround), ("SeqMSE", config.seq_mse)) if on)
             with log.step("rounding-ablation") as step:
-                nearest = _quantsim(config, float_model, dummy, None)
+                nearest, _ = _quantsim(config, float_model, dummy, None, tail)
                 _calibrate(nearest, calibration_batches)
                 without = sqnr_db(fp32_holdout, aimet_sim.run_forward(nearest.model, holdout_batches))
                 with_ = sqnr_db(fp32_holdout, aimet_sim.run_forward(sim.model, holdout_batches))
@@ -267,7 +270,7 @@ def quantize(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
         if preset.mixed:
             with log.step("sensitivity") as step:
                 # The output tail is 16-bit by rule, not by measurement.
-                quantizers = {name: q for name, q in aimet_sim.activation_quantizers(sim).items() if q.bitwidth <= 8}
+                quantizers = aimet_sim.activation_quantizers(sim, max_bitwidth=8)
                 with _progress(len(quantizers), "per-layer sensitivity") as tick:
                     # Sensitivity is measured against the float torch model on held-out images.
                     reference = aimet_sim.run_forward(model, [sensitivity_images])
@@ -321,8 +324,9 @@ def quantize(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
     return result
 
 
-def _quantsim(config: PtqConfig, model, dummy, param_encodings: Path | None):
-    """AIMET's QuantSim of `model` with the HTP V75 rules, optionally with frozen (AdaRound) weight encodings."""
+def _quantsim(config: PtqConfig, model, dummy, param_encodings: Path | None, tail: list[str]):
+    """AIMET's QuantSim of `model` with the HTP V75 rules and the output tail widened, optionally with
+    frozen (AdaRound) weight encodings; returns the sim and the names of the widened quantizers."""
     from quantize import aimet_sim
 
     _, _, QuantizationSimModel = aimet_sim.import_aimet()
@@ -330,15 +334,13 @@ def _quantsim(config: PtqConfig, model, dummy, param_encodings: Path | None):
     sim = QuantizationSimModel(model, dummy_input=dummy, quant_scheme=aimet_sim.quant_scheme(config.calibration_scheme),
                                default_output_bw=preset.activation_bw, default_param_bw=preset.param_bw,
                                config_file=os.fspath(aimet_sim.htp_v75_config_path()))
-    sim.widened_tail = []
-    if config.output_tail_bw > preset.activation_bw:
-        sim.widened_tail = aimet_sim.widen_output_tail(sim, aimet_sim.output_tail(model, dummy), config.output_tail_bw)
+    widened = aimet_sim.widen_output_tail(sim, tail, config.output_tail_bw)
     if config.calibration_scheme == "percentile":
         sim.set_percentile_value(config.percentile)
     if param_encodings is not None:
         sim.load_encodings(os.fspath(param_encodings), strict=False, partial=True, requires_grad=False,
                            allow_overwrite=False)
-    return sim
+    return sim, widened
 
 
 def _calibrate(sim, batches) -> None:
