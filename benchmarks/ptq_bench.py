@@ -64,7 +64,7 @@ def bench_vits(out: Path, num_calib: int) -> dict:
 
 
 def bench_fastdepth(out: Path, ptq_args: list[str]) -> dict:
-    from evaluation.score import EvaluateConfig, evaluate
+    from lpcv_depth.stages.evaluate import EvaluateConfig, evaluate
 
     export_dir, ptq_dir = out / "fastdepth-export", out / "fastdepth-ptq"
     run_stage(["export/to_onnx.py", "--model", "fastdepth", "--weights", "default", "--out", str(export_dir),

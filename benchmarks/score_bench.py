@@ -65,7 +65,7 @@ def main() -> int:
 
     from lpcv_depth.rgbd import load_rgbd_dataset
     from lpcv_depth.track3_metric import FSCORE, POINT_METRICS, score_frame
-    from models import create_model
+    from lpcv_depth.models import create_model
 
     torch.set_num_threads(1)
     model = create_model("fastdepth", weights="default")

@@ -40,6 +40,11 @@ class Contract:
         }
 
 
+# What the wrapper may emit: depth (what the Track 3 scorer reads) or min-max disparity (the sample solution).
+OUTPUT_MODES: tuple[str, ...] = ("depth", "disparity")
+# GELU as exported: tanh runs on the Snapdragon NPU; exact exports Erf, which QNN HTP rejects.
+GELU_MODES: tuple[str, ...] = ("exact", "tanh")
+
 TRACK3 = Contract(
     name="lpcvc2025-track3",
     input=TensorSpec(

@@ -1,10 +1,31 @@
-"""Typed errors. Each carries a hint that tells the user how to fix the problem."""
+"""Typed errors and the one table of exit statuses. Each error carries a hint that tells the user
+how to fix the problem, and the exit status its CLI returns."""
 
 from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit statuses of every lpcv-depth command, distinct so that scripts can branch on them."""
+
+    OK = 0
+    ERROR = 2
+    GATE_FAILED = 3
+    HUB_JOB_FAILED = 4
+    HUB_TIMEOUT = 5
+    INTERRUPTED = 130
+    TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl+C so that the same clean-up runs."""
 
 
 class LpcvError(Exception):
     """Base class: `str(err)` is the problem, `err.hint` is what to do about it."""
+
+    exit_code = ExitCode.ERROR
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -53,3 +74,5 @@ class MissingDependencyError(LpcvError):
 class GateError(LpcvError):
     """A stage built and verified its artifacts and wrote its report, but the model falls short of a
     quality gate the user set (e.g. --min-sqnr, --max-fscore-drop, --require-full-htp)."""
+
+    exit_code = ExitCode.GATE_FAILED

@@ -7,32 +7,22 @@ never leaves a folder that looks like a finished artifact.
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from lpcv_depth.errors import GateError, LpcvError, OutputDirError
+from lpcv_depth.errors import ExitCode, GateError, LpcvError, OutputDirError, Terminated
+from lpcv_depth.manifest import MANIFEST_NAME
 
-MANIFEST_NAME = "manifest.json"
-# Exit statuses every stage CLI uses.
-EXIT_ERROR = 2
-EXIT_GATE = 3
-EXIT_INTERRUPTED = 130
-_TRACKED_PACKAGES = (
-    "lpcv-depth", "torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxsim", "numpy",
-    "aimet-torch", "qai-hub", "onnxruntime-qnn", "ai-edge-litert",
-)
+__all__ = ["StageLog", "StepResult", "StagingDir", "StageDefinition", "remove_stale_partials", "exit_status",
+           "human_size", "command_line", "display_path"]
 
 
 def human_size(num_bytes: int) -> str:
@@ -42,50 +32,6 @@ def human_size(num_bytes: int) -> str:
             return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
         size /= 1000
     raise AssertionError("unreachable")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_of_files(paths: list[Path], root: Path | None = None) -> str:
-    """One hash over an ordered file list: names (relative to root) and contents."""
-    digest = hashlib.sha256()
-    for path in paths:
-        name = path.relative_to(root).as_posix() if root else path.name
-        digest.update(name.encode() + b"\0" + sha256_file(path).encode() + b"\n")
-    return digest.hexdigest()
-
-
-def tool_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in _TRACKED_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    commit = _git_commit()
-    if commit:
-        versions["lpcv-depth-git"] = commit
-    return versions
-
-
-def _git_commit() -> str | None:
-    repo = Path(__file__).resolve().parent.parent
-    if not (repo / ".git").exists():
-        return None
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 class StageLog:
@@ -139,106 +85,192 @@ class StepResult:
 class StagingDir:
     """Write a stage's outputs somewhere hidden, then swap them into `final` in one rename.
 
-    `final` may already hold an earlier run of a stage (it has a manifest.json): it is replaced as
-    a whole. Any other non-empty folder is refused, so a typo never deletes a user's files.
+    `final` may already hold an earlier run of the same stage (its manifest names the stage): that
+    is replaced as a whole. Anything else is refused: a non-empty folder that is not this stage's
+    output, or a folder that is, holds or lies inside one of the run's inputs. So a typo in --out
+    never deletes a user's files. With `scratch=True`, `self.scratch` is a second hidden folder for
+    intermediate files that never reach the output.
     """
 
-    def __init__(self, final: str | os.PathLike):
+    def __init__(self, final: str | os.PathLike, *, stage: str | None = None,
+                 inputs: Iterable[str | os.PathLike | None] = (), scratch: bool = False):
         self.final = Path(final).resolve()
+        self.stage = stage
+        self.inputs = [Path(p).resolve() for p in inputs if p is not None]
+        self.with_scratch = scratch
         self.path: Path | None = None
+        self.scratch: Path | None = None
 
-    def __enter__(self) -> Path:
-        if self.final.exists() and not self.final.is_dir():
-            raise OutputDirError(f"output path {self.final} exists and is not a folder",
-                                 hint="pass a different --out")
-        if self.final.is_dir() and any(self.final.iterdir()) and not (self.final / MANIFEST_NAME).exists():
-            raise OutputDirError(
-                f"output folder {self.final} is not empty and is not an earlier lpcv-depth output",
-                hint="pass an empty or new folder with --out; lpcv-depth only replaces its own outputs")
+    def __enter__(self) -> "StagingDir":
+        self._refuse_unsafe_destination()
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
-            staging = self.final.parent / f".{self.final.name}.partial-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
+            remove_stale_partials(self.final)
+            self.path = self._fresh(f".{self.final.name}.partial-{os.getpid()}")
+            if self.with_scratch:
+                self.scratch = self._fresh(f".{self.final.name}.scratch-{os.getpid()}")
         except OSError as err:
             raise OutputDirError(f"cannot write to output folder {self.final.parent}: {err.strerror or err}",
                                  hint="choose a writable location with --out") from err
-        self.path = staging
-        return staging
+        return self
+
+    def __truediv__(self, name: str) -> Path:
+        assert self.path is not None
+        return self.path / name
+
+    def _fresh(self, name: str) -> Path:
+        folder = self.final.parent / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        return folder
+
+    def _refuse_unsafe_destination(self) -> None:
+        final = self.final
+        if final.exists() and not final.is_dir():
+            raise OutputDirError(f"output path {final} exists and is not a folder", hint="pass a different --out")
+        for source in self.inputs:
+            if final == source or final in source.parents or source in final.parents:
+                relation = ("is" if final == source else "contains" if final in source.parents else "lies inside")
+                raise OutputDirError(f"output folder {final} {relation} this run's input {source}; writing there "
+                                     "would replace the input",
+                                     hint="pass a separate --out folder (or leave --out out for the default)")
+        if not (final.is_dir() and any(final.iterdir())):
+            return
+        manifest = final / MANIFEST_NAME
+        if not manifest.is_file():
+            raise OutputDirError(
+                f"output folder {final} is not empty and is not an earlier lpcv-depth output",
+                hint="pass an empty or new folder with --out; lpcv-depth only replaces its own outputs")
+        try:
+            written_by = json.loads(manifest.read_text()).get("stage")
+        except (OSError, ValueError):
+            written_by = None
+        if self.stage is not None and written_by != self.stage:
+            raise OutputDirError(
+                f"output folder {final} holds a {written_by!r} stage output, not an earlier {self.stage!r} run",
+                hint=f"pass another --out; lpcv-depth only replaces an earlier output of the same stage")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self.path is not None
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
         if exc_type is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             return False
-        previous = None
-        if self.final.exists():
-            previous = self.final.parent / f".{self.final.name}.previous-{os.getpid()}"
-            os.replace(self.final, previous)
-        os.replace(self.path, self.final)
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
+        try:
+            self._swap_into_place()
+        except OSError as err:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise OutputDirError(f"cannot move the finished output into {self.final}: {err.strerror or err}",
+                                 hint="check that the folder and its parent are writable (not a read-only mount or "
+                                      "a mount point) and that no other run writes there, then rerun") from err
         return False
 
-
-def config_as_dict(config: Any) -> dict[str, Any]:
-    """A stage config dataclass as manifest JSON: paths as strings, plus where the stage writes."""
-    from dataclasses import asdict
-
-    data = json.loads(json.dumps(asdict(config), default=_json_default))
-    data["destination"] = os.fspath(config.destination)
-    return data
-
-
-def describe_output(path: Path, root: Path) -> dict[str, Any]:
-    return {"path": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def write_manifest(folder: Path, *, stage: str, config: dict[str, Any], inputs: dict[str, Any],
-                   outputs: list[Path], timings: dict[str, float], results: dict[str, Any]) -> Path:
-    """Write manifest.json last: its presence marks the folder as a complete stage output."""
-    manifest = {
-        "stage": stage,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": config,
-        "inputs": inputs,
-        "tool_versions": tool_versions(),
-        "timings_s": timings,
-        "outputs": [describe_output(path, folder) for path in outputs],
-        "results": results,
-    }
-    path = folder / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
+    def _swap_into_place(self) -> None:
+        for attempt in (1, 2):
+            previous = None
+            if self.final.exists():
+                previous = self.final.parent / f".{self.final.name}.previous-{os.getpid()}"
+                shutil.rmtree(previous, ignore_errors=True)
+                os.replace(self.final, previous)
+            try:
+                os.replace(self.path, self.final)
+            except OSError as err:
+                # Another run of the same stage swapped its own output in between: retry once.
+                if attempt == 1 and err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    continue
+                if previous is not None and not self.final.exists():
+                    os.replace(previous, self.final)
+                raise
+            if previous is not None:
+                shutil.rmtree(previous, ignore_errors=True)
+            return
 
 
-def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(folder) / MANIFEST_NAME).read_text())
+def remove_stale_partials(final: Path) -> list[Path]:
+    """Hidden staging folders of `final` left by runs whose process is gone (SIGKILL, power loss)."""
+    removed = []
+    for folder in final.parent.glob(f".{final.name}.*-*"):
+        kind, _, pid = folder.name[len(final.name) + 2:].rpartition("-")
+        if kind not in ("partial", "scratch", "previous") or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Path):
-        return value.as_posix()
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def exit_status(stage: str, err: BaseException, interrupted: str = "nothing was written") -> int:
-    """Print a stage CLI's failure on stderr the one way all stages do, and return its exit status:
-    a missed gate 3, any other LpcvError 2 (message plus its fix), Ctrl+C 130. Anything else is a bug
-    and is re-raised with its traceback."""
+    """Print a stage's failure on stderr the one way all stages do, and return its exit status from
+    the error's type (errors.ExitCode). Anything that is not an LpcvError or an interruption is a
+    bug and is re-raised with its traceback."""
     if isinstance(err, GateError):
         print(f"{stage}: GATE FAILED: {err}", file=sys.stderr)
-        return EXIT_GATE
+        return err.exit_code
     if isinstance(err, LpcvError):
         print(f"{stage}: error: {err}", file=sys.stderr)
-        return EXIT_ERROR
+        return err.exit_code
     if isinstance(err, KeyboardInterrupt):
-        print(f"{stage}: interrupted; {interrupted}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"{stage}: {what}; {interrupted}", file=sys.stderr)
+        return ExitCode.TERMINATED if isinstance(err, Terminated) else ExitCode.INTERRUPTED
     raise err
+
+
+@dataclass(frozen=True)
+class StageDefinition:
+    """A stage as the CLI and the pipeline see it: its config type, its run function and its hint.
+
+    run(config, log) -> result; `next_hint(result)` is the command to run next; `extra_arguments`
+    adds CLI-only flags (e.g. export's --list) that `before_run(args)` may act on (returning an
+    exit status ends the command there).
+    """
+
+    name: str
+    config: type
+    run: Callable[..., Any]
+    description: str
+    next_hint: Callable[[Any], str | None] | None = None
+    extra_arguments: Callable[[Any], None] | None = None
+    before_run: Callable[[Any], int | None] | None = None
+
+
+# The repo's scripts, one per stage: hints printed by a script name the scripts.
+STAGE_SCRIPTS = {"export": "export/to_onnx.py", "evaluate": "evaluation/score.py", "ptq": "quantize/ptq.py",
+                 "htp-check": "quantize/htp_check.py", "hub": "export/aihub.py", "compare": "evaluation/compare.py"}
+_hint_style = {"scripts": False}
+
+
+def hint_with_scripts(enabled: bool = True) -> None:
+    """Make `command_line` spell commands as `python quantize/ptq.py ...` (set by the repo's scripts)."""
+    _hint_style["scripts"] = enabled
+
+
+def command_line(stage: str, *args: str | os.PathLike) -> str:
+    """The command that runs STAGE with ARGS, every argument shell-quoted (paths may hold spaces):
+    `lpcv-depth STAGE ...`, or `python <script> ...` when the user started one of the repo's scripts."""
+    import shlex
+
+    prefix = (["python", STAGE_SCRIPTS[stage]] if _hint_style["scripts"] and stage in STAGE_SCRIPTS
+              else ["lpcv-depth", stage])
+    return " ".join([*prefix, *(shlex.quote(os.fspath(a)) for a in args)])
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as short as it reads best: relative to the current folder when inside it."""
+    path = Path(path)
+    try:
+        return os.fspath(path.resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return os.fspath(path)

@@ -8,13 +8,13 @@ import os
 import torch
 
 from lpcv_depth.errors import WeightsError
-from models.registry import HubWeights, ModelSpec, get_spec, list_models, register_model, resolve_default_weights
-from models.weights import RANDOM_WEIGHTS_WARNING, WeightsInfo, resolve_weights
-from models.wrapper import GELU_MODES, OUTPUT_MODES, Track3Wrapper, set_gelu_approximation
+from lpcv_depth.models.registry import HubWeights, ModelSpec, get_spec, list_models, register_model, resolve_default_weights
+from lpcv_depth.models.weights import RANDOM_WEIGHTS_WARNING, WeightsInfo, resolve_weights
+from lpcv_depth.models.wrapper import GELU_MODES, OUTPUT_MODES, Track3Wrapper, set_gelu_approximation
 
 # Importing the model modules registers them.
-from models import depth_anything_v2 as _depth_anything_v2  # noqa: E402,F401
-from models import fastdepth as _fastdepth  # noqa: E402,F401
+from lpcv_depth.models import depth_anything_v2 as _depth_anything_v2  # noqa: E402,F401
+from lpcv_depth.models import fastdepth as _fastdepth  # noqa: E402,F401
 
 log = logging.getLogger("lpcv_depth.models")
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.registry import HubWeights, ModelSpec, register_model
-from models.weights import load_state_dict_strict, load_torch_checkpoint
+from lpcv_depth.models.registry import HubWeights, ModelSpec, register_model
+from lpcv_depth.models.weights import load_state_dict_strict, load_torch_checkpoint
 
 PATCH_SIZE = 14
 NATIVE_SIZE = 518  # the 37x37 patch grid the positional embedding was trained at

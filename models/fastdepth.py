@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lpcv_depth.errors import WeightsError
-from models.registry import ModelSpec, register_model
-from models.weights import load_state_dict_strict
+from lpcv_depth.models.registry import ModelSpec, register_model
+from lpcv_depth.models.weights import load_state_dict_strict
 
 ENCODER_WIDTHS = (16, 56, 88, 120, 144, 256, 408, 376, 272, 288, 296, 328, 480, 512)
 ENCODER_STRIDES = (2, 1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1)

@@ -109,11 +109,10 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def resolve_default_weights(spec: ModelSpec) -> str | None:
-    """The model's default weights, with paths relative to the repo root made absolute."""
+    """The model's default weights; a relative path is looked up in the workspace (lpcv_depth.workspace)."""
+    from lpcv_depth.workspace import in_workspace
+
     default = spec.default_weights
     if default is None or default == "hf":
         return default
-    path = Path(default)
-    if not path.is_absolute():
-        path = Path(__file__).resolve().parent.parent / path
-    return os.fspath(path)
+    return os.fspath(in_workspace(default))

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from lpcv_depth.errors import MissingDependencyError, WeightsError
-from lpcv_depth.stage import sha256_file
-from models.registry import HubWeights, ModelSpec
+from lpcv_depth.manifest import sha256_file
+from lpcv_depth.models.registry import HubWeights, ModelSpec
 
 _MAX_KEYS_SHOWN = 12
 

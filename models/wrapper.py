@@ -23,12 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lpcv_depth.contract import TRACK3
+from lpcv_depth.contract import GELU_MODES, OUTPUT_MODES, TRACK3
 from lpcv_depth.errors import ConfigError
-from models.registry import ModelSpec
+from lpcv_depth.models.registry import ModelSpec
 
 OutputMode = Literal["depth", "disparity"]
-OUTPUT_MODES: tuple[str, ...] = ("depth", "disparity")
 _EPS = 1e-6
 
 
@@ -95,7 +94,6 @@ class Track3Wrapper(nn.Module):
                 "disparity_floor": self.disparity_floor if self.spec.native_output == "disparity" else None}
 
 
-GELU_MODES: tuple[str, ...] = ("exact", "tanh")
 
 
 def set_gelu_approximation(module: nn.Module, mode: str) -> int:

@@ -34,10 +34,10 @@ def fastdepth_tflite() -> Path:
 @pytest.fixture(scope="session")
 def fastdepth_export(tmp_path_factory, fastdepth_tflite, calibration_dir) -> Path:
     """The real FastDepth exported once per test run (PTQ and the HTP check build on it)."""
-    from export.to_onnx import ExportConfig, export_onnx
+    from lpcv_depth.stages.export import ExportConfig, run_export
 
     out = tmp_path_factory.mktemp("fd") / "export"
-    export_onnx(ExportConfig(model="fastdepth", weights=str(fastdepth_tflite), out_dir=out,
+    run_export(ExportConfig(model="fastdepth", weights=str(fastdepth_tflite), out=out,
                              check_images=calibration_dir, num_check_images=2))
     return out
 
@@ -54,7 +54,7 @@ def calib_subset(tmp_path_factory, calibration_dir) -> Path:
 
 def fastdepth_ptq_config(fp32_dir: Path, calib: Path, out: Path, **overrides):
     """PTQ settings that keep the default suite quick: 16 calibration + 4 held-out images, no CLE."""
-    from quantize.ptq import PtqConfig
+    from lpcv_depth.stages.ptq import PtqConfig
 
     options = dict(calib=calib, fp32_dir=fp32_dir, num_holdout=4, min_calibration=8,
                    cle=False, latency_runs=2, out_dir=out)
@@ -66,7 +66,7 @@ def fastdepth_ptq_config(fp32_dir: Path, calib: Path, out: Path, **overrides):
 def fastdepth_w8a8(fastdepth_export, calib_subset, tmp_path_factory, rgbd_dir):
     """FastDepth w8a8 through AIMET once per test run, scored on one RGB-D set."""
     pytest.importorskip("aimet_torch", reason="aimet-torch (the quant extra) is not installed")
-    from quantize.ptq import quantize
+    from lpcv_depth.stages.ptq import quantize
 
     out = tmp_path_factory.mktemp("ptq") / "w8a8"
     return quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, out, eval_data=rgbd_dir / "kinect_home"))

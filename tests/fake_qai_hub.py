@@ -421,7 +421,8 @@ def make_ptq_folder(export_dir: Path, out: Path, calibration: list[Path], *, eva
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from lpcv_depth.images import load_contract_batch
-    from lpcv_depth.stage import StageLog, read_manifest, sha256_file, write_manifest
+    from lpcv_depth.stage import StageLog
+    from lpcv_depth.manifest import read_manifest, sha256_file, write_manifest
     from lpcv_depth.verify import OrtRunner, sqnr_db
 
     export = read_manifest(export_dir)

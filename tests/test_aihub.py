@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.aihub import (EXIT_JOB_FAILED, EXIT_TIMEOUT, STATE_NAME, HubConfig, main, run_hub, summarize_profile)
+from lpcv_depth.stages.hub import (EXIT_JOB_FAILED, EXIT_TIMEOUT, STATE_NAME, HubConfig, main, run_hub, summarize_profile)
 from lpcv_depth.errors import ConfigError, MissingDependencyError, OutputDirError
-from lpcv_depth.hub_client import HubAuthError, HubClient, HubJobFailedError, HubTimeoutError, HubUnavailableError
+from lpcv_depth.backends.ai_hub import HubAuthError, HubClient, HubJobFailedError, HubTimeoutError, HubUnavailableError
 from lpcv_depth.images import list_images
-from lpcv_depth.stage import MANIFEST_NAME, read_manifest
+from lpcv_depth.manifest import MANIFEST_NAME, read_manifest
 from lpcv_depth.track3_metric import FSCORE
 from tests.fake_qai_hub import FakeQaiHub, make_ptq_folder, write_client_ini
 
@@ -300,7 +300,7 @@ def test_context_binary_is_profiled_without_compiling(fp32_export, calibration_d
 
 
 def test_htp_check_folder_sends_its_context_binary(int8_ptq, calibration_dir, tmp_path):
-    from lpcv_depth.stage import write_manifest
+    from lpcv_depth.manifest import write_manifest
 
     htp = tmp_path / "htp-check"
     htp.mkdir()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lpcv_depth.images import load_contract_image
-from quantize.calibration import CalibrationDataError, iter_batches, split_calibration_folder
+from lpcv_depth.calibration import CalibrationDataError, iter_batches, split_calibration_folder
 
 
 def _copy(calibration_dir, target, count, start=0):

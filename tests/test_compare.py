@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.compare import CompareConfig, compare, find_hub_run, main
-from export.aihub import HubConfig, run_hub
-from export.to_onnx import ExportConfig, export_onnx
+from lpcv_depth.stages.compare import CompareConfig, compare, find_hub_run, main
+from lpcv_depth.stages.hub import HubConfig, run_hub
+from lpcv_depth.stages.export import ExportConfig, export_onnx
 from lpcv_depth.errors import ConfigError
-from lpcv_depth.hub_client import HubClient
+from lpcv_depth.backends.ai_hub import HubClient
 from lpcv_depth.images import list_images
-from lpcv_depth.stage import read_manifest
+from lpcv_depth.manifest import read_manifest
 from lpcv_depth.track3_metric import FSCORE
 from lpcv_depth.verify import sqnr_db
 from tests.fake_qai_hub import FakeQaiHub, make_ptq_folder

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from models import get_spec  # noqa: E402
+from lpcv_depth.models import get_spec  # noqa: E402
 
 # Tolerance, relative to the largest |value| of the tensor compared. Measured on CPU (torch 2.14.1,
 # transformers 5.24.0, float32): the encoder features are bit-identical, and so is the output for

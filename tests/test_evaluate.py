@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from evaluation.score import EvaluateConfig, evaluate, main
+from lpcv_depth.stages.evaluate import EvaluateConfig, evaluate, main
 from lpcv_depth.rgbd import load_rgbd_dataset
 from lpcv_depth.track3_metric import FSCORE
 from tests.conftest import REPO_ROOT

@@ -13,12 +13,12 @@ import onnx
 import pytest
 import torch
 
-from export.to_onnx import ExportConfig, export_onnx
+from lpcv_depth.stages.export import ExportConfig, run_export
 from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import ConfigError, OutputDirError, ParityError, UnknownModelError, WeightsError
 from lpcv_depth.images import list_images, load_contract_batch
 from lpcv_depth.verify import OrtRunner, ParityThresholds
-from models import create_model, list_models
+from lpcv_depth.models import create_model, list_models
 from tests.conftest import REPO_ROOT
 from tests.test_wrapper import FAST_INPUT_SIZE
 
@@ -29,9 +29,9 @@ def _leftovers(parent: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_exports_and_round_trips(name, tmp_path, calibration_dir):
-    config = ExportConfig(model=name, weights=None, input_size=FAST_INPUT_SIZE.get(name), out_dir=tmp_path / "out",
+    config = ExportConfig(model=name, weights=None, input_size=FAST_INPUT_SIZE.get(name), out=tmp_path / "out",
                           check_images=calibration_dir, num_check_images=2)
-    result = export_onnx(config)
+    result = run_export(config)
     model = onnx.load(str(result.onnx_path))
     props = {p.key: p.value for p in model.metadata_props}
     assert props["lpcv.contract"] == TRACK3.name
@@ -41,7 +41,7 @@ def test_every_model_exports_and_round_trips(name, tmp_path, calibration_dir):
     # An independent round trip: fresh torch model vs the artifact, on images the stage did not use.
     images = load_contract_batch(list_images(calibration_dir)[10:12])
     reference = create_model(name, weights=None, input_size=FAST_INPUT_SIZE.get(name))
-    from models import set_gelu_approximation
+    from lpcv_depth.models import set_gelu_approximation
     set_gelu_approximation(reference, "tanh")
     with torch.no_grad():
         expected = reference(torch.from_numpy(images)).numpy()
@@ -70,13 +70,13 @@ def test_exact_gelu_exports_erf_and_tanh_does_not(tmp_path, calibration_dir):
                   num_check_images=1)
     ops = {}
     for gelu in ("tanh", "exact"):
-        result = export_onnx(ExportConfig(gelu=gelu, out_dir=tmp_path / gelu, **common))
+        result = run_export(ExportConfig(gelu=gelu, out=tmp_path / gelu, **common))
         ops[gelu] = {n.op_type for n in onnx.load(str(result.onnx_path)).graph.node}
     assert "Erf" in ops["exact"] and "Erf" not in ops["tanh"]
 
 
 def test_batch_two_is_normalised_per_sample(tmp_path, calibration_dir):
-    result = export_onnx(ExportConfig(model="fastdepth", weights=None, batch=2, out_dir=tmp_path / "b2",
+    result = run_export(ExportConfig(model="fastdepth", weights=None, batch=2, out=tmp_path / "b2",
                                       check_images=calibration_dir, num_check_images=2))
     runner = OrtRunner(result.onnx_path)
     images = load_contract_batch(list_images(calibration_dir)[:2])
@@ -91,7 +91,7 @@ def test_batch_two_is_normalised_per_sample(tmp_path, calibration_dir):
 
 def test_missing_weights_file(tmp_path):
     with pytest.raises(WeightsError, match="weights file not found"):
-        export_onnx(ExportConfig(model="depth_anything_v2_vits", weights=str(tmp_path / "nope.pth"), out_dir=tmp_path / "o"))
+        run_export(ExportConfig(model="depth_anything_v2_vits", weights=str(tmp_path / "nope.pth"), out=tmp_path / "o"))
     assert not (tmp_path / "o").exists()
 
 
@@ -156,9 +156,9 @@ def test_unwritable_output_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(OutputDirError, match="cannot write|not a folder"):
-        export_onnx(ExportConfig(model="fastdepth", weights=None, out_dir=blocker / "sub"))
+        run_export(ExportConfig(model="fastdepth", weights=None, out=blocker / "sub"))
     with pytest.raises(OutputDirError, match="not a folder"):
-        export_onnx(ExportConfig(model="fastdepth", weights=None, out_dir=blocker))
+        run_export(ExportConfig(model="fastdepth", weights=None, out=blocker))
 
 
 def test_foreign_folder_is_never_overwritten(tmp_path):
@@ -166,21 +166,21 @@ def test_foreign_folder_is_never_overwritten(tmp_path):
     target.mkdir()
     (target / "thesis.tex").write_text("precious")
     with pytest.raises(OutputDirError, match="not an earlier lpcv-depth output"):
-        export_onnx(ExportConfig(model="fastdepth", weights=None, out_dir=target))
+        run_export(ExportConfig(model="fastdepth", weights=None, out=target))
     assert (target / "thesis.tex").read_text() == "precious"
 
 
 def test_failed_check_leaves_no_artifact_and_rerun_replaces(tmp_path, calibration_dir):
     out = tmp_path / "out"
-    common = dict(model="fastdepth", weights=None, out_dir=out, check_images=calibration_dir, num_check_images=1)
+    common = dict(model="fastdepth", weights=None, out=out, check_images=calibration_dir, num_check_images=1)
     with pytest.raises(ParityError) as excinfo:
-        export_onnx(ExportConfig(parity=ParityThresholds(max_abs_diff=1e-3, min_sqnr_db=1e6), **common))
+        run_export(ExportConfig(max_abs_diff=1e-3, min_sqnr=1e6, **common))
     assert excinfo.value.measured["sqnr_db"] < 1e6 and excinfo.value.threshold["min_sqnr_db"] == 1e6
     assert not out.exists() and _leftovers(tmp_path) == []
 
-    first = export_onnx(ExportConfig(**common))
+    first = run_export(ExportConfig(**common))
     (out / "stale.txt").write_text("from an older run")
-    second = export_onnx(ExportConfig(output="disparity", **common))
+    second = run_export(ExportConfig(output="disparity", **common))
     assert not (out / "stale.txt").exists(), "a rerun replaces the whole folder, never mixes"
     assert second.manifest["config"]["output"] == "disparity" != first.manifest["config"]["output"]
     assert _leftovers(tmp_path) == []

@@ -13,9 +13,9 @@ from PIL import Image
 from torch import nn
 
 from lpcv_depth.errors import WeightsError
-from models import create_model, get_spec
-from models import fastdepth
-from models.fastdepth import FastDepth, load_fastdepth_tflite
+from lpcv_depth.models import create_model, get_spec
+from lpcv_depth.models import fastdepth
+from lpcv_depth.models.fastdepth import FastDepth, load_fastdepth_tflite
 
 from tests.conftest import SHARED
 

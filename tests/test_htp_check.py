@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn (the qnn extra, L
 
 from lpcv_depth.errors import ConfigError, ContractError, MissingDependencyError  # noqa: E402
 from quantize import htp_check  # noqa: E402
-from quantize.htp_check import GateError, HtpCheckConfig, check_htp, main  # noqa: E402
+from lpcv_depth.stages.htp_check import GateError, HtpCheckConfig, check_htp, main  # noqa: E402
 
 HEIGHT, WIDTH = 480, 640
 

@@ -13,7 +13,7 @@ pytest.importorskip("aimet_torch", reason="aimet-torch (the quant extra) is not 
 
 from lpcv_depth.errors import ConfigError  # noqa: E402
 from lpcv_depth.verify import OrtRunner  # noqa: E402
-from quantize.ptq import GateError, PtqConfig, quantize  # noqa: E402
+from lpcv_depth.stages.ptq import GateError, PtqConfig, quantize  # noqa: E402
 from tests.conftest import fastdepth_ptq_config  # noqa: E402
 
 

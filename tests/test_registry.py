@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-import models
+from lpcv_depth import models
 from lpcv_depth.errors import UnknownModelError, WeightsError
-from models import ModelSpec, create_model, get_spec, list_models, register_model
+from lpcv_depth.models import ModelSpec, create_model, get_spec, list_models, register_model
 
 
 def test_registry_lists_all_builtin_models():
@@ -70,7 +70,7 @@ class TinyDepthNet(nn.Module):
 
 
 def _load_tiny(net, path):
-    from models.weights import load_state_dict_strict, load_torch_checkpoint
+    from lpcv_depth.models.weights import load_state_dict_strict, load_torch_checkpoint
 
     load_state_dict_strict(net, load_torch_checkpoint(path), str(path))
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lpcv_depth.images import list_images, load_contract_batch
-from models import ModelSpec, Track3Wrapper, create_model, get_spec, list_models
+from lpcv_depth.models import ModelSpec, Track3Wrapper, create_model, get_spec, list_models
 
 # Small backbone sizes keep the forward passes of the big ViTs quick; the contract does not care.
 FAST_INPUT_SIZE = {"depth_anything_v2_vits": (196, 252), "depth_anything_v2_vitb": (196, 252),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quantize.report import _plain
+from lpcv_depth.stages.ptq_report import _plain
 
 LABELS = {"fp32": "fp32 (ORT CPU)", "aimet_sim": "AIMET QuantSim", "int8_cpu": "int8 QDQ (ORT CPU)",
           "int8_htp": "int8 (HTP emulation)"}

@@ -12,7 +12,7 @@ import numpy as np
 
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.images import ImageReadError, list_images, load_contract_image
-from lpcv_depth.stage import sha256_of_files
+from lpcv_depth.manifest import sha256_of_files
 
 RECOMMENDED_IMAGES = 100  # the floor for a real run; AIMET suggests 500-1000
 

@@ -1,0 +1,428 @@
+"""Score a model on RGB-D data with the LPCVC 2025 Track 3 metric, as the organizers' server would.
+
+    python evaluation/score.py --model fastdepth --weights default --data ../shared/data/rgbd
+    python evaluation/score.py --onnx build/fastdepth/export/model.onnx --data ../shared/data/rgbd
+    python evaluation/score.py --predictions aihub_outputs/ --data my_track3_set/
+
+Exactly one source: a registered torch model, an ONNX file (fp32 or int8 QDQ), or a folder of
+saved predictions (<frame id>.npy of shape (1,1,480,640), e.g. AI Hub inference outputs; for a
+folder of sets, <set>/<frame id>.npy also works). --data is one set or a folder of sets, in our
+layout (rgb/ + depth/) or the organizers' (raw/ + conf/ + rgb/ or image/).
+
+Writes OUT/frames.csv, summary.json, summary.md, vis/*.png and manifest.json
+(default OUT: build/eval/<source name>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from lpcv_depth.contract import TRACK3
+from lpcv_depth.errors import ConfigError, ContractError, LpcvError
+from lpcv_depth.rgbd import DatasetError, Frame, FrameError, dataset_files, load_rgbd_dataset
+from lpcv_depth.stage import StageLog, StagingDir, exit_status
+from lpcv_depth.manifest import config_as_dict, read_manifest, sha256_file, sha256_of_files, write_manifest
+from lpcv_depth.track3_metric import (DEPTH_METRICS, F_THRESHOLDS_M, FSCORE, GRIDS, OFFICIAL_K, POINT_METRICS,
+                                      evaluation_masks, fscore_key, mean_metrics, score_frame)
+from lpcv_depth.visualize import depth_comparison_panel
+from lpcv_depth.models.weights import parse_weights_arg
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STAGE = "evaluate"
+INTRINSICS = ("official", "dataset")
+CSV_COLUMNS = ("set", "frame", *DEPTH_METRICS, *POINT_METRICS, "n_points", "median_scale", "score_s", "status")
+_MAX_WARNINGS = 10
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What to score (exactly one of model, onnx, predictions), on which data, and how; validated here."""
+
+    data: Path
+    model: str | None = None
+    # A path, "hf" (official checkpoint), "default" (the model's declared default) or None (random).
+    weights: str | None = "default"
+    output: str = "depth"
+    onnx: Path | None = None
+    predictions: Path | None = None
+    grid: str = "official"
+    intrinsics: str = "official"
+    out_dir: Path | None = None
+    num_vis: int = 4
+    # Off by default: sampling changes the score. When set, the same seeded pixels for pred and GT.
+    max_points: int | None = None
+    seed: int = 0
+    # CPU threads for the model and the neighbour search; None: all cores.
+    threads: int | None = None
+
+    def __post_init__(self):
+        sources = [name for name, value in (("--model", self.model), ("--onnx", self.onnx),
+                                            ("--predictions", self.predictions)) if value is not None]
+        if len(sources) != 1:
+            raise ConfigError(f"give exactly one source to score, got {len(sources)}: {', '.join(sources) or 'none'}",
+                              hint="--model NAME [--weights ...], --onnx PATH or --predictions DIR")
+        if self.model is not None:
+            from lpcv_depth.models import OUTPUT_MODES, get_spec  # imports torch: only when a torch model is scored
+
+            get_spec(self.model)  # unknown names fail here, listing the valid ones
+            if self.output not in OUTPUT_MODES:
+                raise ConfigError(f"output must be one of {OUTPUT_MODES}, got {self.output!r}")
+        if self.onnx is not None and not Path(self.onnx).is_file():
+            raise ConfigError(f"ONNX file not found: {self.onnx}", hint="export one with python export/to_onnx.py")
+        if self.predictions is not None and not Path(self.predictions).is_dir():
+            raise ConfigError(f"predictions folder not found: {self.predictions}",
+                              hint="pass the folder holding <frame id>.npy files")
+        if not Path(self.data).is_dir():
+            raise ConfigError(f"data folder not found: {self.data}", hint="pass a set folder or a folder of sets")
+        if self.grid not in GRIDS:
+            raise ConfigError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+        if self.intrinsics not in INTRINSICS:
+            raise ConfigError(f"intrinsics must be one of {INTRINSICS}, got {self.intrinsics!r}")
+        if self.num_vis < 0:
+            raise ConfigError(f"num_vis must be >= 0, got {self.num_vis}")
+        if self.max_points is not None and self.max_points < 1:
+            raise ConfigError(f"max_points must be >= 1, got {self.max_points}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+    @property
+    def source_name(self) -> str:
+        if self.model is not None:
+            return self.model if self.output == "depth" else f"{self.model}-{self.output}"
+        if self.onnx is not None:
+            onnx = Path(self.onnx).resolve()
+            # Stages name their artifact model.onnx; the folders around it say which one it is.
+            return onnx.stem if onnx.stem != "model" else f"{onnx.parent.parent.name}-{onnx.parent.name}"
+        return Path(self.predictions).resolve().name
+
+    @property
+    def destination(self) -> Path:
+        if self.out_dir is not None:
+            return Path(self.out_dir)
+        variant = "".join(f"-{what}-{value}" for what, value, default in
+                          (("grid", self.grid, "official"), ("K", self.intrinsics, "official")) if value != default)
+        return REPO_ROOT / "build" / "eval" / f"{self.source_name}{variant}"
+
+    def as_dict(self) -> dict:
+        return config_as_dict(self)
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """Where the outputs went, and summary.json's content (overall and per-set means, skipped frames)."""
+
+    out_dir: Path
+    summary: dict
+    manifest_path: Path
+    manifest: dict
+
+
+def _prediction_map(array: np.ndarray, frame: Frame, what: str) -> np.ndarray:
+    """A source's output for one frame as a (480, 640) float32 map, or FrameError."""
+    array = np.asarray(array)
+    if array.size != TRACK3.height * TRACK3.width or array.shape[-2:] != (TRACK3.height, TRACK3.width):
+        raise FrameError(f"{frame.name}: {what} has shape {array.shape}; the contract output is "
+                         f"(1, 1, {TRACK3.height}, {TRACK3.width})")
+    if not np.issubdtype(array.dtype, np.number):
+        raise FrameError(f"{frame.name}: {what} has dtype {array.dtype}, not a number")
+    array = array.reshape(TRACK3.height, TRACK3.width).astype(np.float32)
+    if not np.all(np.isfinite(array)):
+        raise FrameError(f"{frame.name}: {what} contains NaN or Inf")
+    return array
+
+
+class _ModelSource:
+    """A registered model, run with torch on the contract image."""
+
+    def __init__(self, config: EvaluateConfig, log: StageLog):
+        from lpcv_depth.models import create_model
+
+        self.model = create_model(config.model, weights=config.weights, output=config.output)
+        self.threads = config.threads
+        info = self.model.weights_info
+        if info.is_random:
+            log.warn("RANDOM WEIGHTS (weights=None): the scores are meaningless; use them for pipeline tests only")
+        self.inputs = {"kind": "model", "model": config.model, "output": config.output, "weights": info.as_dict(),
+                       "sha256": info.sha256}
+        self.detail = f"{config.model} ({config.output}), weights: {info.source}"
+
+    def predict(self, frame: Frame) -> np.ndarray:
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads or previous)
+        try:
+            with torch.no_grad():
+                output = self.model(torch.from_numpy(frame.load_image()[None])).numpy()
+        finally:
+            torch.set_num_threads(previous)
+        return _prediction_map(output, frame, "model output")
+
+
+class _OnnxSource:
+    """An ONNX file (fp32 or QDQ int8), run with ONNX Runtime on the CPU."""
+
+    def __init__(self, config: EvaluateConfig, log: StageLog):
+        from lpcv_depth.verify import OrtRunner
+
+        path = Path(config.onnx)
+        try:
+            self.runner = OrtRunner(path, threads=config.threads)
+        except Exception as err:  # onnxruntime raises its own exception types for unloadable files
+            raise ContractError(f"ONNX Runtime cannot load {path}: {type(err).__name__}: {err}",
+                                hint="pass an ONNX file written by python export/to_onnx.py or the quantize "
+                                     "stage") from err
+        self.inputs = {"kind": "onnx", "path": os.fspath(path.resolve()), "bytes": path.stat().st_size,
+                       "sha256": sha256_file(path)}
+        self.detail = f"{path.name}, {self.inputs['bytes'] / 1e6:.1f} MB"
+
+    def predict(self, frame: Frame) -> np.ndarray:
+        return _prediction_map(self.runner.run(frame.load_image()[None]), frame, "ONNX output")
+
+
+class _PredictionFolder:
+    """Saved predictions: <folder>/<set>/<frame id>.npy, else <folder>/<frame id>.npy."""
+
+    def __init__(self, config: EvaluateConfig, log: StageLog):
+        self.folder = Path(config.predictions)
+        files = sorted(self.folder.rglob("*.npy"))
+        if not files:
+            raise ConfigError(f"no .npy files in {self.folder}",
+                              hint="save one (1, 1, 480, 640) array per frame as <frame id>.npy")
+        self.inputs = {"kind": "predictions", "path": os.fspath(self.folder.resolve()), "files": len(files),
+                       "sha256": sha256_of_files(files, self.folder)}
+        self.detail = f"{len(files)} .npy files in {self.folder}"
+
+    def predict(self, frame: Frame) -> np.ndarray:
+        candidates = (self.folder / frame.set_name / f"{frame.frame_id}.npy", self.folder / f"{frame.frame_id}.npy")
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise FrameError(f"{frame.name}: no prediction file {frame.frame_id}.npy in {self.folder}")
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise FrameError(f"{frame.name}: cannot read prediction {path}: {err}") from err
+        return _prediction_map(array, frame, f"prediction {path.name}")
+
+
+def _open_source(config: EvaluateConfig, log: StageLog):
+    kind = _ModelSource if config.model is not None else _OnnxSource if config.onnx is not None else _PredictionFolder
+    return kind(config, log)
+
+
+def evaluate(config: EvaluateConfig, log: StageLog | None = None) -> EvaluateResult:
+    """Score every frame of config.data; write the per-frame CSV, summaries, panels and manifest."""
+    log = log or StageLog(STAGE)
+    destination = config.destination
+    with log.step("discover") as step:
+        frames = load_rgbd_dataset(config.data)
+        sets = list(dict.fromkeys(frame.set_name for frame in frames))
+        if config.intrinsics == "dataset":
+            missing = sorted({frame.set_name for frame in frames if frame.intrinsics is None})
+            if missing:
+                raise DatasetError(f"--intrinsics dataset, but these sets declare no intrinsics: {', '.join(missing)}",
+                                   hint="use --intrinsics official, or pass only sets whose meta.json has intrinsics")
+        step.detail = f"{len(frames)} frames in {len(sets)} set(s): {', '.join(sets)}"
+    with log.step("hash-inputs") as step:
+        files = dataset_files(frames)
+        data_inputs = {"path": os.fspath(Path(config.data).resolve()), "sets": sets, "frames": len(frames),
+                       "files": len(files), "sha256": sha256_of_files(files, Path(config.data))}
+        step.detail = f"{len(files)} files"
+    with log.step("load-source") as step:
+        source = _open_source(config, log)
+        step.detail = source.detail
+
+    with StagingDir(destination, stage=STAGE) as staging:
+        with log.step("score") as step:
+            rows, skipped, panels = _score_frames(frames, source, config, staging)
+            scored = [row for row in rows if row["status"] == "ok"]
+            if not scored:
+                reasons = "; ".join(item["reason"] for item in skipped[:3])
+                raise LpcvError(f"no frame could be scored ({len(skipped)} skipped): {reasons}",
+                                hint="check that --data and the predictions belong together")
+            times = [row["score_s"] for row in scored]
+            mean_f = np.mean([row[FSCORE] for row in scored])
+            step.detail = (f"{len(scored)} scored, {len(skipped)} skipped; F@0.1 {mean_f:.2f}; "
+                           f"metric {np.mean(times):.2f} s/frame")
+        for item in skipped[:_MAX_WARNINGS]:
+            log.warn(f"skipped {item['set']}/{item['frame']}: {item['reason']}")
+        if len(skipped) > _MAX_WARNINGS:
+            log.warn(f"... and {len(skipped) - _MAX_WARNINGS} more skipped frames, listed in summary.json")
+
+        with log.step("write") as step:
+            summary = _summarize(rows, skipped, sets, config, source.inputs)
+            csv_path = _write_csv(staging / "frames.csv", rows)
+            json_path = staging / "summary.json"
+            json_path.write_text(json.dumps(summary, indent=2) + "\n")
+            md_path = staging / "summary.md"
+            md_path.write_text(_markdown(summary, config))
+            step.detail = f"{len(rows)} rows, {len(panels)} panels"
+        manifest_path = write_manifest(
+            staging.path, stage=STAGE, config=config.as_dict(),
+            inputs={"data": data_inputs, "source": source.inputs, "metric": _metric_inputs(config)},
+            outputs=[csv_path, json_path, md_path, *panels], timings=log.timings,
+            results={key: summary[key] for key in ("overall", "sets", "skipped", "metric_time_s")})
+    log.info(f"ok {log.total_seconds:.1f}s -> {destination}")
+    return EvaluateResult(destination, summary, destination / manifest_path.name, read_manifest(destination))
+
+
+def _metric_inputs(config: EvaluateConfig) -> dict:
+    """What the numbers depend on beyond the data and the model (scipy: neighbour search, Pillow: GT resize)."""
+    return {"module": "lpcv_depth.track3_metric", "grid": config.grid, "thresholds_m": list(F_THRESHOLDS_M),
+            "K": OFFICIAL_K.as_dict() if config.intrinsics == "official" else "each set's meta.json, scaled to 640x480",
+            "scipy": metadata.version("scipy"), "pillow": metadata.version("pillow")}
+
+
+def _score_frames(frames: list[Frame], source, config: EvaluateConfig,
+                  staging: StagingDir) -> tuple[list[dict], list[dict], list[Path]]:
+    """Per-frame rows (metrics or a skip status), the skipped frames with reasons, and panel files."""
+    vis_indices = set(np.linspace(0, len(frames) - 1, config.num_vis).round().astype(int).tolist()) \
+        if config.num_vis else set()
+    rows, skipped, panels = [], [], []
+    for index, frame in enumerate(tqdm(frames, desc=STAGE, unit="frame", file=sys.stderr)):
+        row: dict[str, Any] = {"set": frame.set_name, "frame": frame.frame_id}
+        try:
+            gt = frame.load_ground_truth()
+            pred = source.predict(frame)
+        except FrameError as err:
+            reason = err.args[0].removeprefix(f"{frame.name}: ")
+            skipped.append({"set": frame.set_name, "frame": frame.frame_id, "reason": reason})
+            rows.append({**row, "status": f"skipped: {reason}"})
+            continue
+        K = OFFICIAL_K if config.intrinsics == "official" else gt.intrinsics
+        start = time.perf_counter()
+        scores = score_frame(pred, gt.depth, gt.conf, K=K, grid=config.grid, max_points=config.max_points,
+                             seed=config.seed, workers=config.threads or -1)
+        rows.append({**row, **scores, "score_s": time.perf_counter() - start, "status": "ok"})
+        if index in vis_indices:
+            panel = depth_comparison_panel(frame.load_image(), gt.depth, pred * scores["median_scale"],
+                                           evaluation_masks(gt.depth, gt.conf)[0], title=frame.name)
+            path = staging / "vis" / f"{frame.set_name}__{frame.frame_id}.png"
+            path.parent.mkdir(exist_ok=True)
+            panel.save(path)
+            panels.append(path)
+    return rows, skipped, panels
+
+
+def _group(rows: list[dict]) -> dict:
+    scored = [row for row in rows if row["status"] == "ok"]
+    return {"frames": len(rows), "scored": len(scored), "skipped": len(rows) - len(scored),
+            "metrics": mean_metrics(scored),
+            "mean_points": float(np.mean([row["n_points"] for row in scored])) if scored else 0.0}
+
+
+def _summarize(rows: list[dict], skipped: list[dict], sets: list[str], config: EvaluateConfig,
+               source: dict) -> dict:
+    per_set = {name: _group([row for row in rows if row["set"] == name]) for name in sets}
+    times = [row["score_s"] for row in rows if row["status"] == "ok"]
+    return {
+        "source": source,
+        "config": config.as_dict(),
+        # Every frame counts once, whichever set it is in (the organizers' dataset score).
+        "overall": _group(rows),
+        "sets": per_set,
+        "skipped": skipped,
+        "metric_time_s": {"mean": float(np.mean(times)), "max": float(np.max(times))},
+    }
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: f"{value:.6g}" if isinstance(value, float) else value for key, value in row.items()})
+    return path
+
+
+def _markdown(summary: dict, config: EvaluateConfig) -> str:
+    columns = (("F@0.1", FSCORE, "{:.2f}"), ("F@0.2", fscore_key(0.2), "{:.2f}"), ("abs_rel", "abs_rel", "{:.3f}"),
+               ("rmse (m)", "rmse", "{:.3f}"), ("δ<1.25", "delta1", "{:.3f}"))
+    lines = [f"# Track 3 evaluation: {config.source_name}", "",
+             f"grid `{config.grid}`, intrinsics `{config.intrinsics}`, data `{config.data}`"
+             + (f", sampled to {config.max_points} points" if config.max_points else "")
+             + ". F@0.1 is the leaderboard score; every number is a mean over frames.", "",
+             "| set | frames | scored | " + " | ".join(c[0] for c in columns) + " |",
+             "|---|---:|---:|" + "---:|" * len(columns)]
+    groups = [(name, group) for name, group in summary["sets"].items()] + [("**all**", summary["overall"])]
+    for name, group in groups:
+        values = [fmt.format(group["metrics"][key]) if group["scored"] else "-" for _, key, fmt in columns]
+        lines.append(f"| {name} | {group['frames']} | {group['scored']} | " + " | ".join(values) + " |")
+    if summary["skipped"]:
+        lines += ["", f"Skipped {len(summary['skipped'])} frame(s):"]
+        lines += [f"- {item['set']}/{item['frame']}: {item['reason']}" for item in summary["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def _next_command(config: EvaluateConfig, destination: Path) -> str:
+    if config.model is not None:
+        output = "" if config.output == "depth" else f" --output {config.output}"
+        return f"python export/to_onnx.py --model {config.model} --weights {config.weights}{output}"
+    if config.onnx is not None:
+        return f"python quantize/ptq.py --calib calibration_data --fp32 {os.path.relpath(Path(config.onnx).parent)}"
+    return f"cat {os.path.relpath(destination / 'summary.md')}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python evaluation/score.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_argument_group("source (exactly one)")
+    source.add_argument("--model", default=None, help="a registered model, run with torch")
+    source.add_argument("--onnx", type=Path, default=None,
+                        help="an ONNX file (fp32 or int8 QDQ), run with ONNX Runtime")
+    source.add_argument("--predictions", type=Path, default=None,
+                        help="a folder of <frame id>.npy predictions of shape (1,1,480,640), e.g. AI Hub outputs")
+    parser.add_argument("--weights", default="default", type=parse_weights_arg,
+                        help="with --model: PATH, 'hf' (official checkpoint), 'default' (the model's declared "
+                             "weights; the default here) or 'None' (random init, pipeline tests only)")
+    parser.add_argument("--output", default="depth", choices=("depth", "disparity"), help="with --model")
+    parser.add_argument("--data", type=Path, required=True, help="an RGB-D set folder, or a folder of sets")
+    parser.add_argument("--grid", default="official", choices=GRIDS,
+                        help="official (default): the organizers' pixel grid, as on the leaderboard; "
+                             "xy: the geometrically correct one")
+    parser.add_argument("--intrinsics", default="official", choices=INTRINSICS,
+                        help="official (default): the organizers' fixed K as-is on 640x480; "
+                             "dataset: each set's own K from meta.json, scaled to 640x480")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default build/eval/<source name>)")
+    parser.add_argument("--num-vis", type=int, default=4, help="frames drawn as side-by-side PNGs (default 4)")
+    parser.add_argument("--max-points", type=int, default=None,
+                        help="score at most N sampled points per frame (seeded); default: all points, exact")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the model and the neighbour search (default: all cores); "
+                             "1 is often faster on a busy shared machine")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = StageLog(STAGE)
+    try:
+        config = EvaluateConfig(data=args.data, model=args.model, weights=args.weights, output=args.output,
+                                onnx=args.onnx, predictions=args.predictions, grid=args.grid,
+                                intrinsics=args.intrinsics, out_dir=args.out, num_vis=args.num_vis,
+                                max_points=args.max_points, threads=args.threads)
+        result = evaluate(config, log)
+    except (LpcvError, KeyboardInterrupt) as err:
+        return exit_status(STAGE, err)
+    overall = result.summary["overall"]
+    log.info(f"F@0.1 {overall['metrics'][FSCORE]:.2f}, abs_rel {overall['metrics']['abs_rel']:.3f} over "
+             f"{overall['scored']} frames ({overall['skipped']} skipped); table: "
+             f"{os.path.relpath(result.out_dir / 'summary.md')}")
+    log.info(f"next: {_next_command(config, result.out_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

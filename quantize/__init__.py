@@ -1,1 +1,0 @@
-"""Quantization stage (AIMET post-training quantization)."""
