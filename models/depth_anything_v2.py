@@ -256,22 +256,10 @@ def load_depth_anything_checkpoint(model: nn.Module, path: Path) -> None:
 _HF_REPOS = {"vits": "Depth-Anything-V2-Small", "vitb": "Depth-Anything-V2-Base", "vitl": "Depth-Anything-V2-Large"}
 _LICENSES = {"vits": "Apache-2.0", "vitb": "CC-BY-NC-4.0", "vitl": "CC-BY-NC-4.0"}
 
-for _encoder, _repo in _HF_REPOS.items():
-    register_model(ModelSpec(
-        name=f"depth_anything_v2_{_encoder}",
-        build=partial(DepthAnythingV2, _encoder),
-        load_weights=load_depth_anything_checkpoint,
-        native_input_size=(NATIVE_SIZE, NATIVE_SIZE),
-        patch_multiple=PATCH_SIZE,
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-        native_output="disparity",
-        license=_LICENSES[_encoder],
-        weight_source=f"https://huggingface.co/depth-anything/{_repo} (depth_anything_v2_{_encoder}.pth)",
-        hub_weights=HubWeights(repo_id=f"depth-anything/{_repo}", filename=f"depth_anything_v2_{_encoder}.pth"),
-        default_weights="hf",
-        description=f"Depth-Anything-V2 {_encoder.upper()} (DINOv2 + DPT), relative disparity",
-    ))
+
+def prepare_for_quantization(model: nn.Module) -> dict:
+    """Before PTQ: fold the LayerScales (exact; AIMET cannot wrap a parameter-holding custom module)."""
+    return {"layer_scale_fold": {"folded": fold_layer_scales(model)}}
 
 
 def fold_layer_scales(model: nn.Module) -> int:
@@ -295,3 +283,22 @@ def fold_layer_scales(model: nn.Module) -> int:
             setattr(block, scale_name, nn.Identity())
             folded += 1
     return folded
+
+
+for _encoder, _repo in _HF_REPOS.items():
+    register_model(ModelSpec(
+        name=f"depth_anything_v2_{_encoder}",
+        build=partial(DepthAnythingV2, _encoder),
+        load_weights=load_depth_anything_checkpoint,
+        native_input_size=(NATIVE_SIZE, NATIVE_SIZE),
+        patch_multiple=PATCH_SIZE,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        native_output="disparity",
+        license=_LICENSES[_encoder],
+        weight_source=f"https://huggingface.co/depth-anything/{_repo} (depth_anything_v2_{_encoder}.pth)",
+        hub_weights=HubWeights(repo_id=f"depth-anything/{_repo}", filename=f"depth_anything_v2_{_encoder}.pth"),
+        default_weights="hf",
+        description=f"Depth-Anything-V2 {_encoder.upper()} (DINOv2 + DPT), relative disparity",
+        prepare_for_quantization=prepare_for_quantization,
+    ))

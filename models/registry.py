@@ -34,6 +34,9 @@ class ModelSpec:
     build:        returns the randomly initialised backbone; it maps a normalised (B,3,h,w) tensor
                   to a (B,1,h',w') map of `native_output` (any h',w': the wrapper resizes).
     load_weights: fills a built backbone from a local file; must raise WeightsError on any mismatch.
+    prepare_for_quantization: the model's own float rewrite before PTQ (DA-V2 folds its LayerScales),
+                  called with the wrapped model; returns what it changed, for the PTQ report.
+    hub_compile_options: AI Hub compile options this model needs beyond the hub stage's own.
     """
 
     name: str
@@ -49,6 +52,8 @@ class ModelSpec:
     hub_weights: HubWeights | None = None
     default_weights: str | None = "hf"
     description: str = ""
+    prepare_for_quantization: Callable[[nn.Module], dict] | None = None
+    hub_compile_options: str = ""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -81,6 +86,7 @@ class ModelSpec:
             "hub_weights": self.hub_weights.url if self.hub_weights else None,
             "default_weights": self.default_weights,
             "description": self.description,
+            "hub_compile_options": self.hub_compile_options,
         }
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from lpcv_depth.stages.compare import CompareConfig, compare, find_hub_run, main
 from lpcv_depth.stages.hub import HubConfig, run_hub
-from lpcv_depth.stages.export import ExportConfig, export_onnx
+from lpcv_depth.stages.export import ExportConfig, run_export
 from lpcv_depth.errors import ConfigError
 from lpcv_depth.backends.ai_hub import HubClient
 from lpcv_depth.images import list_images

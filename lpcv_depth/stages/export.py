@@ -22,12 +22,13 @@ from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.images import list_images, load_contract_batch
 from lpcv_depth.manifest import Manifest, config_as_dict, read_manifest, sha256_of_files, write_manifest
 from lpcv_depth.options import option, parse_size
+from lpcv_depth.results import ExportResults
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
 from lpcv_depth.verify import (OrtRunner, ParityThresholds, check_onnx_io, check_output_range, compare_outputs,
                                sqnr_db)
 from lpcv_depth.workspace import build_dir, in_workspace
 
-__all__ = ["ExportConfig", "ExportResults", "ExportResult", "run_export", "count_macs", "DEFAULT_MODEL",
+__all__ = ["ExportConfig", "ExportResult", "run_export", "count_macs", "DEFAULT_MODEL",
            "DEFAULT_CHECK_IMAGES"]
 
 STAGE = "export"
@@ -103,26 +104,6 @@ class ExportConfig:
 
     def as_dict(self) -> dict:
         return config_as_dict(self)
-
-
-@dataclass(frozen=True)
-class ExportResults:
-    """What the export stage measured: `results` of its manifest."""
-
-    params: int
-    macs: int
-    weights: dict
-    gelu_modules: int
-    model: dict
-    spec: dict
-    check_images: dict
-    nodes_exported: int
-    nodes_simplified: int
-    op_histogram: dict[str, int]
-    contract: dict
-    parity: dict
-    onnx_bytes: int
-    gelu_tanh_vs_exact: dict | None = None
 
 
 @dataclass(frozen=True)

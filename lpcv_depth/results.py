@@ -1,0 +1,283 @@
+"""Typed, versioned stage results: the `results` of each stage's manifest.json.
+
+Each stage writes one of these dataclasses (`write_manifest(results=...)`) and every reader takes
+them back through `Manifest.read(folder, stage=...).results_as(Type)`, never through raw dict paths.
+The figures other stages read are typed fields; stage-internal detail (op histograms, per-layer
+tables) stays a plain `dict` field. docs/results.md describes every field; bump
+`manifest.SCHEMA_VERSION` when one changes shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Metrics", "ExportResults", "Fidelity", "GroundTruthPair", "HostLatency", "PtqSizes", "PtqResults", "Coverage",
+           "ContextBinary", "OutputComparison", "HtpGroundTruth", "HtpCheckResults", "HubCompile", "HubProfile",
+           "HubInference", "HubResults", "EvaluateResults", "CompareColumn", "CompareResults"]
+
+# Metric name -> value, as track3_metric names them ("fscore@0.1", "abs_rel", ...).
+Metrics = dict[str, float]
+
+
+@dataclass(frozen=True)
+class ExportResults:
+    """What the export stage measured: `results` of its manifest."""
+
+    params: int
+    macs: int
+    weights: dict
+    gelu_modules: int
+    model: dict
+    spec: dict
+    check_images: dict
+    nodes_exported: int
+    nodes_simplified: int
+    op_histogram: dict[str, int]
+    contract: dict
+    parity: dict
+    onnx_bytes: int
+    gelu_tanh_vs_exact: dict | None = None
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """int8 against fp32 (both ONNX Runtime) on the held-out calibration images."""
+
+    sqnr_db: float
+    sqnr_db_scale_aligned: float
+    max_abs_diff: float
+    fscore_vs_fp32: float
+    fscore_vs_fp32_per_image: list[float]
+    holdout_images: int
+
+
+@dataclass(frozen=True)
+class GroundTruthPair:
+    """fp32 and int8 scored against real ground truth by the evaluate stage."""
+
+    fp32: Metrics
+    int8: Metrics
+    frames: int
+    skipped: int
+    fscore_drop: float
+
+
+@dataclass(frozen=True)
+class HostLatency:
+    """ONNX Runtime on the host: a sanity figure, never the phone's latency."""
+
+    fp32: float
+    int8_qdq: float
+    runs: int
+    note: str
+
+
+@dataclass(frozen=True)
+class PtqSizes:
+    fp32_onnx: int
+    qdq_onnx: int
+    aimet_onnx: int
+    aimet_encodings: int
+
+
+@dataclass(frozen=True)
+class PtqResults:
+    model: str
+    preset: str
+    techniques: dict
+    fp32_contract: dict
+    calibration_analyzers: dict[str, int]
+    preparation: dict
+    qdq_vs_aimet_sim: dict
+    int8_vs_fp32: Fidelity
+    sizes_bytes: PtqSizes
+    host_latency_ms: HostLatency | None = None
+    ground_truth: GroundTruthPair | None = None
+    ablation: dict | None = None
+    mixed_precision: dict | None = None
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Which nodes the HTP took (compiled with CPU fallback disabled, then enabled if refused)."""
+
+    full_htp: bool
+    htp_partitions: int
+    htp_nodes: int
+    htp_op_types: dict[str, int]
+    cpu_nodes: int
+    cpu_op_types: dict[str, int]
+    cpu_node_names: list[str]
+    refused: list[dict]
+    no_fallback_error: str | None
+    build_s: float
+
+
+@dataclass(frozen=True)
+class ContextBinary:
+    onnx: str
+    path: str
+    bytes: int
+    onnx_bytes: int
+    sha256: str
+    build_s: float
+    reload_s: float
+    htp_arch: str
+    soc_model: str
+    qnn_sdk_version: str
+    full_htp: bool
+    htp_partitions: int
+    io: str
+    build_note: str
+    ai_hub: str
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """One output against a reference: SQNR, max abs diff and the Track 3 F-score with the reference
+    as pseudo ground truth."""
+
+    sqnr_db: float
+    max_abs_diff: float
+    fscore: float
+    sqnr_db_scale_aligned: float | None = None
+    frames: int | None = None
+
+
+@dataclass(frozen=True)
+class HtpGroundTruth:
+    frames_selected: int
+    frames_total: int
+    frames: int
+    overall: dict[str, Metrics]
+    sets: dict[str, dict]
+    htp_minus_cpu_int8: float
+    emulation_s_per_frame: float
+    fscore_drop: float | None = None
+
+
+@dataclass(frozen=True)
+class HtpCheckResults:
+    target: dict
+    emulation_note: str
+    warnings: list[str]
+    qnn: dict
+    model: dict
+    coverage: Coverage
+    emulation_time: dict
+    numerics: dict[str, OutputComparison]
+    context_binary: ContextBinary | None = None
+    fp16_baseline: dict | None = None
+    ground_truth: HtpGroundTruth | None = None
+
+
+@dataclass(frozen=True)
+class HubCompile:
+    job_id: str
+    url: str
+    options: str
+    device: str
+    target_model_id: str
+    target_model: str
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class HubProfile:
+    job_id: str
+    url: str
+    options: str
+    estimated_inference_time_ms: float
+    fps: float
+    meets_target_fps: bool
+    target_fps: float
+    peak_memory_bytes: list[int] | None
+    layers: int
+    compute_units: dict[str, int]
+    cpu_fallback: bool
+    cpu_layer_types: dict[str, int]
+    first_load_time_ms: float | None = None
+    warm_load_time_ms: float | None = None
+    inference_times_ms: dict | None = None
+
+
+@dataclass(frozen=True)
+class HubInference:
+    job_id: str
+    url: str
+    options: str
+    dataset_id: str
+    data: dict
+    input_dtype: str
+    outputs: str
+    vs_host: dict | None = None
+    ground_truth: dict | None = None
+
+
+@dataclass(frozen=True)
+class HubResults:
+    input: dict
+    device: str
+    runtime: str
+    target_fps: float
+    jobs: dict[str, dict] = field(default_factory=dict)
+    compile: HubCompile | None = None
+    profile: HubProfile | None = None
+    inference: HubInference | None = None
+    share: dict | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateResults:
+    overall: dict
+    sets: dict
+    skipped: list[dict]
+    metric_time_s: float
+
+
+@dataclass(frozen=True)
+class CompareColumn:
+    """One model's figures in the comparison; None wherever nothing measured it."""
+
+    source: str
+    hub_run: str | None = None
+    runtime: str | None = None
+    compile_job_id: str | None = None
+    profile_job_id: str | None = None
+    device_latency_ms: float | None = None
+    fps: float | None = None
+    meets_target_fps: bool | None = None
+    peak_memory_mb: list[float] | None = None
+    layers: int | None = None
+    npu_layers: int | None = None
+    gpu_layers: int | None = None
+    cpu_layers: int | None = None
+    cpu_fallback: bool | None = None
+    host_latency_ms: float | None = None
+    onnx_bytes: int | None = None
+    compiled_bytes: int | None = None
+    aimet_bytes: int | None = None
+    fscore_gt_host: float | None = None
+    abs_rel_gt_host: float | None = None
+    fscore_gt_device: float | None = None
+    abs_rel_gt_device: float | None = None
+    gt_frames_device: int | None = None
+    device_vs_host_sqnr_db: float | None = None
+    # From the local HTP check (emulation on this host, not the phone), when there is one.
+    htp_full: bool | None = None
+    htp_nodes: int | None = None
+    htp_cpu_nodes: int | None = None
+    htp_fscore_gt: float | None = None
+    context_binary_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class CompareResults:
+    model: str
+    target_fps: float
+    host_only: bool
+    missing_hub_runs: list[str]
+    models: dict[str, CompareColumn]
+    int8_vs_fp32: dict
+    htp_check: str | None = None
