@@ -64,7 +64,7 @@ def bench_vits(out: Path, num_calib: int) -> dict:
 
 
 def bench_fastdepth(out: Path, ptq_args: list[str]) -> dict:
-    from lpcv_depth.stages.evaluate import EvaluateConfig, evaluate
+    from lpcv_depth.stages.evaluate import EvaluateConfig, run_evaluate
 
     export_dir, ptq_dir = out / "fastdepth-export", out / "fastdepth-ptq"
     run_stage(["export/to_onnx.py", "--model", "fastdepth", "--weights", "default", "--out", str(export_dir),
@@ -75,7 +75,7 @@ def bench_fastdepth(out: Path, ptq_args: list[str]) -> dict:
     for dataset in sorted(p for p in RGBD.iterdir() if p.is_dir()):
         scores = {}
         for label, onnx_path in (("fp32", export_dir / "model.onnx"), ("int8", ptq_dir / "model_qdq.onnx")):
-            summary = evaluate(EvaluateConfig(data=dataset, onnx=onnx_path, out_dir=out / "eval" / f"{dataset.name}-{label}",
+            summary = run_evaluate(EvaluateConfig(data=dataset, onnx=onnx_path, out=out / "eval" / f"{dataset.name}-{label}",
                                               num_vis=0)).summary
             scores[label] = summary["overall"]["metrics"]
         per_set[dataset.name] = {"fp32_fscore": round(scores["fp32"]["fscore@0.1"], 2),

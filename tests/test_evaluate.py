@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from lpcv_depth.stages.evaluate import EvaluateConfig, evaluate, main
+from lpcv_depth.stages.evaluate import EvaluateConfig, run_evaluate, main
 from lpcv_depth.rgbd import load_rgbd_dataset
 from lpcv_depth.track3_metric import FSCORE
 from tests.conftest import REPO_ROOT
@@ -102,7 +102,7 @@ def test_root_of_sets_with_nested_predictions_missing_and_wrong_shape(rgbd_dir, 
     for path in (predictions / "hololens_dev").glob("*.npy"):
         path.unlink()
     np.save(predictions / "kinect_home" / "home_2.npy", np.zeros((1, 1, 240, 320), np.float32))
-    result = evaluate(EvaluateConfig(data=rgbd_dir, predictions=predictions, out_dir=tmp_path / "out", num_vis=0,
+    result = run_evaluate(EvaluateConfig(data=rgbd_dir, predictions=predictions, out=tmp_path / "out", num_vis=0,
                                      max_points=20_000, threads=1))
     sets = result.summary["sets"]
     assert sets["hololens_dev"] == {"frames": 20, "scored": 0, "skipped": 20, "metrics": {}, "mean_points": 0.0}
@@ -129,7 +129,7 @@ def tiny_onnx(path: Path) -> Path:
 def test_onnx_source_on_organizers_layout(tmp_path):
     data = make_organizers_set(tmp_path / "track3")
     onnx_path = tiny_onnx(tmp_path / "tiny.onnx")
-    config = EvaluateConfig(data=data, onnx=onnx_path, out_dir=tmp_path / "out", num_vis=2, threads=1)
+    config = EvaluateConfig(data=data, onnx=onnx_path, out=tmp_path / "out", num_vis=2, threads=1)
     result = evaluate(config)
     assert result.summary["overall"]["scored"] == 2
     assert 0 <= result.summary["overall"]["metrics"][FSCORE] < 100
@@ -190,8 +190,8 @@ def test_dataset_intrinsics_and_xy_grid(rgbd_dir, tmp_path):
     scores = {}
     for grid in ("official", "xy"):
         for intrinsics in ("official", "dataset"):
-            result = evaluate(EvaluateConfig(data=rgbd_dir / "tum_desk", predictions=predictions, grid=grid,
-                                             intrinsics=intrinsics, out_dir=tmp_path / f"{grid}-{intrinsics}",
+            result = run_evaluate(EvaluateConfig(data=rgbd_dir / "tum_desk", predictions=predictions, grid=grid,
+                                             intrinsics=intrinsics, out=tmp_path / f"{grid}-{intrinsics}",
                                              num_vis=0, threads=1))
             assert result.manifest["config"]["grid"] == grid and result.manifest["config"]["intrinsics"] == intrinsics
             scores[grid, intrinsics] = result.summary["overall"]["metrics"][FSCORE]

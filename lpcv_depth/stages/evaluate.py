@@ -39,7 +39,7 @@ from lpcv_depth.track3_metric import (DEPTH_METRICS, F_THRESHOLDS_M, FSCORE, GRI
 from lpcv_depth.visualize import depth_comparison_panel
 from lpcv_depth.models.weights import parse_weights_arg
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from lpcv_depth.workspace import build_dir
 STAGE = "evaluate"
 INTRINSICS = ("official", "dataset")
 CSV_COLUMNS = ("set", "frame", *DEPTH_METRICS, *POINT_METRICS, "n_points", "median_scale", "score_s", "status")
@@ -59,7 +59,7 @@ class EvaluateConfig:
     predictions: Path | None = None
     grid: str = "official"
     intrinsics: str = "official"
-    out_dir: Path | None = None
+    out: Path | None = None
     num_vis: int = 4
     # Off by default: sampling changes the score. When set, the same seeded pixels for pred and GT.
     max_points: int | None = None
@@ -109,11 +109,11 @@ class EvaluateConfig:
 
     @property
     def destination(self) -> Path:
-        if self.out_dir is not None:
-            return Path(self.out_dir)
+        if self.out is not None:
+            return Path(self.out)
         variant = "".join(f"-{what}-{value}" for what, value, default in
                           (("grid", self.grid, "official"), ("K", self.intrinsics, "official")) if value != default)
-        return REPO_ROOT / "build" / "eval" / f"{self.source_name}{variant}"
+        return build_dir("eval", f"{self.source_name}{variant}")
 
     def as_dict(self) -> dict:
         return config_as_dict(self)
@@ -222,7 +222,7 @@ def _open_source(config: EvaluateConfig, log: StageLog):
     return kind(config, log)
 
 
-def evaluate(config: EvaluateConfig, log: StageLog | None = None) -> EvaluateResult:
+def run_evaluate(config: EvaluateConfig, log: StageLog | None = None) -> EvaluateResult:
     """Score every frame of config.data; write the per-frame CSV, summaries, panels and manifest."""
     log = log or StageLog(STAGE)
     destination = config.destination
@@ -411,9 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = EvaluateConfig(data=args.data, model=args.model, weights=args.weights, output=args.output,
                                 onnx=args.onnx, predictions=args.predictions, grid=args.grid,
-                                intrinsics=args.intrinsics, out_dir=args.out, num_vis=args.num_vis,
+                                intrinsics=args.intrinsics, out=args.out, num_vis=args.num_vis,
                                 max_points=args.max_points, threads=args.threads)
-        result = evaluate(config, log)
+        result = run_evaluate(config, log)
     except (LpcvError, KeyboardInterrupt) as err:
         return exit_status(STAGE, err)
     overall = result.summary["overall"]

@@ -739,7 +739,7 @@ def _score_ground_truth(config: HtpCheckConfig, htp_session: HtpSession, qdq: Pa
                         staging: StagingDir, runner_type) -> dict:
     """fp32 (CPU), int8 (CPU QDQ) and int8 (HTP) on the RGB-D frames, scored by the evaluate stage
     from saved predictions, so the metric and the frame skipping are exactly evaluation/score.py's."""
-    from lpcv_depth.stages.evaluate import EvaluateConfig, evaluate
+    from lpcv_depth.stages.evaluate import EvaluateConfig, run_evaluate
     from lpcv_depth.rgbd import FrameError, load_rgbd_dataset
 
     frames = load_rgbd_dataset(config.eval_data)
@@ -764,8 +764,8 @@ def _score_ground_truth(config: HtpCheckConfig, htp_session: HtpSession, qdq: Pa
         if not (predictions / label).is_dir():
             raise ConfigError(f"no readable RGB-D frame in --eval-data {config.eval_data}: {'; '.join(unreadable[:3])}")
         quiet = StageLog(f"{STAGE}/evaluate-{label}", stream=io.StringIO())
-        result = evaluate(EvaluateConfig(data=Path(config.eval_data), predictions=predictions / label,
-                                         out_dir=staging.path / "eval" / label, num_vis=0), quiet)
+        result = run_evaluate(EvaluateConfig(data=Path(config.eval_data), predictions=predictions / label,
+                                         out=staging.path / "eval" / label, num_vis=0), quiet)
         overall = result.summary["overall"]
         summary["overall"][label] = overall["metrics"]
         summary["frames"] = overall["scored"]

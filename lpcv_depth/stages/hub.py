@@ -621,7 +621,7 @@ class _Run:
 
     def _ground_truth(self, frames: _Frames, with_host: bool, results: dict) -> None:
         """Both output folders through the evaluate stage, on exactly the frames sent to the device."""
-        from lpcv_depth.stages.evaluate import EvaluateConfig, evaluate
+        from lpcv_depth.stages.evaluate import EvaluateConfig, run_evaluate
         from lpcv_depth.track3_metric import FSCORE
 
         data = Path(self.config.eval_data)
@@ -634,8 +634,8 @@ class _Run:
         try:
             with self.log.step("ground-truth") as step:
                 for label in ("device", "host") if with_host else ("device",):
-                    evaluation = evaluate(EvaluateConfig(data=data, predictions=self.out / f"{label}_outputs",
-                                                         out_dir=self.out / "eval" / label, num_vis=2,
+                    evaluation = run_evaluate(EvaluateConfig(data=data, predictions=self.out / f"{label}_outputs",
+                                                         out=self.out / "eval" / label, num_vis=2,
                                                          threads=self.config.threads),
                                           StageLog(f"{STAGE}/evaluate-{label}"))
                     overall = evaluation.summary["overall"]

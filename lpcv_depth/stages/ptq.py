@@ -440,11 +440,11 @@ def verify_int8(config: PtqConfig, fp32_runner: OrtRunner, fp32_holdout: np.ndar
 def _score_against_ground_truth(config: PtqConfig, fp32_onnx: Path, qdq_path: Path, folder: Path) -> dict:
     """Both ONNX models through the evaluate stage, so PTQ scores frames exactly as `evaluation/score.py`
     does (same metric, same skipping of bad frames); each one's per-frame CSV lands in `folder`."""
-    from lpcv_depth.stages.evaluate import EvaluateConfig, evaluate
+    from lpcv_depth.stages.evaluate import EvaluateConfig, run_evaluate
 
     summary: dict = {}
     for label, onnx_path in (("fp32", fp32_onnx), ("int8", qdq_path)):
-        overall = evaluate(EvaluateConfig(data=Path(config.eval_data), onnx=onnx_path, out_dir=folder / label,
+        overall = run_evaluate(EvaluateConfig(data=Path(config.eval_data), onnx=onnx_path, out=folder / label,
                                           num_vis=0), StageLog(f"{STAGE}/evaluate-{label}")).summary["overall"]
         if not overall["scored"]:
             raise ConfigError(f"no usable RGB-D frames in --eval-data {config.eval_data} "
