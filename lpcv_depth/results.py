@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["Metrics", "ExportResults", "Fidelity", "GroundTruthPair", "HostLatency", "PtqSizes", "PtqResults", "Coverage",
            "ContextBinary", "OutputComparison", "HtpGroundTruth", "HtpCheckResults", "HubCompile", "HubProfile",
-           "HubInference", "HubResults", "EvaluateResults", "CompareColumn", "CompareResults"]
+           "HubInference", "HubResults", "EvaluateGroup", "SkippedFrame", "MetricTime", "EvaluateResults", "CompareColumn", "CompareResults"]
 
 # Metric name -> value, as track3_metric names them ("fscore@0.1", "abs_rel", ...).
 Metrics = dict[str, float]
@@ -229,11 +229,40 @@ class HubResults:
 
 
 @dataclass(frozen=True)
+class EvaluateGroup:
+    """Means over the scored frames of one set, or of all sets (every frame counts once)."""
+
+    frames: int
+    scored: int
+    skipped: int
+    # Empty when no frame of the group could be scored.
+    metrics: Metrics
+    mean_points: float
+
+
+@dataclass(frozen=True)
+class SkippedFrame:
+    set: str
+    frame: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class MetricTime:
+    """Seconds the Track 3 metric took per scored frame (the model's time excluded)."""
+
+    mean: float
+    max: float
+
+
+@dataclass(frozen=True)
 class EvaluateResults:
-    overall: dict
-    sets: dict
-    skipped: list[dict]
-    metric_time_s: float
+    """The evaluate stage's scores: `results` of its manifest, and the body of its summary.json."""
+
+    overall: EvaluateGroup
+    sets: dict[str, EvaluateGroup]
+    skipped: list[SkippedFrame]
+    metric_time_s: MetricTime
 
 
 @dataclass(frozen=True)
