@@ -1,63 +1,92 @@
-"""PIL-only figures: side-by-side depth panels (RGB | GT | prediction | absolute error) and small bar charts."""
+"""Figures, drawn with matplotlib (Agg canvas, imported only when a figure is drawn): side-by-side
+depth panels (RGB | GT | prediction | absolute error) and small bar charts.
+
+No figure goes through pyplot: each one is a `matplotlib.figure.Figure` on its own Agg canvas, so
+drawing never depends on, or changes, a process-wide backend.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-# Anchors of a turbo-like map (dark blue = near / small, dark red = far / large): perceptually
-# ordered enough to read depth, and unambiguous against the black used for invalid pixels.
-_ANCHORS = np.array([(48, 18, 59), (70, 134, 251), (27, 229, 181), (164, 252, 60), (251, 185, 56),
-                     (228, 72, 18), (122, 4, 3)], dtype=np.float64)
+__all__ = ["colorize", "depth_comparison_panel", "BarPanel", "bar_chart", "COLORMAP"]
+
+# Dark blue = near / small, dark red = far / large: ordered enough to read depth, and unambiguous
+# against the black of invalid pixels.
+COLORMAP = "turbo"
 _INVALID = (0, 0, 0)
+# Series colours (matplotlib's tab10 blue, orange, green, red), indexed by BarPanel.colours.
+_BAR_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+_DPI = 100
+
+
+def _matplotlib():
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        from lpcv_depth.errors import MissingDependencyError
+
+        raise MissingDependencyError("figures need matplotlib, which is not installed",
+                                     hint="pip install -e .  (matplotlib is a base dependency)") from err
+    return matplotlib, Figure, FigureCanvasAgg
 
 
 def colorize(values: np.ndarray, valid: np.ndarray, low: float, high: float) -> np.ndarray:
-    """(H, W, 3) uint8: `values` mapped from [low, high] through the colormap, invalid pixels black."""
-    t = np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0) * (len(_ANCHORS) - 1)
-    lower = np.minimum(t.astype(int), len(_ANCHORS) - 2)
-    frac = (t - lower)[..., None]
-    rgb = _ANCHORS[lower] * (1 - frac) + _ANCHORS[lower + 1] * frac
-    rgb[~valid] = _INVALID
-    return rgb.round().astype(np.uint8)
+    """(H, W, 3) uint8: `values` mapped from [low, high] through matplotlib's turbo, invalid pixels black."""
+    matplotlib, _, _ = _matplotlib()
+    t = np.clip((np.asarray(values, dtype=np.float64) - low) / max(high - low, 1e-12), 0.0, 1.0)
+    rgb = matplotlib.colormaps[COLORMAP](t, bytes=True)[..., :3].copy()
+    rgb[~np.asarray(valid, dtype=bool)] = _INVALID
+    return rgb
+
+
+def _render(figure, canvas_type) -> "Image.Image":
+    from PIL import Image
+
+    canvas = canvas_type(figure)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
 
 
 def depth_comparison_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, valid: np.ndarray,
-                           title: str = "", scale: float = 0.5) -> Image.Image:
-    """One row: RGB, GT depth, prediction, |pred - GT|, each `scale` times the input size.
+                           title: str = "", scale: float = 0.5) -> "Image.Image":
+    """One row (a PIL image): RGB, GT depth, prediction, |pred - GT|, each `scale` times the input size.
 
     image: (3, H, W) RGB in [0, 255]; gt, pred: (H, W) metres on the same scale (pred already
     median-scaled); valid: pixels where GT exists. GT and pred share one colour range (2nd-98th
     percentile of valid GT) so their colours compare directly.
     """
+    _, Figure, FigureCanvasAgg = _matplotlib()
     low, high = np.percentile(gt[valid], (2, 98)) if valid.any() else (0.0, 1.0)
     error = np.abs(pred - gt)
     error_high = float(np.percentile(error[valid], 98)) if valid.any() else 1.0
-    everywhere = np.ones_like(valid)
     tiles = [
         ("RGB", np.clip(image, 0, 255).transpose(1, 2, 0).round().astype(np.uint8)),
         (f"GT {low:.1f}-{high:.1f} m", colorize(gt, valid, low, high)),
-        ("pred (median-scaled)", colorize(pred, everywhere, low, high)),
+        ("pred (median-scaled)", colorize(pred, np.ones_like(valid), low, high)),
         (f"|pred-GT| 0-{error_high:.2f} m", colorize(error, valid, 0.0, error_high)),
     ]
     height, width = gt.shape
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    panel = Image.new("RGB", (size[0] * len(tiles), size[1]))
-    draw = ImageDraw.Draw(panel)
+    tile_w, tile_h = max(1, round(width * scale)), max(1, round(height * scale))
+    figure = Figure(figsize=(tile_w * len(tiles) / _DPI, tile_h / _DPI), dpi=_DPI)
     for index, (label, pixels) in enumerate(tiles):
-        x = index * size[0]
-        panel.paste(Image.fromarray(pixels).resize(size, Image.BILINEAR), (x, 0))
+        axes = figure.add_axes((index / len(tiles), 0.0, 1.0 / len(tiles), 1.0))
+        axes.imshow(pixels, interpolation="antialiased", aspect="auto")
+        axes.set_axis_off()
         text = f"{title}  {label}" if index == 0 and title else label
-        draw.rectangle((x, 0, x + 7 * len(text) + 6, 14), fill=(0, 0, 0))
-        draw.text((x + 3, 1), text, fill=(255, 255, 255))
-    return panel
+        axes.text(0.01, 0.99, text, transform=axes.transAxes, va="top", ha="left", fontsize=7, color="white",
+                  bbox={"facecolor": "black", "edgecolor": "none", "pad": 1.5})
+    return _render(figure, FigureCanvasAgg)
 
 
 @dataclass(frozen=True)
 class BarPanel:
-    """One small bar chart: labelled values (None: not measured), and an optional reference line."""
+    """One small bar chart: labelled values (None: not measured, left out), and an optional reference line."""
 
     title: str
     bars: list[tuple[str, float | None]]
@@ -66,49 +95,44 @@ class BarPanel:
     # Palette index per bar (default: by position), so one series keeps one colour across panels.
     colours: tuple[int, ...] | None = None
 
+    @property
+    def measured(self) -> list[tuple[str, float, int]]:
+        """(label, value, colour index) of the bars that have a value."""
+        colours = self.colours or tuple(range(len(self.bars)))
+        return [(label, value, colour) for (label, value), colour in zip(self.bars, colours) if value is not None]
 
-_BAR_COLOURS = ((68, 119, 170), (238, 119, 51), (34, 136, 51), (204, 51, 17))
 
-
-def bar_chart(panels: list[BarPanel], title: str = "", columns: int = 3,
-              panel_size: tuple[int, int] = (320, 230)) -> Image.Image:
-    """Panels of side-by-side bars on a white canvas, PIL only; bars keep their colour by position."""
-    width, height = panel_size
-    rows = -(-len(panels) // columns)
-    top = 24 if title else 0
-    canvas = Image.new("RGB", (width * columns, height * rows + top), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
+def bar_chart(panels: list[BarPanel], path: str | os.PathLike, title: str = "", columns: int = 4,
+              panel_size: tuple[float, float] = (3.2, 2.4)) -> int:
+    """Save `panels` as one PNG grid; a panel without any measured bar is left out, not drawn empty.
+    Returns how many panels were drawn."""
+    _, Figure, FigureCanvasAgg = _matplotlib()
+    drawn = [panel for panel in panels if panel.measured]
+    columns = max(1, min(columns, len(drawn)))
+    rows = max(1, -(-len(drawn) // columns))
+    figure = Figure(figsize=(panel_size[0] * columns, panel_size[1] * rows + (0.4 if title else 0)), dpi=_DPI,
+                    layout="constrained")
     if title:
-        draw.text((8, 6), title, fill=(0, 0, 0))
-    for index, panel in enumerate(panels):
-        x0, y0 = (index % columns) * width, top + (index // columns) * height
-        _draw_bar_panel(draw, panel, x0, y0, width, height)
-    return canvas
+        figure.suptitle(title, fontsize=10)
+    for index, panel in enumerate(drawn):
+        _draw_bar_panel(figure.add_subplot(rows, columns, index + 1), panel)
+    FigureCanvasAgg(figure).print_png(os.fspath(path))
+    return len(drawn)
 
 
-def _draw_bar_panel(draw: ImageDraw.ImageDraw, panel: BarPanel, x0: int, y0: int, width: int, height: int) -> None:
-    draw.rectangle((x0 + 2, y0 + 2, x0 + width - 3, y0 + height - 3), outline=(200, 200, 200))
-    draw.text((x0 + 8, y0 + 6), panel.title, fill=(0, 0, 0))
-    plot_top, plot_bottom = y0 + 34, y0 + height - 30
-    left, right = x0 + 12, x0 + width - 12
-    values = [value for _, value in panel.bars if value is not None]
-    scale_max = max(values + ([panel.line[0]] if panel.line else []) + [1e-9]) * 1.15
-    slot = (right - left) / max(len(panel.bars), 1)
-    for position, (label, value) in enumerate(panel.bars):
-        bx0 = left + position * slot + slot * 0.2
-        bx1 = left + (position + 1) * slot - slot * 0.2
-        if value is None:
-            draw.text((bx0, plot_bottom - 14), "n/a", fill=(120, 120, 120))
-        else:
-            bar_top = plot_bottom - (plot_bottom - plot_top) * max(value, 0.0) / scale_max
-            colour = panel.colours[position] if panel.colours else position
-            draw.rectangle((bx0, bar_top, bx1, plot_bottom), fill=_BAR_COLOURS[colour % len(_BAR_COLOURS)])
-            draw.text((bx0, bar_top - 12), panel.fmt.format(value), fill=(0, 0, 0))
-        draw.text((bx0, plot_bottom + 4), label, fill=(0, 0, 0))
-    draw.line((left, plot_bottom, right, plot_bottom), fill=(0, 0, 0))
+def _draw_bar_panel(axes, panel: BarPanel) -> None:
+    bars = panel.measured
+    positions = range(len(bars))
+    drawn = axes.bar(positions, [max(value, 0.0) for _, value, _ in bars],
+                     color=[_BAR_COLOURS[colour % len(_BAR_COLOURS)] for _, _, colour in bars], width=0.6)
+    axes.bar_label(drawn, labels=[panel.fmt.format(value) for _, value, _ in bars], fontsize=7)
+    axes.set_xticks(list(positions), [label for label, _, _ in bars], fontsize=7)
+    axes.set_title(panel.title, fontsize=8)
+    axes.tick_params(axis="y", labelsize=7)
+    axes.margins(y=0.2)
+    axes.set_xlim(-0.75, max(len(bars), 2) - 0.25)  # a lone bar keeps the width it has beside another
     if panel.line is not None:
         value, label = panel.line
-        y = plot_bottom - (plot_bottom - plot_top) * value / scale_max
-        for dash in range(int(left), int(right), 10):
-            draw.line((dash, y, min(dash + 5, right), y), fill=(200, 0, 0), width=2)
-        draw.text((right - 7 * len(label) - 2, y - 13), label, fill=(200, 0, 0))
+        axes.axhline(value, color="tab:red", linestyle="--", linewidth=1.2)
+        axes.annotate(label, (0.98, value), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+                      fontsize=7, color="tab:red")
