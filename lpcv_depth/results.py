@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = ["Metrics", "ExportResults", "Fidelity", "GroundTruthPair", "HostLatency", "PtqSizes", "PtqResults", "Coverage",
-           "ContextBinary", "OutputComparison", "HtpGroundTruth", "HtpCheckResults", "HubCompile", "HubProfile",
+           "ContextBinary", "OutputComparison", "EmulationTime", "Fp16Baseline", "HtpGroundTruth", "HtpCheckResults", "HubCompile", "HubProfile",
            "HubInference", "HubResults", "EvaluateGroup", "SkippedFrame", "MetricTime", "EvaluateResults", "CompareColumn", "CompareResults"]
 
 # Metric name -> value, as track3_metric names them ("fscore@0.1", "abs_rel", ...).
@@ -142,10 +142,33 @@ class OutputComparison:
     fscore: float
     sqnr_db_scale_aligned: float | None = None
     frames: int | None = None
+    fscore_per_image: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class EmulationTime:
+    """Seconds per frame of the HTP emulated on the host CPU: never the phone's latency."""
+
+    frames: int
+    mean_s_per_frame: float | None
+    median_s_per_frame: float | None
+    note: str
+
+
+@dataclass(frozen=True)
+class Fp16Baseline:
+    """The fp32 model on the HTP in fp16: the float model the NPU would run."""
+
+    full_htp: bool
+    build_s: float
+    vs_fp32: OutputComparison | None = None
 
 
 @dataclass(frozen=True)
 class HtpGroundTruth:
+    """fp32 (CPU), int8 (CPU QDQ) and int8 (HTP) scored against RGB-D ground truth by the evaluate
+    stage; `sets` maps a set to its frame count and each label's F-score."""
+
     frames_selected: int
     frames_total: int
     frames: int
@@ -158,16 +181,20 @@ class HtpGroundTruth:
 
 @dataclass(frozen=True)
 class HtpCheckResults:
+    """The local HTP check: `target` (soc_model, htp_arch, device), `qnn` (versions), `model` (op
+    counts of the QDQ graph); `numerics` maps "htp_vs_<reference>" (and "int8_cpu_vs_fp32") to a
+    comparison on the held-out images; `emulation_time` maps "int8" / "fp16" to host seconds."""
+
     target: dict
     emulation_note: str
     warnings: list[str]
     qnn: dict
     model: dict
     coverage: Coverage
-    emulation_time: dict
+    emulation_time: dict[str, EmulationTime]
     numerics: dict[str, OutputComparison]
     context_binary: ContextBinary | None = None
-    fp16_baseline: dict | None = None
+    fp16_baseline: Fp16Baseline | None = None
     ground_truth: HtpGroundTruth | None = None
 
 
