@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = ["Metrics", "ExportResults", "Fidelity", "GroundTruthPair", "HostLatency", "PtqSizes", "PtqResults", "Coverage",
-           "ContextBinary", "OutputComparison", "EmulationTime", "Fp16Baseline", "HtpGroundTruth", "HtpCheckResults", "HubCompile", "HubProfile",
-           "HubInference", "HubResults", "EvaluateGroup", "SkippedFrame", "MetricTime", "EvaluateResults", "CompareColumn", "CompareResults"]
+           "ContextBinary", "OutputComparison", "EmulationTime", "Fp16Baseline", "HtpGroundTruth", "HtpCheckResults", "HubInput", "HubJobRecord", "HubShare", "HubCompile",
+           "HubProfile", "HubHostFidelity", "HubGroundTruth", "HubInference", "HubResults", "EvaluateGroup", "SkippedFrame", "MetricTime", "EvaluateResults", "CompareColumn", "CompareResults"]
 
 # Metric name -> value, as track3_metric names them ("fscore@0.1", "abs_rel", ...).
 Metrics = dict[str, float]
@@ -199,15 +199,47 @@ class HtpCheckResults:
 
 
 @dataclass(frozen=True)
+class HubInput:
+    """What the hub stage uploaded, and the host ONNX its device outputs are compared with."""
+
+    kind: str  # export | ptq | onnx | aimet | qnn_context_binary
+    upload: str
+    precision: str  # fp32 | int8 | unknown
+    label: str
+    model_name: str | None
+    source_dir: str | None  # the export / ptq / htp-check folder it came from
+    host_reference: str | None
+    sha256: str
+
+
+@dataclass(frozen=True)
+class HubJobRecord:
+    job_id: str
+    url: str
+    status: str
+
+
+@dataclass(frozen=True)
+class HubShare:
+    job_id: str
+    kind: str
+    emails: list[str]
+    at: str
+
+
+@dataclass(frozen=True)
 class HubCompile:
     job_id: str
     url: str
+    # The whole string the compile job got: --target_runtime, the model's own options, the user's.
     options: str
     device: str
     target_model_id: str
     target_model: str
     bytes: int
     sha256: str
+    # The part of `options` the model spec asks for (ModelSpec.hub_compile_options).
+    model_options: str = ""
 
 
 @dataclass(frozen=True)
@@ -230,6 +262,29 @@ class HubProfile:
 
 
 @dataclass(frozen=True)
+class HubHostFidelity:
+    """On-device outputs against ONNX Runtime on the host, same frames: the reference is pseudo ground
+    truth for the F-score."""
+
+    reference: str
+    sqnr_db: float
+    max_abs_diff: float
+    fscore_vs_host: float
+    fscore_vs_host_per_frame: list[float]
+
+
+@dataclass(frozen=True)
+class HubGroundTruth:
+    """The evaluate stage on the device outputs (and the host outputs, when there is a host reference)."""
+
+    frames: int
+    skipped: int
+    device: Metrics
+    host: Metrics | None = None
+    fscore_drop: float | None = None
+
+
+@dataclass(frozen=True)
 class HubInference:
     job_id: str
     url: str
@@ -238,21 +293,21 @@ class HubInference:
     data: dict
     input_dtype: str
     outputs: str
-    vs_host: dict | None = None
-    ground_truth: dict | None = None
+    vs_host: HubHostFidelity | None = None
+    ground_truth: HubGroundTruth | None = None
 
 
 @dataclass(frozen=True)
 class HubResults:
-    input: dict
+    input: HubInput
     device: str
     runtime: str
     target_fps: float
-    jobs: dict[str, dict] = field(default_factory=dict)
+    jobs: dict[str, HubJobRecord] = field(default_factory=dict)
     compile: HubCompile | None = None
     profile: HubProfile | None = None
     inference: HubInference | None = None
-    share: dict | None = None
+    share: HubShare | None = None
 
 
 @dataclass(frozen=True)
