@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["Metrics", "ExportResults", "Fidelity", "GroundTruthPair", "HostLatency", "PtqSizes", "PtqResults", "Coverage",
            "ContextBinary", "OutputComparison", "EmulationTime", "Fp16Baseline", "HtpGroundTruth", "HtpCheckResults", "HubInput", "HubJobRecord", "HubShare", "HubCompile",
-           "HubProfile", "HubHostFidelity", "HubGroundTruth", "HubInference", "HubResults", "EvaluateGroup", "SkippedFrame", "MetricTime", "EvaluateResults", "CompareColumn", "CompareResults"]
+           "HubProfile", "HubHostFidelity", "HubGroundTruth", "HubInference", "HubResults", "EvaluateGroup", "SkippedFrame", "MetricTime", "EvaluateResults", "CompareColumn", "CompareFidelity", "ComparePanel", "CompareResults"]
 
 # Metric name -> value, as track3_metric names them ("fscore@0.1", "abs_rel", ...).
 Metrics = dict[str, float]
@@ -375,12 +375,41 @@ class CompareColumn:
     abs_rel_gt_device: float | None = None
     gt_frames_device: int | None = None
     device_vs_host_sqnr_db: float | None = None
-    # From the local HTP check (emulation on this host, not the phone), when there is one.
+    # From the local HTP check (emulation on this host, not the phone), when there is one. fp32:
+    # the float model on the HTP in fp16 (coverage) and on ONNX Runtime's CPU (F-score vs GT).
     htp_full: bool | None = None
     htp_nodes: int | None = None
     htp_cpu_nodes: int | None = None
     htp_fscore_gt: float | None = None
+    htp_gt_frames: int | None = None
+    htp_fscore_vs_fp32: float | None = None
     context_binary_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class CompareFidelity:
+    """int8 against fp32: on the host (the ptq stage's held-out images), on the phone (both hub runs'
+    saved outputs) and through the local HTP emulation."""
+
+    host_sqnr_db: float | None = None
+    host_sqnr_db_scale_aligned: float | None = None
+    host_fscore_vs_fp32: float | None = None
+    host_holdout_images: int | None = None
+    device: dict | None = None
+    device_speedup: float | None = None
+    htp_sqnr_db: float | None = None
+    htp_fscore_vs_fp32: float | None = None
+
+
+@dataclass(frozen=True)
+class ComparePanel:
+    """One panel of compare.png: bars (label -> value, measured ones only) and an optional target line."""
+
+    title: str
+    bars: dict[str, float]
+    fmt: str = "{:.1f}"
+    line: float | None = None
+    line_label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -390,5 +419,7 @@ class CompareResults:
     host_only: bool
     missing_hub_runs: list[str]
     models: dict[str, CompareColumn]
-    int8_vs_fp32: dict
+    int8_vs_fp32: CompareFidelity
+    chart: list[ComparePanel] = field(default_factory=list)
     htp_check: str | None = None
+    htp_check_note: str | None = None
