@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["option", "OptionSpec", "add_config_arguments", "config_from_args", "config_to_argv",
-           "cli_fields", "flag_name", "parse_size", "format_size", "parse_optional_path"]
+           "cli_fields", "flag_name", "parse_size", "format_size", "parse_optional_path", "inherit", "quote_argv"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,9 @@ def _parser_for(annotation: Any, spec: OptionSpec) -> Callable[[str], Any] | Non
     return parse_optional
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_type: type) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, config_type: type, *, given_only: bool = False) -> None:
+    """One flag per option field. With `given_only`, nothing is required and the namespace holds
+    only the flags actually given (for `lpcv-depth run --ptq-args "..."`)."""
     hints = typing.get_type_hints(config_type)
     for field, spec in cli_fields(config_type):
         annotation = hints[field.name]
@@ -114,7 +116,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_type: type) -> 
         default = _field_default(field)
         help_text = spec.help
         if base is bool:
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS if given_only else default,
                                 help=f"{help_text} (default: {'on' if default else 'off'})")
             continue
         kwargs: dict[str, Any] = {"dest": field.name, "help": help_text, "metavar": spec.metavar}
@@ -123,7 +126,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_type: type) -> 
             kwargs["type"] = converter
         if spec.choices:
             kwargs["choices"] = spec.choices
-        if spec.repeatable:
+        if given_only:
+            kwargs["default"] = argparse.SUPPRESS
+            if spec.repeatable:
+                kwargs["action"] = "append"
+        elif spec.repeatable:
             kwargs["action"] = "append"
             kwargs["default"] = None
         elif spec.required:
@@ -167,6 +174,15 @@ def _format_value(field: dataclasses.Field, spec: OptionSpec, value: Any) -> str
     return str(value)
 
 
+def inherit(config_type: type, name: str, **changes) -> Any:
+    """The option `name` of another stage's config, for a config that passes it on (`lpcv-depth run`
+    takes --calib as ptq declares it): declared once, with the same flag, default and help."""
+    source = {f.name: f for f in dataclasses.fields(config_type)}[name]
+    spec = dataclasses.replace(source.metadata["option"], **changes)
+    return dataclasses.field(default=source.default, default_factory=source.default_factory,
+                             metadata={"option": spec})
+
+
 def config_to_argv(config: Any, *, only_changed: bool = True) -> list[str]:
     """The command-line arguments that rebuild `config` (fields left at their default are omitted)."""
     hints = typing.get_type_hints(type(config))
@@ -186,7 +202,9 @@ def config_to_argv(config: Any, *, only_changed: bool = True) -> list[str]:
             for item in value:
                 argv += [flag, _format_value(field, spec, item)]
         else:
-            argv += [flag, _format_value(field, spec, value)]
+            text = _format_value(field, spec, value)
+            # argparse reads a separate "-..." word as a flag: glue such a value to its own flag.
+            argv += [f"{flag}={text}"] if text.startswith("-") else [flag, text]
     return argv
 
 

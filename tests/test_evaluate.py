@@ -14,9 +14,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from lpcv_depth.stages.evaluate import EvaluateConfig, run_evaluate, main
+from lpcv_depth.cli import main
+from lpcv_depth.manifest import Manifest
+from lpcv_depth.results import EvaluateResults
 from lpcv_depth.rgbd import load_rgbd_dataset
+from lpcv_depth.stages.evaluate import EvaluateConfig, run_evaluate
 from lpcv_depth.track3_metric import FSCORE
+from lpcv_depth.workspace import ENV_VAR, build_dir
 from tests.conftest import REPO_ROOT
 from tests.test_rgbd import make_organizers_set
 
@@ -37,7 +41,7 @@ def save_ground_truth_as_predictions(data: Path, folder: Path, nested: bool = Fa
 
 def test_cli_end_to_end_with_real_fastdepth(rgbd_dir, fastdepth_tflite, tmp_path):
     out = tmp_path / "eval"
-    # --threads 1: on a busy 2-core machine two torch threads make FastDepth ~50x slower.
+    # --threads 1: torch threads contend on a busy shared machine (measured: docs/evaluate.md).
     proc = subprocess.run([sys.executable, "evaluation/score.py", "--model", "fastdepth", "--weights", "default",
                            "--data", str(rgbd_dir), "--out", str(out), "--threads", "1"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -78,7 +82,7 @@ def test_cli_on_a_predictions_folder_with_a_perfect_and_a_broken_frame(rgbd_dir,
     save_ground_truth_as_predictions(rgbd_dir / "tum_desk", predictions)
     (predictions / "desk_2.npy").write_bytes(b"not an npy file")
     out = tmp_path / "out"
-    assert main(["--predictions", str(predictions), "--data", str(rgbd_dir / "tum_desk"), "--out", str(out),
+    assert main(["evaluate", "--predictions", str(predictions), "--data", str(rgbd_dir / "tum_desk"), "--out", str(out),
                  "--num-vis", "1", "--threads", "1"]) == 0
     stdout = capsys.readouterr().out
     assert "1 scored, 1 skipped" in stdout and "WARNING skipped tum_desk/desk_2: cannot read prediction" in stdout
@@ -94,6 +98,21 @@ def test_cli_on_a_predictions_folder_with_a_perfect_and_a_broken_frame(rgbd_dir,
     assert "Skipped 1 frame(s)" in (out / "summary.md").read_text()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["inputs"]["source"]["kind"] == "predictions" and manifest["inputs"]["source"]["files"] == 2
+    results = Manifest.read(out, stage="evaluate").results_as(EvaluateResults)
+    assert results.overall.scored == 1 and results.overall.metrics[FSCORE] == 100
+    assert [(s.set, s.frame) for s in results.skipped] == [("tum_desk", "desk_2")]
+    assert {k: summary[k] for k in ("overall", "sets", "skipped", "metric_time_s")} == manifest["results"]
+
+
+def test_out_never_replaces_an_input(rgbd_dir, tmp_path, capsys):
+    predictions = tmp_path / "aihub_outputs"
+    save_ground_truth_as_predictions(rgbd_dir / "tum_desk", predictions)
+    before = sorted(p.name for p in predictions.iterdir())
+    for out in (predictions, predictions / "eval", rgbd_dir / "tum_desk"):
+        code, err = run_main(["--predictions", str(predictions), "--data", str(rgbd_dir / "tum_desk"),
+                              "--out", str(out)], capsys)
+        assert code == 2 and "this run's input" in err and "--out" in err
+    assert sorted(p.name for p in predictions.iterdir()) == before
 
 
 def test_root_of_sets_with_nested_predictions_missing_and_wrong_shape(rgbd_dir, tmp_path):
@@ -108,6 +127,7 @@ def test_root_of_sets_with_nested_predictions_missing_and_wrong_shape(rgbd_dir, 
     assert sets["hololens_dev"] == {"frames": 20, "scored": 0, "skipped": 20, "metrics": {}, "mean_points": 0.0}
     assert sets["kinect_home"]["scored"] == 4 and sets["kinect_home"]["skipped"] == 1
     assert sets["tum_desk"]["metrics"][FSCORE] == 100 and sets["iphone_lidar"]["mean_points"] == 20_000
+    assert result.results.sets["kinect_home"].skipped == 1 and result.results.overall.frames == 28
     reasons = {item["frame"]: item["reason"] for item in result.summary["skipped"]}
     assert "no prediction file holo_00003.npy" in reasons["holo_00003"]
     assert "shape (1, 1, 240, 320)" in reasons["home_2"]
@@ -130,7 +150,7 @@ def test_onnx_source_on_organizers_layout(tmp_path):
     data = make_organizers_set(tmp_path / "track3")
     onnx_path = tiny_onnx(tmp_path / "tiny.onnx")
     config = EvaluateConfig(data=data, onnx=onnx_path, out=tmp_path / "out", num_vis=2, threads=1)
-    result = evaluate(config)
+    result = run_evaluate(config)
     assert result.summary["overall"]["scored"] == 2
     assert 0 <= result.summary["overall"]["metrics"][FSCORE] < 100
     conf_2 = [load_rgbd_dataset(data)[i].load_ground_truth().conf for i in (0, 1)]
@@ -138,17 +158,23 @@ def test_onnx_source_on_organizers_layout(tmp_path):
     assert result.manifest["inputs"]["source"]["sha256"] and len(list((result.out_dir / "vis").iterdir())) == 2
 
 
-def test_default_output_folder_names_the_variant(rgbd_dir, tmp_path):
+def test_default_output_folder_names_the_variant(rgbd_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
     onnx_path = tiny_onnx(tmp_path / "model.onnx")
     (tmp_path / "fastdepth" / "export").mkdir(parents=True)
     nested = onnx_path.rename(tmp_path / "fastdepth" / "export" / "model.onnx")
-    assert EvaluateConfig(data=rgbd_dir, onnx=nested).destination == REPO_ROOT / "build/eval/fastdepth-export"
+    assert EvaluateConfig(data=rgbd_dir, onnx=nested).destination == build_dir("eval", "fastdepth-export")
+    assert build_dir("eval", "fastdepth-export") == Path.cwd() / "build/eval/fastdepth-export"
     config = EvaluateConfig(data=rgbd_dir, model="fastdepth", output="disparity", grid="xy", intrinsics="dataset")
-    assert config.destination == REPO_ROOT / "build/eval/fastdepth-disparity-grid-xy-K-dataset"
+    assert config.destination == Path.cwd() / "build/eval/fastdepth-disparity-grid-xy-K-dataset"
+    # The workspace, not the current folder, is where outputs go when one is set.
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "workspace"))
+    assert config.destination == tmp_path / "workspace/build/eval/fastdepth-disparity-grid-xy-K-dataset"
+    assert EvaluateConfig(data=rgbd_dir, onnx=nested, out=tmp_path / "mine").destination == tmp_path / "mine"
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    code = main(argv)
+    code = main(["evaluate", *argv])
     return code, capsys.readouterr().err
 
 

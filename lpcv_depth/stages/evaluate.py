@@ -1,8 +1,8 @@
 """Score a model on RGB-D data with the LPCVC 2025 Track 3 metric, as the organizers' server would.
 
-    python evaluation/score.py --model fastdepth --weights default --data ../shared/data/rgbd
-    python evaluation/score.py --onnx build/fastdepth/export/model.onnx --data ../shared/data/rgbd
-    python evaluation/score.py --predictions aihub_outputs/ --data my_track3_set/
+    lpcv-depth evaluate --model fastdepth --weights default --data ../shared/data/rgbd
+    lpcv-depth evaluate --onnx build/fastdepth/export/model.onnx --data ../shared/data/rgbd
+    lpcv-depth evaluate --predictions aihub_outputs/ --data my_track3_set/
 
 Exactly one source: a registered torch model, an ONNX file (fp32 or int8 QDQ), or a folder of
 saved predictions (<frame id>.npy of shape (1,1,480,640), e.g. AI Hub inference outputs; for a
@@ -10,15 +10,15 @@ folder of sets, <set>/<frame id>.npy also works). --data is one set or a folder 
 layout (rgb/ + depth/) or the organizers' (raw/ + conf/ + rgb/ or image/).
 
 Writes OUT/frames.csv, summary.json, summary.md, vis/*.png and manifest.json
-(default OUT: build/eval/<source name>).
+(default OUT: build/eval/<source name>). Every option: docs/evaluate.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -29,20 +29,28 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lpcv_depth.contract import TRACK3
+from lpcv_depth.contract import OUTPUT_MODES, TRACK3
 from lpcv_depth.errors import ConfigError, ContractError, LpcvError
-from lpcv_depth.rgbd import DatasetError, Frame, FrameError, dataset_files, load_rgbd_dataset
-from lpcv_depth.stage import StageLog, StagingDir, exit_status
 from lpcv_depth.manifest import config_as_dict, read_manifest, sha256_file, sha256_of_files, write_manifest
+from lpcv_depth.options import option
+from lpcv_depth.report import cell, markdown_table
+from lpcv_depth.results import EvaluateGroup, EvaluateResults, MetricTime, SkippedFrame
+from lpcv_depth.rgbd import DatasetError, Frame, FrameError, GroundTruth, dataset_files, load_rgbd_dataset
+from lpcv_depth.schema import to_json
+from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
+from lpcv_depth.stages.export import ONNX_NAME, parse_weights
 from lpcv_depth.track3_metric import (DEPTH_METRICS, F_THRESHOLDS_M, FSCORE, GRIDS, OFFICIAL_K, POINT_METRICS,
                                       evaluation_masks, fscore_key, mean_metrics, score_frame)
-from lpcv_depth.visualize import depth_comparison_panel
-from lpcv_depth.models.weights import parse_weights_arg
-
 from lpcv_depth.workspace import build_dir
+
+__all__ = ["EvaluateConfig", "EvaluateResult", "run_evaluate", "summarize", "DEFINITION"]
+
 STAGE = "evaluate"
 INTRINSICS = ("official", "dataset")
 CSV_COLUMNS = ("set", "frame", *DEPTH_METRICS, *POINT_METRICS, "n_points", "median_scale", "score_s", "status")
+# summary.md columns: header, metric key, format.
+MARKDOWN_COLUMNS = (("F@0.1", FSCORE, "{:.2f}"), ("F@0.2", fscore_key(0.2), "{:.2f}"),
+                    ("abs_rel", "abs_rel", "{:.3f}"), ("rmse (m)", "rmse", "{:.3f}"), ("δ<1.25", "delta1", "{:.3f}"))
 _MAX_WARNINGS = 10
 
 
@@ -50,40 +58,33 @@ _MAX_WARNINGS = 10
 class EvaluateConfig:
     """What to score (exactly one of model, onnx, predictions), on which data, and how; validated here."""
 
-    data: Path
-    model: str | None = None
-    # A path, "hf" (official checkpoint), "default" (the model's declared default) or None (random).
-    weights: str | None = "default"
-    output: str = "depth"
-    onnx: Path | None = None
-    predictions: Path | None = None
-    grid: str = "official"
-    intrinsics: str = "official"
-    out: Path | None = None
-    num_vis: int = 4
-    # Off by default: sampling changes the score. When set, the same seeded pixels for pred and GT.
-    max_points: int | None = None
-    seed: int = 0
-    # CPU threads for the model and the neighbour search; None: all cores.
-    threads: int | None = None
+    data: Path = option(help="an RGB-D set folder, or a folder of sets")
+    model: str | None = option(None, help="source: a registered model, run with torch")
+    weights: str | None = option("default", parse=parse_weights,
+                                 help="with --model: PATH, 'hf' (official checkpoint), 'default' (the model's "
+                                      "declared weights; the default here) or 'None' (random init, pipeline "
+                                      "tests only)")
+    output: str = option("depth", choices=OUTPUT_MODES, help="with --model: depth or disparity output")
+    onnx: Path | None = option(None, help="source: an ONNX file (fp32 or int8 QDQ), run with ONNX Runtime")
+    predictions: Path | None = option(None, help="source: a folder of <frame id>.npy predictions of shape "
+                                                 "(1,1,480,640), e.g. AI Hub outputs")
+    grid: str = option("official", choices=GRIDS,
+                       help="official (default): the organizers' pixel grid, as on the leaderboard; "
+                            "xy: the geometrically correct one")
+    intrinsics: str = option("official", choices=INTRINSICS,
+                             help="official (default): the organizers' fixed K as-is on 640x480; "
+                                  "dataset: each set's own K from meta.json, scaled to 640x480")
+    out: Path | None = option(None, help="output folder (default: build/eval/<source name> in the workspace)")
+    num_vis: int = option(4, help="frames drawn as side-by-side PNGs")
+    # Off by default: sampling changes the score.
+    max_points: int | None = option(None, help="score at most N sampled points per frame (seeded, the same pixels "
+                                               "for prediction and ground truth); default: all points, exact")
+    seed: int = option(0, help="seed of the --max-points sampling")
+    threads: int | None = option(None, help="CPU threads for the model and the neighbour search (default: all "
+                                            "cores); 1 is often faster on a busy shared machine")
 
     def __post_init__(self):
-        sources = [name for name, value in (("--model", self.model), ("--onnx", self.onnx),
-                                            ("--predictions", self.predictions)) if value is not None]
-        if len(sources) != 1:
-            raise ConfigError(f"give exactly one source to score, got {len(sources)}: {', '.join(sources) or 'none'}",
-                              hint="--model NAME [--weights ...], --onnx PATH or --predictions DIR")
-        if self.model is not None:
-            from lpcv_depth.models import OUTPUT_MODES, get_spec  # imports torch: only when a torch model is scored
-
-            get_spec(self.model)  # unknown names fail here, listing the valid ones
-            if self.output not in OUTPUT_MODES:
-                raise ConfigError(f"output must be one of {OUTPUT_MODES}, got {self.output!r}")
-        if self.onnx is not None and not Path(self.onnx).is_file():
-            raise ConfigError(f"ONNX file not found: {self.onnx}", hint="export one with python export/to_onnx.py")
-        if self.predictions is not None and not Path(self.predictions).is_dir():
-            raise ConfigError(f"predictions folder not found: {self.predictions}",
-                              hint="pass the folder holding <frame id>.npy files")
+        self._check_source()
         if not Path(self.data).is_dir():
             raise ConfigError(f"data folder not found: {self.data}", hint="pass a set folder or a folder of sets")
         if self.grid not in GRIDS:
@@ -91,11 +92,43 @@ class EvaluateConfig:
         if self.intrinsics not in INTRINSICS:
             raise ConfigError(f"intrinsics must be one of {INTRINSICS}, got {self.intrinsics!r}")
         if self.num_vis < 0:
-            raise ConfigError(f"num_vis must be >= 0, got {self.num_vis}")
+            raise ConfigError(f"num_vis must be >= 0, got {self.num_vis}", hint="pass --num-vis 0 for no pictures")
         if self.max_points is not None and self.max_points < 1:
-            raise ConfigError(f"max_points must be >= 1, got {self.max_points}")
+            raise ConfigError(f"max_points must be >= 1, got {self.max_points}",
+                              hint="leave --max-points out to score every point")
         if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+            raise ConfigError(f"threads must be >= 1, got {self.threads}",
+                              hint="leave --threads out to use every core")
+
+    def _check_source(self) -> None:
+        sources = [name for name, value in (("--model", self.model), ("--onnx", self.onnx),
+                                            ("--predictions", self.predictions)) if value is not None]
+        if len(sources) != 1:
+            raise ConfigError(f"give exactly one source to score, got {len(sources)}: {', '.join(sources) or 'none'}",
+                              hint="--model NAME [--weights ...], --onnx PATH or --predictions DIR")
+        if self.model is not None:
+            from lpcv_depth.models import get_spec  # imports torch: only when a torch model is scored
+
+            get_spec(self.model)  # unknown names fail here, listing the valid ones
+        if self.output not in OUTPUT_MODES:
+            raise ConfigError(f"output must be one of {OUTPUT_MODES}, got {self.output!r}")
+        if self.onnx is not None and not Path(self.onnx).is_file():
+            raise ConfigError(f"ONNX file not found: {self.onnx}", hint=f"export one with {command_line('export')}")
+        if self.predictions is not None and not Path(self.predictions).is_dir():
+            raise ConfigError(f"predictions folder not found: {self.predictions}",
+                              hint="pass the folder holding <frame id>.npy files")
+
+    @property
+    def weights_file(self) -> Path | None:
+        """The local weights file, when --model runs with one (--out must never replace it)."""
+        if self.model is None or self.weights in (None, "hf", "default"):
+            return None
+        return Path(self.weights)
+
+    @property
+    def inputs(self) -> list[Path | None]:
+        """Everything the run reads: StagingDir refuses an --out that is, holds or lies inside one."""
+        return [self.onnx, self.predictions, self.data, self.weights_file]
 
     @property
     def source_name(self) -> str:
@@ -121,12 +154,15 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class EvaluateResult:
-    """Where the outputs went, and summary.json's content (overall and per-set means, skipped frames)."""
+    """Where the outputs went, the typed scores, and summary.json's content (the scores plus the
+    source and the config)."""
 
     out_dir: Path
+    results: EvaluateResults
     summary: dict
     manifest_path: Path
     manifest: dict
+    config: EvaluateConfig
 
 
 def _prediction_map(array: np.ndarray, frame: Frame, what: str) -> np.ndarray:
@@ -182,8 +218,8 @@ class _OnnxSource:
             self.runner = OrtRunner(path, threads=config.threads)
         except Exception as err:  # onnxruntime raises its own exception types for unloadable files
             raise ContractError(f"ONNX Runtime cannot load {path}: {type(err).__name__}: {err}",
-                                hint="pass an ONNX file written by python export/to_onnx.py or the quantize "
-                                     "stage") from err
+                                hint=f"pass an ONNX file written by {command_line('export')} or "
+                                     f"{command_line('ptq')}") from err
         self.inputs = {"kind": "onnx", "path": os.fspath(path.resolve()), "bytes": path.stat().st_size,
                        "sha256": sha256_file(path)}
         self.detail = f"{path.name}, {self.inputs['bytes'] / 1e6:.1f} MB"
@@ -217,6 +253,7 @@ class _PredictionFolder:
         return _prediction_map(array, frame, f"prediction {path.name}")
 
 
+
 def _open_source(config: EvaluateConfig, log: StageLog):
     kind = _ModelSource if config.model is not None else _OnnxSource if config.onnx is not None else _PredictionFolder
     return kind(config, log)
@@ -225,7 +262,26 @@ def _open_source(config: EvaluateConfig, log: StageLog):
 def run_evaluate(config: EvaluateConfig, log: StageLog | None = None) -> EvaluateResult:
     """Score every frame of config.data; write the per-frame CSV, summaries, panels and manifest."""
     log = log or StageLog(STAGE)
+    frames, sets = _discover(config, log)
+    data_inputs = _hash_data(config, frames, sets, log)
+    source = _load_source(config, log)
+    with StagingDir(config.destination, stage=STAGE, inputs=config.inputs) as staging:
+        rows, skipped, panels = _score(frames, source, config, staging, log)
+        results = summarize(rows, skipped, sets)
+        summary = {"source": source.inputs, "config": config.as_dict(), **to_json(results)}
+        reports = _write_reports(staging, rows, summary, results, config, log)
+        manifest_path = write_manifest(
+            staging.path, stage=STAGE, config=config.as_dict(),
+            inputs={"data": data_inputs, "source": source.inputs, "metric": _metric_inputs(config)},
+            outputs=[*reports, *panels], timings=log.timings, results=results)
     destination = config.destination
+    _log_score(results, destination, log)
+    return EvaluateResult(destination, results, summary, destination / manifest_path.name,
+                          read_manifest(destination), config)
+
+
+def _discover(config: EvaluateConfig, log: StageLog) -> tuple[list[Frame], list[str]]:
+    """The frames of --data, and the names of its sets in order."""
     with log.step("discover") as step:
         frames = load_rgbd_dataset(config.data)
         sets = list(dict.fromkeys(frame.set_name for frame in frames))
@@ -235,47 +291,22 @@ def run_evaluate(config: EvaluateConfig, log: StageLog | None = None) -> Evaluat
                 raise DatasetError(f"--intrinsics dataset, but these sets declare no intrinsics: {', '.join(missing)}",
                                    hint="use --intrinsics official, or pass only sets whose meta.json has intrinsics")
         step.detail = f"{len(frames)} frames in {len(sets)} set(s): {', '.join(sets)}"
+    return frames, sets
+
+
+def _hash_data(config: EvaluateConfig, frames: list[Frame], sets: list[str], log: StageLog) -> dict:
     with log.step("hash-inputs") as step:
         files = dataset_files(frames)
-        data_inputs = {"path": os.fspath(Path(config.data).resolve()), "sets": sets, "frames": len(frames),
-                       "files": len(files), "sha256": sha256_of_files(files, Path(config.data))}
         step.detail = f"{len(files)} files"
+        return {"path": os.fspath(Path(config.data).resolve()), "sets": sets, "frames": len(frames),
+                "files": len(files), "sha256": sha256_of_files(files, Path(config.data))}
+
+
+def _load_source(config: EvaluateConfig, log: StageLog):
     with log.step("load-source") as step:
         source = _open_source(config, log)
         step.detail = source.detail
-
-    with StagingDir(destination, stage=STAGE) as staging:
-        with log.step("score") as step:
-            rows, skipped, panels = _score_frames(frames, source, config, staging)
-            scored = [row for row in rows if row["status"] == "ok"]
-            if not scored:
-                reasons = "; ".join(item["reason"] for item in skipped[:3])
-                raise LpcvError(f"no frame could be scored ({len(skipped)} skipped): {reasons}",
-                                hint="check that --data and the predictions belong together")
-            times = [row["score_s"] for row in scored]
-            mean_f = np.mean([row[FSCORE] for row in scored])
-            step.detail = (f"{len(scored)} scored, {len(skipped)} skipped; F@0.1 {mean_f:.2f}; "
-                           f"metric {np.mean(times):.2f} s/frame")
-        for item in skipped[:_MAX_WARNINGS]:
-            log.warn(f"skipped {item['set']}/{item['frame']}: {item['reason']}")
-        if len(skipped) > _MAX_WARNINGS:
-            log.warn(f"... and {len(skipped) - _MAX_WARNINGS} more skipped frames, listed in summary.json")
-
-        with log.step("write") as step:
-            summary = _summarize(rows, skipped, sets, config, source.inputs)
-            csv_path = _write_csv(staging / "frames.csv", rows)
-            json_path = staging / "summary.json"
-            json_path.write_text(json.dumps(summary, indent=2) + "\n")
-            md_path = staging / "summary.md"
-            md_path.write_text(_markdown(summary, config))
-            step.detail = f"{len(rows)} rows, {len(panels)} panels"
-        manifest_path = write_manifest(
-            staging.path, stage=STAGE, config=config.as_dict(),
-            inputs={"data": data_inputs, "source": source.inputs, "metric": _metric_inputs(config)},
-            outputs=[csv_path, json_path, md_path, *panels], timings=log.timings,
-            results={key: summary[key] for key in ("overall", "sets", "skipped", "metric_time_s")})
-    log.info(f"ok {log.total_seconds:.1f}s -> {destination}")
-    return EvaluateResult(destination, summary, destination / manifest_path.name, read_manifest(destination))
+    return source
 
 
 def _metric_inputs(config: EvaluateConfig) -> dict:
@@ -285,11 +316,29 @@ def _metric_inputs(config: EvaluateConfig) -> dict:
             "scipy": metadata.version("scipy"), "pillow": metadata.version("pillow")}
 
 
+def _score(frames: list[Frame], source, config: EvaluateConfig, staging: StagingDir,
+           log: StageLog) -> tuple[list[dict], list[SkippedFrame], list[Path]]:
+    """Every frame scored or skipped with its reason; an error when none could be scored."""
+    with log.step("score") as step:
+        rows, skipped, panels = _score_frames(frames, source, config, staging)
+        scored = [row for row in rows if row["status"] == "ok"]
+        if not scored:
+            reasons = "; ".join(item.reason for item in skipped[:3])
+            raise LpcvError(f"no frame could be scored ({len(skipped)} skipped): {reasons}",
+                            hint="check that --data and the predictions belong together")
+        mean_f, mean_s = np.mean([row[FSCORE] for row in scored]), np.mean([row["score_s"] for row in scored])
+        step.detail = f"{len(scored)} scored, {len(skipped)} skipped; F@0.1 {mean_f:.2f}; metric {mean_s:.2f} s/frame"
+    for item in skipped[:_MAX_WARNINGS]:
+        log.warn(f"skipped {item.set}/{item.frame}: {item.reason}")
+    if len(skipped) > _MAX_WARNINGS:
+        log.warn(f"... and {len(skipped) - _MAX_WARNINGS} more skipped frames, listed in summary.json")
+    return rows, skipped, panels
+
+
 def _score_frames(frames: list[Frame], source, config: EvaluateConfig,
-                  staging: StagingDir) -> tuple[list[dict], list[dict], list[Path]]:
+                  staging: StagingDir) -> tuple[list[dict], list[SkippedFrame], list[Path]]:
     """Per-frame rows (metrics or a skip status), the skipped frames with reasons, and panel files."""
-    vis_indices = set(np.linspace(0, len(frames) - 1, config.num_vis).round().astype(int).tolist()) \
-        if config.num_vis else set()
+    drawn = _vis_indices(len(frames), config.num_vis)
     rows, skipped, panels = [], [], []
     for index, frame in enumerate(tqdm(frames, desc=STAGE, unit="frame", file=sys.stderr)):
         row: dict[str, Any] = {"set": frame.set_name, "frame": frame.frame_id}
@@ -297,45 +346,69 @@ def _score_frames(frames: list[Frame], source, config: EvaluateConfig,
             gt = frame.load_ground_truth()
             pred = source.predict(frame)
         except FrameError as err:
-            reason = err.args[0].removeprefix(f"{frame.name}: ")
-            skipped.append({"set": frame.set_name, "frame": frame.frame_id, "reason": reason})
-            rows.append({**row, "status": f"skipped: {reason}"})
+            skip = SkippedFrame(frame.set_name, frame.frame_id, err.args[0].removeprefix(f"{frame.name}: "))
+            skipped.append(skip)
+            rows.append({**row, "status": f"skipped: {skip.reason}"})
             continue
-        K = OFFICIAL_K if config.intrinsics == "official" else gt.intrinsics
-        start = time.perf_counter()
-        scores = score_frame(pred, gt.depth, gt.conf, K=K, grid=config.grid, max_points=config.max_points,
-                             seed=config.seed, workers=config.threads or -1)
-        rows.append({**row, **scores, "score_s": time.perf_counter() - start, "status": "ok"})
-        if index in vis_indices:
-            panel = depth_comparison_panel(frame.load_image(), gt.depth, pred * scores["median_scale"],
-                                           evaluation_masks(gt.depth, gt.conf)[0], title=frame.name)
-            path = staging / "vis" / f"{frame.set_name}__{frame.frame_id}.png"
-            path.parent.mkdir(exist_ok=True)
-            panel.save(path)
-            panels.append(path)
+        scores = _score_one(pred, gt, config)
+        rows.append({**row, **scores, "status": "ok"})
+        if index in drawn:
+            panels.append(_save_panel(frame, gt, pred * scores["median_scale"], staging))
     return rows, skipped, panels
 
 
-def _group(rows: list[dict]) -> dict:
+def _vis_indices(count: int, num_vis: int) -> set[int]:
+    """Frames drawn as panels: spread evenly over the whole run."""
+    return set(np.linspace(0, count - 1, num_vis).round().astype(int).tolist()) if num_vis else set()
+
+
+def _score_one(pred: np.ndarray, gt: GroundTruth, config: EvaluateConfig) -> dict[str, float]:
+    K = OFFICIAL_K if config.intrinsics == "official" else gt.intrinsics
+    start = time.perf_counter()
+    scores = score_frame(pred, gt.depth, gt.conf, K=K, grid=config.grid, max_points=config.max_points,
+                         seed=config.seed, workers=config.threads or -1)
+    return {**scores, "score_s": time.perf_counter() - start}
+
+
+def _save_panel(frame: Frame, gt: GroundTruth, scaled_pred: np.ndarray, staging: StagingDir) -> Path:
+    from lpcv_depth.visualize import depth_comparison_panel
+
+    panel = depth_comparison_panel(frame.load_image(), gt.depth, scaled_pred, evaluation_masks(gt.depth, gt.conf)[0],
+                                   title=frame.name)
+    path = staging / "vis" / f"{frame.set_name}__{frame.frame_id}.png"
+    path.parent.mkdir(exist_ok=True)
+    panel.save(path)
+    return path
+
+
+def _group(rows: list[dict]) -> EvaluateGroup:
     scored = [row for row in rows if row["status"] == "ok"]
-    return {"frames": len(rows), "scored": len(scored), "skipped": len(rows) - len(scored),
-            "metrics": mean_metrics(scored),
-            "mean_points": float(np.mean([row["n_points"] for row in scored])) if scored else 0.0}
+    return EvaluateGroup(frames=len(rows), scored=len(scored), skipped=len(rows) - len(scored),
+                         metrics=mean_metrics(scored),
+                         mean_points=float(np.mean([row["n_points"] for row in scored])) if scored else 0.0)
 
 
-def _summarize(rows: list[dict], skipped: list[dict], sets: list[str], config: EvaluateConfig,
-               source: dict) -> dict:
-    per_set = {name: _group([row for row in rows if row["set"] == name]) for name in sets}
+def summarize(rows: list[dict], skipped: list[SkippedFrame], sets: list[str]) -> EvaluateResults:
+    """Means per set and overall; every frame counts once, whichever set it is in (the organizers'
+    dataset score)."""
     times = [row["score_s"] for row in rows if row["status"] == "ok"]
-    return {
-        "source": source,
-        "config": config.as_dict(),
-        # Every frame counts once, whichever set it is in (the organizers' dataset score).
-        "overall": _group(rows),
-        "sets": per_set,
-        "skipped": skipped,
-        "metric_time_s": {"mean": float(np.mean(times)), "max": float(np.max(times))},
-    }
+    return EvaluateResults(overall=_group(rows), sets={name: _group([row for row in rows if row["set"] == name])
+                                                       for name in sets},
+                           skipped=list(skipped), metric_time_s=MetricTime(mean=float(np.mean(times)),
+                                                                           max=float(np.max(times))))
+
+
+def _write_reports(staging: StagingDir, rows: list[dict], summary: dict, results: EvaluateResults,
+                   config: EvaluateConfig, log: StageLog) -> list[Path]:
+    """frames.csv, summary.json and summary.md."""
+    with log.step("write") as step:
+        csv_path = _write_csv(staging / "frames.csv", rows)
+        json_path = staging / "summary.json"
+        json_path.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        md_path = staging / "summary.md"
+        md_path.write_text(_markdown(results, config))
+        step.detail = f"{len(rows)} rows"
+    return [csv_path, json_path, md_path]
 
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:
@@ -347,82 +420,44 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _markdown(summary: dict, config: EvaluateConfig) -> str:
-    columns = (("F@0.1", FSCORE, "{:.2f}"), ("F@0.2", fscore_key(0.2), "{:.2f}"), ("abs_rel", "abs_rel", "{:.3f}"),
-               ("rmse (m)", "rmse", "{:.3f}"), ("δ<1.25", "delta1", "{:.3f}"))
+def _markdown(results: EvaluateResults, config: EvaluateConfig) -> str:
+    sampled = f", sampled to {config.max_points} points" if config.max_points else ""
     lines = [f"# Track 3 evaluation: {config.source_name}", "",
-             f"grid `{config.grid}`, intrinsics `{config.intrinsics}`, data `{config.data}`"
-             + (f", sampled to {config.max_points} points" if config.max_points else "")
-             + ". F@0.1 is the leaderboard score; every number is a mean over frames.", "",
-             "| set | frames | scored | " + " | ".join(c[0] for c in columns) + " |",
-             "|---|---:|---:|" + "---:|" * len(columns)]
-    groups = [(name, group) for name, group in summary["sets"].items()] + [("**all**", summary["overall"])]
-    for name, group in groups:
-        values = [fmt.format(group["metrics"][key]) if group["scored"] else "-" for _, key, fmt in columns]
-        lines.append(f"| {name} | {group['frames']} | {group['scored']} | " + " | ".join(values) + " |")
-    if summary["skipped"]:
-        lines += ["", f"Skipped {len(summary['skipped'])} frame(s):"]
-        lines += [f"- {item['set']}/{item['frame']}: {item['reason']}" for item in summary["skipped"]]
+             f"grid `{config.grid}`, intrinsics `{config.intrinsics}`, data `{config.data}`{sampled}. "
+             "F@0.1 is the leaderboard score; every number is a mean over frames.", "",
+             _scores_table(results).rstrip("\n")]
+    if results.skipped:
+        lines += ["", f"Skipped {len(results.skipped)} frame(s):"]
+        lines += [f"- {item.set}/{item.frame}: {item.reason}" for item in results.skipped]
     return "\n".join(lines) + "\n"
 
 
-def _next_command(config: EvaluateConfig, destination: Path) -> str:
+def _scores_table(results: EvaluateResults) -> str:
+    groups = [*results.sets.items(), ("**all**", results.overall)]
+    rows = [[name, str(group.frames), str(group.scored),
+             *(cell(group.metrics.get(key) if group.scored else None, fmt) for _, key, fmt in MARKDOWN_COLUMNS)]
+            for name, group in groups]
+    return markdown_table(["set", "frames", "scored", *(header for header, _, _ in MARKDOWN_COLUMNS)], rows,
+                          align="lrr" + "r" * len(MARKDOWN_COLUMNS))
+
+
+def _log_score(results: EvaluateResults, destination: Path, log: StageLog) -> None:
+    overall = results.overall
+    log.info(f"F@0.1 {overall.metrics[FSCORE]:.2f}, abs_rel {overall.metrics['abs_rel']:.3f} over "
+             f"{overall.scored} frames ({overall.skipped} skipped); table: "
+             f"{display_path(destination / 'summary.md')}")
+
+
+def _next_hint(result: EvaluateResult) -> str:
+    """Export what scored well; quantize an exported ONNX; otherwise read the table."""
+    config = result.config
     if config.model is not None:
-        output = "" if config.output == "depth" else f" --output {config.output}"
-        return f"python export/to_onnx.py --model {config.model} --weights {config.weights}{output}"
-    if config.onnx is not None:
-        return f"python quantize/ptq.py --calib calibration_data --fp32 {os.path.relpath(Path(config.onnx).parent)}"
-    return f"cat {os.path.relpath(destination / 'summary.md')}"
+        output = ["--output", config.output] if config.output != "depth" else []
+        return command_line("export", "--model", config.model, "--weights", str(config.weights), *output)
+    if config.onnx is not None and Path(config.onnx).name == ONNX_NAME:
+        return command_line("ptq", "--calib", "calibration_data", "--fp32", display_path(Path(config.onnx).parent))
+    return f"cat {shlex.quote(os.path.relpath(result.out_dir / 'summary.md'))}"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python evaluation/score.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_argument_group("source (exactly one)")
-    source.add_argument("--model", default=None, help="a registered model, run with torch")
-    source.add_argument("--onnx", type=Path, default=None,
-                        help="an ONNX file (fp32 or int8 QDQ), run with ONNX Runtime")
-    source.add_argument("--predictions", type=Path, default=None,
-                        help="a folder of <frame id>.npy predictions of shape (1,1,480,640), e.g. AI Hub outputs")
-    parser.add_argument("--weights", default="default", type=parse_weights_arg,
-                        help="with --model: PATH, 'hf' (official checkpoint), 'default' (the model's declared "
-                             "weights; the default here) or 'None' (random init, pipeline tests only)")
-    parser.add_argument("--output", default="depth", choices=("depth", "disparity"), help="with --model")
-    parser.add_argument("--data", type=Path, required=True, help="an RGB-D set folder, or a folder of sets")
-    parser.add_argument("--grid", default="official", choices=GRIDS,
-                        help="official (default): the organizers' pixel grid, as on the leaderboard; "
-                             "xy: the geometrically correct one")
-    parser.add_argument("--intrinsics", default="official", choices=INTRINSICS,
-                        help="official (default): the organizers' fixed K as-is on 640x480; "
-                             "dataset: each set's own K from meta.json, scaled to 640x480")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default build/eval/<source name>)")
-    parser.add_argument("--num-vis", type=int, default=4, help="frames drawn as side-by-side PNGs (default 4)")
-    parser.add_argument("--max-points", type=int, default=None,
-                        help="score at most N sampled points per frame (seeded); default: all points, exact")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for the model and the neighbour search (default: all cores); "
-                             "1 is often faster on a busy shared machine")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    log = StageLog(STAGE)
-    try:
-        config = EvaluateConfig(data=args.data, model=args.model, weights=args.weights, output=args.output,
-                                onnx=args.onnx, predictions=args.predictions, grid=args.grid,
-                                intrinsics=args.intrinsics, out=args.out, num_vis=args.num_vis,
-                                max_points=args.max_points, threads=args.threads)
-        result = run_evaluate(config, log)
-    except (LpcvError, KeyboardInterrupt) as err:
-        return exit_status(STAGE, err)
-    overall = result.summary["overall"]
-    log.info(f"F@0.1 {overall['metrics'][FSCORE]:.2f}, abs_rel {overall['metrics']['abs_rel']:.3f} over "
-             f"{overall['scored']} frames ({overall['skipped']} skipped); table: "
-             f"{os.path.relpath(result.out_dir / 'summary.md')}")
-    log.info(f"next: {_next_command(config, result.out_dir)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+DEFINITION = StageDefinition(name=STAGE, config=EvaluateConfig, run=run_evaluate, description=__doc__,
+                             next_hint=_next_hint)

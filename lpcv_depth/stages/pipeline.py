@@ -1,0 +1,388 @@
+"""The whole pipeline in one command: export -> ptq -> htp-check -> hub -> compare.
+
+    lpcv-depth run --model fastdepth --weights default
+    lpcv-depth run --model depth_anything_v2_vits --eval-data ../shared/data/rgbd --preset w8a16
+    lpcv-depth run --model fastdepth --weights default --ptq-args "--holdout 4 --no-cle" --force ptq
+
+htp-check runs where the qnn extra is installed, hub where an AI Hub token is configured (both
+can be forced on or off). A stage whose output is up to date (same config, same inputs, outputs
+intact) is skipped; `--force STAGE` redoes it and everything after it. Any stage option can be
+passed on with --<stage>-args "...". Writes under OUT (default build/<model>/), with
+`pipeline.json` recording what each stage was run from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from lpcv_depth.errors import ConfigError, LpcvError
+from lpcv_depth.manifest import MANIFEST_NAME, Manifest, config_as_dict, sha256_file, sha256_of_files
+from lpcv_depth.options import add_config_arguments, config_from_args, inherit, option
+from lpcv_depth.report import markdown_table
+from lpcv_depth.schema import to_json
+from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path
+from lpcv_depth.stages.export import ExportConfig
+from lpcv_depth.workspace import build_dir, in_workspace
+
+__all__ = ["RunConfig", "RunResult", "StageOutcome", "run_pipeline", "PIPELINE_STAGES"]
+
+STAGE = "run"
+PIPELINE_STAGES = ("export", "ptq", "htp-check", "hub", "compare")
+STATE_NAME = "pipeline.json"
+AUTO_ON_OFF = ("auto", "on", "off")
+
+
+def _args_option(stage: str) -> Any:
+    return option("", metavar='"ARGS"',
+                  help=f"more {stage} options, as on its command line (lpcv-depth {stage} --help)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = inherit(ExportConfig, "model")
+    weights: str | None = inherit(ExportConfig, "weights")
+    input_size: tuple[int, int] | None = inherit(ExportConfig, "input_size")
+    calib: Path = option(Path("calibration_data"), help="calibration photos for ptq (and the export's checks)")
+    preset: str = option("w8a8", help="ptq preset (w8a8, w8a16, mixed)")
+    eval_data: Path | None = option(None, help="RGB-D set(s): F-score against ground truth in ptq, htp-check, hub")
+    htp_check: str = option("auto", choices=AUTO_ON_OFF,
+                            help="run the local HTP check: auto = where the qnn extra is installed")
+    hub: str = option("auto", choices=AUTO_ON_OFF, help="run on AI Hub: auto = where an API token is configured")
+    max_frames: int | None = option(None, help="at most N frames for the HTP emulation and the phone")
+    force: tuple[str, ...] = option((), choices=(*PIPELINE_STAGES, "all"), repeatable=True,
+                                    help="redo STAGE (and what follows) even if up to date; repeatable")
+    export_args: str = _args_option("export")
+    ptq_args: str = _args_option("ptq")
+    htp_check_args: str = _args_option("htp-check")
+    hub_args: str = _args_option("hub")
+    out: Path | None = option(None, help="output folder (default: build/<model>)")
+
+    def __post_init__(self):
+        ExportConfig(model=self.model, weights=self.weights, input_size=self.input_size)  # validates these
+        if not in_workspace(self.calib).is_dir():
+            raise ConfigError(f"--calib folder not found: {self.calib}",
+                              hint="pass a folder of photos; a fresh clone ships calibration_data/ (run from the "
+                                   "checkout, or pass --calib with its path)")
+        if self.eval_data is not None and not in_workspace(self.eval_data).is_dir():
+            raise ConfigError(f"--eval-data folder not found: {self.eval_data}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}")
+        for name in ("export_args", "ptq_args", "htp_check_args", "hub_args"):
+            try:
+                shlex.split(getattr(self, name))
+            except ValueError as err:
+                raise ConfigError(f"--{name.replace('_', '-')} cannot be split into arguments: {err}") from None
+
+    @property
+    def destination(self) -> Path:
+        return Path(self.out) if self.out is not None else build_dir(self.model)
+
+    def forced(self, stage: str) -> bool:
+        return "all" in self.force or stage in self.force
+
+    def as_dict(self) -> dict:
+        return config_as_dict(self)
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: str
+    status: str  # "ran", "up to date", "skipped"
+    folder: Path | None
+    seconds: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    out_dir: Path
+    outcomes: list[StageOutcome]
+    summary: str
+
+    def outcome(self, stage: str) -> StageOutcome:
+        return next(o for o in self.outcomes if o.stage == stage)
+
+
+@dataclass
+class _Pipeline:
+    """What the stages of one run share: the config, the state file, the folders made so far."""
+
+    config: RunConfig
+    log: StageLog
+    state: dict
+    folders: dict[str, Path] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    redo: bool = False
+
+
+def run_pipeline(config: RunConfig, log: StageLog | None = None) -> RunResult:
+    """Each stage in turn: skipped when up to date, run otherwise; then the summary."""
+    log = log or StageLog(STAGE)
+    root = config.destination
+    root.mkdir(parents=True, exist_ok=True)
+    pipe = _Pipeline(config, log, _read_state(root))
+    steps: list[tuple[str, Callable[[_Pipeline], Any], Callable[[_Pipeline], str | None]]] = [
+        ("export", _export_config, _always),
+        ("ptq", _ptq_config, _always),
+        ("htp-check", _htp_check_config, _htp_check_unavailable),
+        ("hub", _hub_configs, _hub_unavailable),
+        ("compare", _compare_config, _always),
+    ]
+    for index, (stage, build_config, unavailable) in enumerate(steps, 1):
+        prefix = f"[{index}/{len(steps)}] {stage}"
+        reason = unavailable(pipe)
+        if reason:
+            pipe.outcomes.append(StageOutcome(stage, "skipped", None, reason=reason))
+            log.info(f"{prefix} skipped: {reason}")
+            continue
+        _run_stage(pipe, stage, build_config(pipe), prefix)
+        _write_state(root, pipe.state)
+    summary = summarize(pipe)
+    (root / "summary.md").write_text(summary)
+    log.info(f"ok {log.total_seconds:.1f}s -> {display_path(root)}")
+    for line in summary.splitlines():
+        log.info(line)
+    return RunResult(root, pipe.outcomes, summary)
+
+
+def _always(pipe: _Pipeline) -> str | None:
+    return None
+
+
+def _stage_config(stage: str, extra_args: str, wiring: dict) -> Any:
+    """The stage's config from the pipeline's wiring plus the user's --<stage>-args."""
+    from lpcv_depth.cli import stage_definition
+
+    config_type = stage_definition(stage).config
+    parser = argparse.ArgumentParser(prog=f"--{stage}-args", add_help=False, exit_on_error=False)
+    add_config_arguments(parser, config_type, given_only=True)
+    try:
+        given = vars(parser.parse_args(shlex.split(extra_args)))
+    except (argparse.ArgumentError, SystemExit) as err:
+        raise ConfigError(f"--{stage}-args {extra_args!r}: {err}",
+                          hint=f"use the flags of lpcv-depth {stage} --help") from None
+    clash = sorted(set(given) & set(wiring))
+    if clash:
+        raise ConfigError(f"--{stage}-args sets {', '.join('--' + c.replace('_', '-') for c in clash)}, which "
+                          f"`lpcv-depth run` wires itself", hint="pass those through run's own options instead")
+    namespace = argparse.Namespace(**{f.name: _default(f) for f in _fields(config_type)})
+    for key, value in {**wiring, **given}.items():
+        setattr(namespace, key, value)
+    return config_from_args(config_type, namespace)
+
+
+def _fields(config_type: type):
+    import dataclasses
+
+    return [f for f in dataclasses.fields(config_type) if "option" in f.metadata]
+
+
+def _default(f) -> Any:
+    import dataclasses
+
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _export_config(pipe: _Pipeline):
+    c = pipe.config
+    return _stage_config("export", c.export_args, {
+        "model": c.model, "weights": c.weights, "input_size": c.input_size,
+        "check_images": in_workspace(c.calib), "out": c.destination / "export"})
+
+
+def _ptq_config(pipe: _Pipeline):
+    c = pipe.config
+    return _stage_config("ptq", c.ptq_args, {
+        "calib": in_workspace(c.calib), "fp32": pipe.folders["export"], "preset": c.preset,
+        "eval_data": in_workspace(c.eval_data) if c.eval_data else None, "out": c.destination / f"ptq-{c.preset}"})
+
+
+def _htp_check_config(pipe: _Pipeline):
+    c = pipe.config
+    return _stage_config("htp-check", c.htp_check_args, {
+        "ptq": pipe.folders["ptq"], "eval_data": in_workspace(c.eval_data) if c.eval_data else None,
+        "max_frames": c.max_frames, "out": pipe.folders["ptq"] / "htp-check"})
+
+
+def _hub_configs(pipe: _Pipeline):
+    c = pipe.config
+    return _stage_config("hub", c.hub_args, {
+        "artifact": pipe.folders["ptq"], "eval_data": in_workspace(c.eval_data) if c.eval_data else None,
+        "max_frames": c.max_frames, "out": c.destination / f"hub-ptq-{c.preset}"})
+
+
+def _compare_config(pipe: _Pipeline):
+    c = pipe.config
+    return _stage_config("compare", "", {
+        "fp32": pipe.folders["export"], "int8": pipe.folders["ptq"], "htp_check": pipe.folders.get("htp-check"),
+        "int8_hub": pipe.folders.get("hub"), "out": c.destination / "compare"})
+
+
+def _htp_check_unavailable(pipe: _Pipeline) -> str | None:
+    if pipe.config.htp_check == "off":
+        return "--htp-check off"
+    if pipe.config.htp_check == "on":
+        return None
+    from lpcv_depth.backends import qnn
+
+    return qnn.unavailable_reason()
+
+
+def _hub_unavailable(pipe: _Pipeline) -> str | None:
+    if pipe.config.hub == "off":
+        return "--hub off"
+    if pipe.config.hub == "on":
+        return None
+    from lpcv_depth.backends import ai_hub
+
+    try:
+        ai_hub.read_api_config()
+    except LpcvError as err:
+        return f"no AI Hub token ({str(err).splitlines()[0]}); --hub on to insist"
+    return None
+
+
+def _run_stage(pipe: _Pipeline, stage: str, stage_config: Any, prefix: str) -> None:
+    from lpcv_depth.cli import stage_definition
+
+    folder = Path(stage_config.destination)
+    fingerprint = _fingerprint(stage, stage_config, pipe)
+    if not (pipe.redo or pipe.config.forced(stage)) and _up_to_date(pipe.state.get(stage), folder, stage,
+                                                                      fingerprint):
+        pipe.log.info(f"{prefix} up to date, skipped -> {display_path(folder)}")
+        pipe.outcomes.append(StageOutcome(stage, "up to date", folder))
+    else:
+        pipe.log.info(f"{prefix} running ...")
+        start = time.perf_counter()
+        stage_definition(stage).run(stage_config, StageLog(stage))
+        seconds = time.perf_counter() - start
+        pipe.log.info(f"{prefix} ok {seconds:.1f}s -> {display_path(folder)}")
+        pipe.outcomes.append(StageOutcome(stage, "ran", folder, seconds))
+        pipe.redo = True  # everything after a redone stage is redone too
+    pipe.folders[stage] = folder
+    pipe.fingerprints[stage] = fingerprint
+    pipe.state[stage] = {"folder": os.fspath(folder), "fingerprint": fingerprint,
+                         "manifest_sha256": sha256_file(folder / MANIFEST_NAME)}
+
+
+def _fingerprint(stage: str, stage_config: Any, pipe: _Pipeline) -> str:
+    """The stage's config plus the content of everything it reads: upstream stages by the sha256 of
+    their manifests, the weights file and the calibration photos by content, RGB-D data by file
+    names, sizes and modification times."""
+    config = config_as_dict(stage_config)
+    material = {"stage": stage, "config": config,
+                "upstream": {name: pipe.state[name]["manifest_sha256"] for name in pipe.fingerprints}}
+    weights = getattr(stage_config, "weights_file", None)
+    if weights is not None and Path(weights).is_file():
+        material["weights_sha256"] = sha256_file(weights)
+    for name in ("calib", "check_images"):
+        folder = getattr(stage_config, name, None)
+        if folder is not None and Path(folder).is_dir():
+            material[f"{name}_sha256"] = _images_hash(Path(folder))
+    data = getattr(stage_config, "eval_data", None)
+    if data is not None:
+        material["eval_data"] = _tree_stamp(Path(data))
+    return hashlib.sha256(json.dumps(to_json(material), sort_keys=True).encode()).hexdigest()
+
+
+def _images_hash(folder: Path) -> str:
+    from lpcv_depth.images import list_images
+
+    return sha256_of_files(list_images(folder), folder)
+
+
+def _tree_stamp(folder: Path) -> str:
+    entries = sorted((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in folder.rglob("*") if p.is_file())
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def _up_to_date(recorded: dict | None, folder: Path, stage: str, fingerprint: str) -> bool:
+    if not recorded or recorded.get("fingerprint") != fingerprint or not (folder / MANIFEST_NAME).is_file():
+        return False
+    if sha256_file(folder / MANIFEST_NAME) != recorded.get("manifest_sha256"):
+        return False  # rerun by hand since: its inputs are not the ones recorded here
+    try:
+        Manifest.read(folder, stage=stage)
+    except LpcvError:
+        return False
+    return True
+
+
+def _read_state(root: Path) -> dict:
+    path = root / STATE_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text()).get("stages", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_state(root: Path, stages: dict) -> None:
+    path = root / STATE_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"stages": stages}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def summarize(pipe: _Pipeline) -> str:
+    """Where everything is, and the figures that decide a submission, from the typed results."""
+    rows = [[o.stage, o.status + (f" ({o.seconds:.0f}s)" if o.status == "ran" else ""),
+             display_path(o.folder) if o.folder else o.reason, _headline(o)] for o in pipe.outcomes]
+    table = markdown_table(["stage", "status", "where", "figures"], rows)
+    compare = pipe.folders.get("compare")
+    tail = f"\nReport: {display_path(compare / 'compare.md')}\n" if compare else ""
+    return f"# lpcv-depth run: {pipe.config.model}\n\n{table}{tail}"
+
+
+def _headline(outcome: StageOutcome) -> str:
+    if outcome.folder is None:
+        return ""
+    from lpcv_depth import results as r
+
+    manifest = Manifest.read(outcome.folder, stage=outcome.stage, verify=False)
+    if outcome.stage == "export":
+        figures = manifest.results_as(r.ExportResults)
+        return f"{figures.params / 1e6:.1f}M params, {figures.macs / 1e9:.2f} GMACs"
+    if outcome.stage == "ptq":
+        ptq = manifest.results_as(r.PtqResults)
+        text = (f"int8 vs fp32 SQNR {ptq.int8_vs_fp32.sqnr_db:.1f} dB "
+                f"({ptq.int8_vs_fp32.sqnr_db_scale_aligned:.1f} scale-aligned)")
+        if ptq.ground_truth is not None:
+            text += (f", F-score fp32 {ptq.ground_truth.fp32['fscore@0.1']:.2f} / "
+                     f"int8 {ptq.ground_truth.int8['fscore@0.1']:.2f}")
+        return text
+    if outcome.stage == "htp-check":
+        htp = manifest.results_as(r.HtpCheckResults)
+        coverage = "fully on the HTP" if htp.coverage.full_htp else f"{htp.coverage.cpu_nodes} nodes on the CPU"
+        return f"{coverage} (emulation)"
+    if outcome.stage == "hub":
+        hub = manifest.results_as(r.HubResults)
+        return f"{hub.profile.estimated_inference_time_ms:.1f} ms on {hub.device}" if hub.profile else ""
+    return ""
+
+
+def _next_hint(result: RunResult) -> str | None:
+    ptq = next((o.folder for o in result.outcomes if o.stage == "ptq" and o.folder), None)
+    hub = next((o for o in result.outcomes if o.stage == "hub"), None)
+    if ptq is not None and hub is not None and hub.status == "skipped":
+        return command_line("hub", display_path(ptq)) + "   (on a Galaxy S24, after qai-hub configure)"
+    return None
+
+
+DEFINITION = StageDefinition(name=STAGE, config=RunConfig, run=run_pipeline, description=__doc__,
+                             next_hint=_next_hint)

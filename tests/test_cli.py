@@ -1,0 +1,110 @@
+"""The CLI is generated from the stage configs: every flag round-trips to its config field."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+
+from lpcv_depth import cli
+from lpcv_depth.errors import ExitCode
+from lpcv_depth.options import _field_default, cli_fields, config_from_args, config_to_argv, flag_name
+
+
+def _changed_value(config, field: dataclasses.Field, spec, tmp_path: Path):
+    """A valid value for `field` that differs from the config's current one."""
+    current = getattr(config, field.name)
+    hint = typing.get_type_hints(type(config))[field.name]
+    base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    base = base[0]
+    if spec.choices:
+        if spec.repeatable:
+            return tuple(spec.choices[:2])
+        return next(c for c in spec.choices if c != current)
+    if base is bool:
+        return not current
+    if base is int:
+        return (current or 1) + 1
+    if base is float:
+        return (current or 0.5) * 1.5
+    if base is Path:
+        folder = tmp_path / field.name
+        folder.mkdir(exist_ok=True)
+        return folder
+    if typing.get_origin(base) is tuple and spec.repeatable:
+        return ("a@example.com", "b@example.com")
+    if typing.get_origin(base) is tuple:
+        return (28, 42)
+    return None
+
+
+# Values a stage validates against the real world (a registered model, an existing folder).
+STAGE_VALUES = {
+    "export": {"model": "fastdepth", "weights": "default", "input_size": (224, 224), "check_images": None,
+               "out": None, "output": "disparity"},
+    "run": {"model": "fastdepth", "weights": "default", "input_size": (224, 224), "calib": None, "eval_data": None,
+            "out": None, "ptq_args": "--holdout 4 --no-cle", "export_args": "--opset 18",
+            "htp_check_args": "--max-frames 1", "hub_args": "--no-profile", "preset": "w8a16"},
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_VALUES))
+def test_every_flag_round_trips_to_its_config_field(stage, tmp_path, calibration_dir, rgbd_dir):
+    definition = cli.stage_definition(stage)
+    fixed = {k: v for k, v in STAGE_VALUES[stage].items() if v is not None}
+    fixed.update({"calib": calibration_dir, "eval_data": rgbd_dir, "check_images": calibration_dir,
+                  "out": tmp_path / "out"})
+    fields = cli_fields(definition.config)
+    defaults = {f.name: _field_default(f) for f, _ in fields}
+    base = definition.config(**{k: fixed[k] for k in defaults if k in fixed})
+    changes = {}
+    for field, spec in fields:
+        value = fixed[field.name] if field.name in fixed else _changed_value(base, field, spec, tmp_path)
+        assert value is not None and value != defaults[field.name], f"{stage}: no changed test value for --{field.name}"
+        changes[field.name] = value
+    config = dataclasses.replace(base, **changes)
+
+    argv = config_to_argv(config)
+    parser = cli.build_parser(stage)
+    parsed = config_from_args(definition.config, parser.parse_args(argv))
+    assert parsed == config, f"{stage}: {argv}"
+    help_text = parser.format_help()
+    for field, _ in fields:
+        # The flag is the field name, and so is the manifest's config key.
+        assert flag_name(field.name) in help_text
+        assert field.name in config.as_dict()
+
+
+def test_every_subcommand_is_generated_and_documented():
+    parser = cli.build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subcommands.choices) == set(cli.STAGE_MODULES)
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for name, sub in subcommands.choices.items():
+        definition = cli.stage_definition(name)
+        page = (docs / f"{name}.md").read_text()
+        for field, _ in cli_fields(definition.config):
+            assert flag_name(field.name) in page, f"docs/{name}.md does not document {flag_name(field.name)}"
+
+
+def test_bad_flag_value_exits_2_with_the_reason(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["export", "--opset", "seventeen"])
+    assert excinfo.value.code == 2
+    assert "--opset" in capsys.readouterr().err
+
+
+def test_config_error_exits_2_with_a_fix_line(capsys):
+    status = cli.main(["export", "--model", "nope"])
+    assert status == ExitCode.ERROR
+    err = capsys.readouterr().err
+    assert "unknown model 'nope'" in err and "fix:" in err
+
+
+def test_exit_codes_are_distinct():
+    values = [code.value for code in ExitCode]
+    assert len(values) == len(set(values))
+    assert ExitCode.GATE_FAILED != ExitCode.HUB_JOB_FAILED != ExitCode.HUB_TIMEOUT
