@@ -1,0 +1,143 @@
+"""Output safety shared by every stage: StagingDir, manifests, signals."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lpcv_depth.errors import ExitCode, OutputDirError
+from lpcv_depth.manifest import ArtifactMismatchError, Manifest, write_manifest
+from lpcv_depth.stage import StagingDir, remove_stale_partials
+from tests.conftest import REPO_ROOT
+
+
+def _finish(staging: StagingDir, stage: str = "export", name: str = "model.onnx") -> None:
+    (staging / name).write_text("artifact")
+    write_manifest(staging.path, stage=stage, config={}, inputs={}, outputs=[staging / name], timings={},
+                   results={})
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_out_equal_to_an_input_is_refused_and_the_input_survives(tmp_path):
+    model_dir = tmp_path / "export"
+    with StagingDir(model_dir, stage="export") as staging:
+        _finish(staging)
+    for out in (model_dir, model_dir / "inner", tmp_path):
+        with pytest.raises(OutputDirError, match="this run's input") as excinfo:
+            with StagingDir(out, stage="ptq", inputs=[model_dir]):
+                pass
+        assert str(model_dir) in str(excinfo.value) and "fix:" in str(excinfo.value)
+    assert (model_dir / "model.onnx").read_text() == "artifact"
+
+
+def test_only_an_output_of_the_same_stage_is_replaced(tmp_path):
+    folder = tmp_path / "out"
+    with StagingDir(folder, stage="export") as staging:
+        _finish(staging)
+    with pytest.raises(OutputDirError, match="holds a 'export' stage output, not an earlier 'evaluate' run"):
+        with StagingDir(folder, stage="evaluate"):
+            pass
+    assert (folder / "model.onnx").is_file()
+    with StagingDir(folder, stage="export") as staging:
+        _finish(staging, name="other.onnx")
+    assert not (folder / "model.onnx").exists() and (folder / "other.onnx").is_file()
+
+
+def test_stale_partials_of_dead_processes_are_removed(tmp_path):
+    final = tmp_path / "out"
+    dead, alive = _dead_pid(), os.getppid()
+    stale = [tmp_path / f".out.partial-{dead}", tmp_path / f".out.scratch-{dead}"]
+    kept = [tmp_path / f".out.partial-{alive}", tmp_path / f".other.partial-{dead}"]
+    for folder in stale + kept:
+        folder.mkdir()
+        (folder / "big.bin").write_bytes(b"x" * 100)
+    with StagingDir(final, stage="export") as staging:
+        _finish(staging)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
+    assert remove_stale_partials(final) == []
+
+
+def test_failed_final_rename_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    final = tmp_path / "out"
+    real_replace = os.replace
+
+    def refuse(src, dst):
+        if Path(dst) == final.resolve():
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OutputDirError, match="cannot move the finished output") as excinfo:
+        with StagingDir(final, stage="export") as staging:
+            _finish(staging)
+    assert "fix:" in str(excinfo.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_writer_retry_once(tmp_path, monkeypatch):
+    final = tmp_path / "out"
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def busy_once(src, dst):
+        if Path(dst) == final.resolve() and ".partial-" in str(src) and calls["n"] == 0:
+            calls["n"] += 1
+            raise OSError(errno.ENOTEMPTY, "Directory not empty")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", busy_once)
+    with StagingDir(final, stage="export") as staging:
+        _finish(staging)
+    assert (final / "model.onnx").is_file() and calls["n"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_manifest_read_refuses_a_changed_output(tmp_path):
+    folder = tmp_path / "export"
+    with StagingDir(folder, stage="export") as staging:
+        _finish(staging)
+    assert Manifest.read(folder, stage="export").output_sha256("model.onnx")
+    (folder / "model.onnx").write_text("another model")
+    with pytest.raises(ArtifactMismatchError, match="sha256 differs"):
+        Manifest.read(folder, stage="export")
+    (folder / "model.onnx").unlink()
+    with pytest.raises(ArtifactMismatchError, match="missing"):
+        Manifest.read(folder, stage="export")
+
+
+def test_manifest_is_valid_json_without_nan(tmp_path):
+    with StagingDir(tmp_path / "o", stage="evaluate") as staging:
+        (staging / "a.txt").write_text("a")
+        write_manifest(staging.path, stage="evaluate", config={}, inputs={}, outputs=[staging / "a.txt"],
+                       timings={}, results={"fscore": float("nan"), "ok": float("inf")})
+    data = json.loads((tmp_path / "o" / "manifest.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert data["results"] == {"fscore": None, "ok": None}
+
+
+def test_sigterm_exits_143_and_leaves_nothing(tmp_path, fastdepth_tflite):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "export/to_onnx.py", "--model", "fastdepth", "--weights",
+                             str(fastdepth_tflite), "--out", str(out)], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == ExitCode.TERMINATED, err
+    assert "terminated" in err
+    assert list(tmp_path.iterdir()) == []
