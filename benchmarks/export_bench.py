@@ -21,9 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-FASTDEPTH_TFLITE = REPO_ROOT.parent / "shared" / "weights" / "fastdepth" / "fast_depth_224.tflite"
-CHECK_IMAGES = REPO_ROOT.parent / "shared" / "data" / "calibration_indoor"
+from lpcv_depth.report import markdown_table
+from lpcv_depth.workspace import build_dir
+
+# The benchmark data sits beside the checkout (../shared), not in the workspace.
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+FASTDEPTH_TFLITE = SHARED / "weights" / "fastdepth" / "fast_depth_224.tflite"
+CHECK_IMAGES = SHARED / "data" / "calibration_indoor"
 
 
 def _cases() -> list[tuple[str, str]]:
@@ -37,7 +41,7 @@ def _cases() -> list[tuple[str, str]]:
 
 def _export(model: str, weights: str, out: Path) -> tuple[float, float]:
     """Run the export CLI in a child process; returns (wall seconds, peak RSS in GiB)."""
-    command = [sys.executable, str(REPO_ROOT / "export" / "to_onnx.py"), "--model", model, "--weights", weights,
+    command = [sys.executable, "-m", "lpcv_depth.cli", "export", "--model", model, "--weights", weights,
                "--out", str(out)]
     if CHECK_IMAGES.is_dir():
         command += ["--check-images", str(CHECK_IMAGES)]
@@ -64,7 +68,7 @@ def _ort_latency_ms(onnx_path: Path, runs: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench" / "export")
+    parser.add_argument("--out", type=Path, default=build_dir("bench", "export"))
     args = parser.parse_args()
     rows = []
     for model, weights in _cases():
@@ -80,10 +84,7 @@ def main() -> int:
             "ort_fp32_median_ms": round(_ort_latency_ms(out / "model.onnx", args.runs), 1),
         })
     header = list(rows[0])
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(str(row[h]) for h in header) + " |")
+    print(markdown_table(header, [[str(row[h]) for h in header] for row in rows]), end="")
     print(f"(ORT latency: median of {args.runs} runs, batch 1, CPU EP, this host; not device latency)")
     return 0
 
