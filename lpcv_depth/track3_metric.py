@@ -5,7 +5,8 @@ evaluator (lpcvai/25LPCVC_Evaluations, Track_3/evaluate_track3.py, which needs a
 extension) gives on their server. Per frame, with pred and GT depth maps of the same size:
 
 1. zeros become 1e-5 in both maps;
-2. pred is multiplied by median(gt) / median(pred), medians over all pixels;
+2. pred is multiplied by median(gt) / median(pred), medians over all pixels (`median="all"`; with
+   `median="valid"`, over the pixels where GT is valid: see `median_scale`);
 3. abs_rel, sq_rel, rmse, rmse_log and delta < 1.25, 1.25^2, 1.25^3 on the pixels with conf >= 1;
 4. both maps are back-projected with K (the official K is used as-is on the 640x480 grid, although
    it was calibrated for a larger image; and see `pixel_grid` for the organizers' pixel grid);
@@ -31,6 +32,8 @@ from scipy.spatial import cKDTree
 ZERO_DEPTH = 1e-5
 F_THRESHOLDS_M = (0.1, 0.2)
 GRIDS = ("official", "xy")
+# "all": the organizers' medians over every pixel, invalid GT (1e-5) included; "valid": GT-valid pixels only.
+MEDIAN_MODES = ("all", "valid")
 DEPTH_METRICS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "delta1", "delta2", "delta3")
 # Where a prediction is only compared with another prediction, its metric scale is unknown; the
 # 0.1 m threshold is absolute, so the reference is given a median depth typical of indoor Track 3
@@ -195,15 +198,39 @@ def _as_map(array: np.ndarray, what: str) -> np.ndarray:
     return array.astype(np.float64)
 
 
+def median_scale(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray, median: str = "all") -> float:
+    """The factor the scorer multiplies pred by: median(gt) / median(pred), both maps with zeros
+    already replaced by ZERO_DEPTH. "all" takes the medians over every pixel, as the organizers do,
+    so GT holes (1e-5) pull median(gt) down while a dense prediction keeps its median: on GT with
+    many holes the scale is biased (docs/evaluate.md measures it). "valid" takes both medians over
+    the GT-valid pixels only."""
+    if median == "all":
+        return float(np.median(gt) / np.median(pred))
+    if median == "valid":
+        return float(np.median(gt[valid]) / np.median(pred[valid]))
+    raise ValueError(f"median must be one of {MEDIAN_MODES}, got {median!r}")
+
+
+def fill_holes(gt: np.ndarray) -> np.ndarray:
+    """GT with its invalid pixels set to the median of its valid ones: the prediction a perfect
+    dense model could at best make, scored as a frame's ceiling."""
+    gt = np.asarray(gt, np.float64)
+    valid = gt > 0
+    if not valid.any():
+        raise ValueError("GT has no valid (> 0) depth")
+    return np.where(valid, gt, np.median(gt[valid]))
+
+
 def score_frame(pred: np.ndarray, gt: np.ndarray, conf: np.ndarray | None = None, *, K: Intrinsics = OFFICIAL_K,
                 grid: str = "official", max_points: int | None = None, seed: int = 0,
-                workers: int = -1) -> dict[str, float]:
+                workers: int = -1, median: str = "all") -> dict[str, float]:
     """Track 3 metrics of one frame: METRICS, plus n_points and median_scale.
 
     pred: relative (or metric) depth, any positive scale; gt: metric depth in metres, 0 = invalid,
-    same (H, W); conf: optional 0/1/2 confidence map. The defaults (OFFICIAL_K, grid="official") give
-    the leaderboard's numbers. max_points: back-project a seeded random subset of at most this many
-    valid pixels (the same pixels for pred and GT) instead of all of them; this changes the score.
+    same (H, W); conf: optional 0/1/2 confidence map. The defaults (OFFICIAL_K, grid="official",
+    median="all") give the leaderboard's numbers. max_points: back-project a seeded random subset of
+    at most this many valid pixels (the same pixels for pred and GT) instead of all of them; this
+    changes the score. median: see `median_scale`.
     """
     pred, gt = _as_map(pred, "pred"), _as_map(gt, "gt")
     if pred.shape != gt.shape:
@@ -212,10 +239,11 @@ def score_frame(pred: np.ndarray, gt: np.ndarray, conf: np.ndarray | None = None
     if max_points is not None and max_points < 1:
         raise ValueError(f"max_points must be >= 1, got {max_points}")
 
+    valid = gt > 0
     pred = np.where(pred == 0, ZERO_DEPTH, pred)
     gt = np.where(gt == 0, ZERO_DEPTH, gt)
-    median_scale = float(np.median(gt) / np.median(pred))
-    pred = pred * median_scale
+    scale = median_scale(pred, gt, valid, median)
+    pred = pred * scale
 
     result: dict[str, float] = depth_metrics(gt[metric_mask], pred[metric_mask])
     pixels = np.flatnonzero(point_mask)
@@ -226,8 +254,14 @@ def score_frame(pred: np.ndarray, gt: np.ndarray, conf: np.ndarray | None = None
     result.update(fscores(neighbour_within(pred_points, gt_points, workers=workers),
                           neighbour_within(gt_points, pred_points, workers=workers)))
     result["n_points"] = int(pixels.size)
-    result["median_scale"] = median_scale
+    result["median_scale"] = scale
     return result
+
+
+def ceiling_fscore(gt: np.ndarray, conf: np.ndarray | None = None, **score_options) -> float:
+    """F@0.1 of the best dense prediction there is, the GT itself with its holes filled, under the
+    same settings: what a frame can score at most. Below 100 when GT holes bias the median scale."""
+    return score_frame(fill_holes(_as_map(gt, "gt")), gt, conf, **score_options)[FSCORE]
 
 
 def fscore_against_reference(pred: np.ndarray, reference_pred: np.ndarray, *,
