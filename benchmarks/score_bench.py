@@ -7,7 +7,7 @@ predictions, on both pixel grids and with 1 and all neighbour-search workers. `-
 process to N cores, so "on 2 cores" means the same on a bigger machine. For comparison it times an
 exhaustive exact nearest-neighbour search (cKDTree without eps) on the same point clouds and checks
 that it gives the same F-scores. Wall times depend on what else the machine runs: the load average
-is printed with them.
+is printed with them. Last results: docs/evaluate.md.
 """
 
 from __future__ import annotations

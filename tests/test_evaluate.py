@@ -222,3 +222,11 @@ def test_dataset_intrinsics_and_xy_grid(rgbd_dir, tmp_path):
             assert result.manifest["config"]["grid"] == grid and result.manifest["config"]["intrinsics"] == intrinsics
             scores[grid, intrinsics] = result.summary["overall"]["metrics"][FSCORE]
     assert len(set(scores.values())) == 4 and all(0 < score < 100 for score in scores.values())
+
+
+def test_docs_flag_table_matches_the_config():
+    from lpcv_depth.options import cli_fields, flag_name
+
+    text = (REPO_ROOT / "docs" / "evaluate.md").read_text()
+    table = {line.split("|")[1].strip().strip("`") for line in text.splitlines() if line.startswith("| `--")}
+    assert {flag_name(field.name) for field, _ in cli_fields(EvaluateConfig)} | {"--workspace"} == table
