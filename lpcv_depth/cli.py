@@ -68,6 +68,16 @@ def build_parser(only: str | None = None, prog: str | None = None) -> argparse.A
     return parser
 
 
+def _source_line() -> str:
+    """Which code runs: two checkouts sharing one virtualenv would otherwise mix silently."""
+    from lpcv_depth import __version__
+    from lpcv_depth.manifest import source_tree
+
+    source = source_tree()
+    commit = f", git {source['commit']}" if source["commit"] else ""
+    return f"lpcv-depth {__version__} from {source['path']}{commit}"
+
+
 def _raise_terminated(signum, frame):
     raise Terminated()
 
@@ -83,6 +93,7 @@ def run_command(name: str, args: argparse.Namespace) -> int:
             if status is not None:
                 return status
         config = config_from_args(definition.config, args)
+        log.info(_source_line())
         result = definition.run(config, log)
     except (LpcvError, KeyboardInterrupt) as err:
         return exit_status(name, err)

@@ -32,7 +32,8 @@ class LpcvError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        text = super().__str__()
+        # args[0], not super().__str__(): a KeyError subclass would wrap the message in quotes.
+        text = str(self.args[0]) if self.args else ""
         return f"{text}\n  fix: {self.hint}" if self.hint else text
 
 

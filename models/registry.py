@@ -111,7 +111,7 @@ def get_spec(name: str) -> ModelSpec:
     except KeyError:
         raise UnknownModelError(f"unknown model {name!r}; registered models: {', '.join(list_models())}",
                                 hint="pick one of the registered names, or register yours with "
-                                     "models.register_model(ModelSpec(...))") from None
+                                     "lpcv_depth.models.register_model(ModelSpec(...))") from None
 
 
 def resolve_default_weights(spec: ModelSpec) -> str | None:

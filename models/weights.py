@@ -84,7 +84,13 @@ def load_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Read a .pth state dict safely (weights_only) and turn every failure into a WeightsError."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except pickle.UnpicklingError as err:
+        # torch's own message advises weights_only=False, which would run code from an untrusted file.
+        raise WeightsError(f"weights file {path} holds Python objects besides tensors, which lpcv-depth does not "
+                           "load (unpickling them can run code from the file)",
+                           hint="pass a plain state_dict checkpoint; from a trusted source, re-save it with "
+                                "torch.save(model.state_dict(), path)") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise WeightsError(f"weights file {path} is corrupt or not a PyTorch checkpoint: "
                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
                            hint="re-download the checkpoint; check its sha256 against the source") from err

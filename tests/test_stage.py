@@ -141,3 +141,40 @@ def test_sigterm_exits_143_and_leaves_nothing(tmp_path, fastdepth_tflite):
     assert proc.returncode == ExitCode.TERMINATED, err
     assert "terminated" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_first_line_names_the_running_source_tree_and_a_foreign_script_warns(tmp_path, fastdepth_tflite):
+    import lpcv_depth
+
+    package = Path(lpcv_depth.__file__).resolve().parent
+    here = subprocess.run([sys.executable, "export/to_onnx.py", "--model", "nope"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert "WARNING" not in here.stderr
+    other = tmp_path / "other-clone"
+    (other / "export").mkdir(parents=True)
+    (other / "export" / "to_onnx.py").write_text((REPO_ROOT / "export" / "to_onnx.py").read_text())
+    proc = subprocess.run([sys.executable, "export/to_onnx.py", "--model", "fastdepth", "--weights",
+                           str(fastdepth_tflite), "--num-check-images", "1"], cwd=other,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"runs the lpcv_depth installed from {package}" in proc.stderr
+    assert proc.stdout.splitlines()[0].startswith(f"export: lpcv-depth {lpcv_depth.__version__} from {package}")
+    manifest = json.loads((other / "build/fastdepth/export/manifest.json").read_text())
+    assert manifest["source"]["path"] == str(package)
+
+
+def test_error_texts_are_clean(tmp_path):
+    import torch
+
+    from lpcv_depth.errors import UnknownModelError, WeightsError
+    from lpcv_depth.models import get_spec
+    from lpcv_depth.models.weights import load_torch_checkpoint
+
+    with pytest.raises(UnknownModelError) as excinfo:
+        get_spec("nope")
+    assert str(excinfo.value).startswith("unknown model 'nope'")
+    path = tmp_path / "pickled.pth"
+    torch.save({"a": Path("x")}, path)
+    with pytest.raises(WeightsError) as excinfo:
+        load_torch_checkpoint(path)
+    assert "weights_only" not in str(excinfo.value) and "fix:" in str(excinfo.value)
