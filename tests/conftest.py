@@ -52,12 +52,11 @@ def calib_subset(tmp_path_factory, calibration_dir) -> Path:
     return folder
 
 
-def fastdepth_ptq_config(fp32_dir: Path, calib: Path, out: Path, **overrides):
+def fastdepth_ptq_config(fp32: Path, calib: Path, out: Path, **overrides):
     """PTQ settings that keep the default suite quick: 16 calibration + 4 held-out images, no CLE."""
     from lpcv_depth.stages.ptq import PtqConfig
 
-    options = dict(calib=calib, fp32_dir=fp32_dir, num_holdout=4, min_calibration=8,
-                   cle=False, latency_runs=2, out_dir=out)
+    options = dict(calib=calib, fp32=fp32, holdout=4, min_calib=8, cle=False, latency_runs=2, out=out)
     options.update(overrides)
     return PtqConfig(**options)
 
@@ -66,7 +65,7 @@ def fastdepth_ptq_config(fp32_dir: Path, calib: Path, out: Path, **overrides):
 def fastdepth_w8a8(fastdepth_export, calib_subset, tmp_path_factory, rgbd_dir):
     """FastDepth w8a8 through AIMET once per test run, scored on one RGB-D set."""
     pytest.importorskip("aimet_torch", reason="aimet-torch (the quant extra) is not installed")
-    from lpcv_depth.stages.ptq import quantize
+    from lpcv_depth.stages.ptq import run_ptq
 
     out = tmp_path_factory.mktemp("ptq") / "w8a8"
-    return quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, out, eval_data=rgbd_dir / "kinect_home"))
+    return run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, out, eval_data=rgbd_dir / "kinect_home"))

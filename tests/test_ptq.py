@@ -4,6 +4,7 @@ report and gates. Calibrates on 16 images so the default suite stays quick."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,7 +14,7 @@ pytest.importorskip("aimet_torch", reason="aimet-torch (the quant extra) is not 
 
 from lpcv_depth.errors import ConfigError  # noqa: E402
 from lpcv_depth.verify import OrtRunner  # noqa: E402
-from lpcv_depth.stages.ptq import GateError, PtqConfig, quantize  # noqa: E402
+from lpcv_depth.stages.ptq import GateError, PtqConfig, run_ptq  # noqa: E402
 from tests.conftest import fastdepth_ptq_config  # noqa: E402
 
 
@@ -23,7 +24,7 @@ def w8a8(fastdepth_w8a8):
 
 
 def test_artifacts_for_ai_hub_and_host(w8a8):
-    assert w8a8.report["preparation"]["traced"] and w8a8.report["preparation"]["modules_added"] > 0
+    assert w8a8.results.preparation["traced"] and w8a8.results.preparation["modules_added"] > 0
     aimet_files = sorted(p.name for p in w8a8.aimet_dir.iterdir())
     assert aimet_files == ["fastdepth.encodings", "fastdepth.onnx"], "AI Hub wants exactly one .onnx + one .encodings"
     encodings = json.loads((w8a8.aimet_dir / "fastdepth.encodings").read_text())
@@ -38,18 +39,18 @@ def test_artifacts_for_ai_hub_and_host(w8a8):
 
 
 def test_int8_is_verified_against_fp32_and_aimet(w8a8):
-    report = w8a8.report
-    assert report["int8_vs_fp32"]["holdout_images"] == 4
+    report = w8a8.results
+    assert report.int8_vs_fp32.holdout_images == 4
     # Plain SQNR counts the per-image scale error that clipping the far depth range causes under the
     # default tf-enhanced calibration (measured 10-15 dB); the scorer ignores scale, and so does the
     # scale-aligned SQNR (measured 28-33 dB per image). Far lower means broken quantization.
-    assert report["int8_vs_fp32"]["sqnr_db"] > 8
-    assert report["int8_vs_fp32"]["sqnr_db_scale_aligned"] > 22
-    assert report["int8_vs_fp32"]["fscore_vs_fp32"] > 95
-    assert report["qdq_vs_aimet_sim"]["sqnr_db"] > 25
-    gt = report["ground_truth"]
-    assert gt["frames"] == 5 and abs(gt["fscore_drop"]) < 5
-    assert report["host_latency_ms"]["fp32"] > 0 and "not" in report["host_latency_ms"]["note"]
+    assert report.int8_vs_fp32.sqnr_db > 8
+    assert report.int8_vs_fp32.sqnr_db_scale_aligned > 22
+    assert report.int8_vs_fp32.fscore_vs_fp32 > 95
+    assert report.qdq_vs_aimet_sim["sqnr_db"] > 25
+    gt = report.ground_truth
+    assert gt.frames == 5 and abs(gt.fscore_drop) < 5
+    assert report.host_latency_ms.fp32 > 0 and "not" in report.host_latency_ms.note
     markdown = (w8a8.out_dir / "report.md").read_text()
     assert "SQNR" in markdown and "F-score" in markdown and "sanity figure" in markdown
 
@@ -63,7 +64,7 @@ def test_manifest_pins_calibration_and_tools(w8a8, calib_subset):
     assert "aimet-torch" in manifest["tool_versions"]
     # 21: the 16-bit output tail needs 16-bit QuantizeLinear.
     assert manifest["config"]["preset"] == "w8a8" and manifest["config"]["opset"] == 21
-    assert manifest["config"]["output_tail_bw"] == 16
+    assert manifest["config"]["output_tail_bits"] == 16
     assert {"compute-encodings", "export-aimet", "export-qdq", "qdq-vs-aimet-sim"} <= set(manifest["timings_s"])
 
 
@@ -74,7 +75,7 @@ def test_holdout_outputs_are_kept_for_later_checks(w8a8):
     # The saved arrays are the ones the report measured, not a re-run.
     from lpcv_depth.verify import sqnr_db
 
-    assert sqnr_db(saved["fp32"], saved["int8_qdq"]) == pytest.approx(w8a8.report["int8_vs_fp32"]["sqnr_db"])
+    assert sqnr_db(saved["fp32"], saved["int8_qdq"]) == pytest.approx(w8a8.results.int8_vs_fp32.sqnr_db)
     assert "holdout_outputs.npz" in {entry["path"] for entry in w8a8.manifest["outputs"]}
 
 
@@ -87,9 +88,9 @@ def test_qdq_runs_in_onnxruntime_at_the_contract(w8a8, calib_subset):
 
 
 def test_mixed_precision_is_measured(fastdepth_export, calib_subset, tmp_path):
-    result = quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "mixed", preset="mixed",
-                              mixed_max_drop_db=0.5, bn_fold=False))
-    mixed = result.report["mixed_precision"]
+    result = run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "mixed", preset="mixed",
+                                          mixed_max_drop=0.5, bn_fold=False))
+    mixed = result.results.mixed_precision
     assert mixed["activation_quantizers"] == len(mixed["per_layer_8bit_sqnr_db"]) > 10
     assert not set(mixed["per_layer_8bit_sqnr_db"]) & {"backbone.head.act"}, "the 16-bit tail is not measured"
     drops = {k: mixed["baseline_all_16bit_sqnr_db"] - v for k, v in mixed["per_layer_8bit_sqnr_db"].items()}
@@ -100,36 +101,38 @@ def test_mixed_precision_is_measured(fastdepth_export, calib_subset, tmp_path):
 
 def test_gate_fails_after_writing_the_report(fastdepth_export, calib_subset, tmp_path):
     with pytest.raises(GateError, match="min-sqnr 99"):
-        quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "gated", min_sqnr_db=99.0, bn_fold=False))
+        run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "gated", min_sqnr=99.0, bn_fold=False))
     assert (tmp_path / "gated" / "report.md").is_file()
 
 
 def test_bad_inputs(fastdepth_export, calib_subset, tmp_path):
     with pytest.raises(ConfigError, match="not an export stage output"):
-        PtqConfig(calib=calib_subset, fp32_dir=tmp_path)
+        run_ptq(PtqConfig(calib=calib_subset, fp32=tmp_path / "no-export", out=tmp_path / "out"))
     with pytest.raises(ConfigError, match="unknown preset"):
-        PtqConfig(calib=calib_subset, fp32_dir=fastdepth_export, preset="w4a4")
-    with pytest.raises(ConfigError, match="num_holdout"):
-        PtqConfig(calib=calib_subset, fp32_dir=fastdepth_export, num_holdout=0)
-    with pytest.raises(ConfigError, match="output_tail_bw must be 8 or 16"):
-        PtqConfig(calib=calib_subset, fp32_dir=fastdepth_export, output_tail_bw=12)
+        PtqConfig(calib=calib_subset, fp32=fastdepth_export, preset="w4a4")
+    with pytest.raises(ConfigError, match="holdout must be >= 1"):
+        PtqConfig(calib=calib_subset, fp32=fastdepth_export, holdout=0)
+    with pytest.raises(ConfigError, match="output_tail_bits must be 8 or 16"):
+        PtqConfig(calib=calib_subset, fp32=fastdepth_export, output_tail_bits=12)
+    assert not (tmp_path / "out").exists()
 
 
 def test_pure_int8_tail_on_request(fastdepth_export, calib_subset, tmp_path):
-    result = quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "int8", output_tail_bw=8))
-    assert "output_tail" not in result.report["techniques"] and result.manifest["config"]["opset"] == 18
+    result = run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "int8", output_tail_bits=8))
+    assert "output_tail" not in result.results.techniques and result.manifest["config"]["opset"] == 18
     qdq = onnx.load(str(result.qdq_onnx))
     assert {i.data_type for i in qdq.graph.initializer if i.name.endswith("zero_point")} <= {
         onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.INT32}
 
 
 def test_w8a16_is_near_lossless_and_exports_16bit_qdq(fastdepth_export, calib_subset, tmp_path):
-    result = quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "w8a16", preset="w8a16", bn_fold=False))
+    result = run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "w8a16", preset="w8a16",
+                                          bn_fold=False))
     # Measured 54 dB scale-aligned here against 28-33 dB for w8a8: 16-bit activations leave mostly
     # the int8 weights' error. (Plain SQNR, 16 dB, still counts tf-enhanced's clipping of the
     # per-image maximum, a pure scale error the scorer removes.)
-    fidelity = result.report["int8_vs_fp32"]
-    assert fidelity["sqnr_db_scale_aligned"] > 45 and fidelity["fscore_vs_fp32"] > 99.5
+    fidelity = result.results.int8_vs_fp32
+    assert fidelity.sqnr_db_scale_aligned > 45 and fidelity.fscore_vs_fp32 > 99.5
     assert result.manifest["config"]["opset"] == 21
     qdq = onnx.load(str(result.qdq_onnx))
     zero_point_types = {init.data_type for init in qdq.graph.initializer if init.name.endswith("zero_point")}
@@ -137,11 +140,11 @@ def test_w8a16_is_near_lossless_and_exports_16bit_qdq(fastdepth_export, calib_su
 
 
 def test_weight_rounding_techniques_are_applied_and_attributed(fastdepth_export, calib_subset, tmp_path):
-    result = quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "seqmse", seq_mse=True, seq_mse_candidates=5,
-                                           calibration_scheme="min-max"))
+    result = run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "seqmse", seq_mse=True,
+                                          seq_mse_candidates=5, calibration_scheme="min-max"))
     # Every Conv2d of FastDepth: AIMET alone would skip all of them at 8 bits.
-    assert result.report["techniques"]["seq_mse"]["layers_optimized"] == 38
-    ablation = result.report["ablation"]["SeqMSE"]
+    assert result.results.techniques["seq_mse"]["layers_optimized"] == 38
+    ablation = result.results.ablation["SeqMSE"]
     assert ablation["gain_db"] == pytest.approx(ablation["sqnr_db_with"] - ablation["sqnr_db"])
     assert ablation["sqnr_db"] > 18 and ablation["sqnr_db_with"] > 18
     assert "nearest rounding" in (result.out_dir / "report.md").read_text()
@@ -149,25 +152,25 @@ def test_weight_rounding_techniques_are_applied_and_attributed(fastdepth_export,
 
 @pytest.mark.slow
 def test_adaround_runs_and_is_attributed(fastdepth_export, calib_subset, tmp_path):
-    result = quantize(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "adaround", adaround=True,
-                              adaround_iterations=20, calibration_scheme="min-max"))
-    ablation = result.report["ablation"]["AdaRound"]
+    result = run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "adaround", adaround=True,
+                                          adaround_iterations=20, calibration_scheme="min-max"))
+    ablation = result.results.ablation["AdaRound"]
     # 20 iterations (of AdaRound's default 1000) change the rounding but are too few to anneal it:
     # measured -1.5 dB against nearest rounding. The test checks the rounding really changed and is
     # attributed; the report, not the test, says whether it paid off.
     assert ablation["sqnr_db_with"] > 18 and abs(ablation["gain_db"]) > 0.01
     assert ablation["gain_db"] == pytest.approx(ablation["sqnr_db_with"] - ablation["sqnr_db"])
     assert "adaround" in result.manifest["timings_s"]
-    assert result.report["qdq_vs_aimet_sim"]["sqnr_db"] > 25, "AdaRounded weights must survive the QDQ export"
+    assert result.results.qdq_vs_aimet_sim["sqnr_db"] > 25, "AdaRounded weights must survive the QDQ export"
 
 
 def test_output_tail_is_16bit_min_max_and_calibration_methods_are_reported(w8a8):
-    tail = w8a8.report["techniques"]["output_tail"]
+    tail = w8a8.results.techniques["output_tail"]
     # From the head conv's input (requantized to 16 bits, so the conv is w8a16 whole, which the HTP
     # requires) through the depth head (metres) to the contract output.
     assert tail["bits"] == 16 and "backbone.head.act:output0" in tail["quantizers"]
     assert tail["quantizers"][0] == "backbone.head.conv:input0"
-    analyzers = w8a8.report["calibration_analyzers"]
+    analyzers = w8a8.results.calibration_analyzers
     # tf-enhanced for the encoder; min-max for the 10 decoder ReLUs (AIMET's rule) and the 16-bit tail.
     assert analyzers["tf-enhanced"] > 0 and analyzers["min-max"] >= 10 + len(tail["quantizers"])
     qdq = onnx.load(str(w8a8.qdq_onnx))
@@ -180,3 +183,77 @@ def test_output_tail_is_16bit_min_max_and_calibration_methods_are_reported(w8a8)
     assert all(scales[name.replace("_zero_point", "_scale")].max() < 0.005 for name in wide)
     markdown = (w8a8.out_dir / "report.md").read_text()
     assert "Output tail at 16 bits" in markdown and "min-max" in markdown
+
+
+def test_manifest_results_read_back_typed(w8a8):
+    from lpcv_depth.manifest import Manifest
+    from lpcv_depth.results import PtqResults
+
+    results = Manifest.read(w8a8.out_dir, stage="ptq", flag="--ptq").results_as(PtqResults)
+    assert results.model == "fastdepth" and results.preset == "w8a8"
+    assert results.int8_vs_fp32.sqnr_db == pytest.approx(w8a8.results.int8_vs_fp32.sqnr_db)
+    assert results.ground_truth.frames == 5 and results.sizes_bytes.qdq_onnx == w8a8.qdq_onnx.stat().st_size
+    report = json.loads((w8a8.out_dir / "report.json").read_text())
+    assert report["config"]["fp32"] and report["int8_vs_fp32"]["holdout_images"] == 4
+
+
+def test_a_swapped_fp32_model_is_refused(fastdepth_export, calib_subset, tmp_path, capsys):
+    import shutil
+
+    from lpcv_depth.cli import main
+    from lpcv_depth.manifest import ArtifactMismatchError
+
+    export = tmp_path / "export"
+    shutil.copytree(fastdepth_export, export)
+    model = onnx.load(str(export / "model.onnx"))
+    onnx.helper.set_model_props(model, {"lpcv.swapped": "yes"})
+    onnx.save(model, str(export / "model.onnx"))
+    with pytest.raises(ArtifactMismatchError, match="model.onnx is not the file the export stage wrote"):
+        run_ptq(fastdepth_ptq_config(export, calib_subset, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    code = main(["ptq", "--fp32", str(export), "--calib", str(calib_subset), "--holdout", "4", "--min-calib", "8",
+                 "--out", str(tmp_path / "cli")])
+    assert code == 2 and "sha256 differs" in capsys.readouterr().err and not (tmp_path / "cli").exists()
+
+
+def test_flags_keep_their_spelling_and_defaults_follow_the_workspace(tmp_path, monkeypatch):
+    from lpcv_depth.cli import build_parser
+    from lpcv_depth.options import config_from_args
+
+    monkeypatch.setenv("LPCV_DEPTH_WORKSPACE", str(tmp_path))
+    config = config_from_args(PtqConfig, build_parser("ptq").parse_args([]))
+    assert config.fp32_dir == tmp_path / "build" / "depth_anything_v2_vits" / "export"
+    assert config.calib_dir == tmp_path / "calibration_data"
+    assert config.destination == tmp_path / "build" / "depth_anything_v2_vits" / "ptq-w8a8"
+    args = build_parser("ptq").parse_args([
+        "--fp32", "fp", "--calib", "photos", "--preset", "mixed", "--no-bn-fold", "--no-cle", "--seq-mse",
+        "--num-calib", "10", "--holdout", "3", "--min-calib", "5", "--output-tail-bits", "8",
+        "--mixed-max-drop", "0.5", "--min-sqnr", "20", "--max-fscore-drop", "1.5", "--out", "o"])
+    config = config_from_args(PtqConfig, args)
+    assert (config.fp32, config.calib, config.out) == (Path("fp"), Path("photos"), Path("o"))
+    assert (config.bn_fold, config.cle, config.seq_mse, config.adaround) == (False, False, True, False)
+    assert (config.num_calib, config.holdout, config.min_calib, config.output_tail_bits) == (10, 3, 5, 8)
+    assert (config.mixed_max_drop, config.min_sqnr, config.max_fscore_drop) == (0.5, 20.0, 1.5)
+    assert config.calib_dir == tmp_path / "photos" and config.opset == 21
+    assert config.sim_parity.min_sqnr_db == 25.0 and config.sim_parity.max_abs_diff == 0.5
+    with pytest.raises(SystemExit):
+        build_parser("ptq").parse_args(["--output-tail-bits", "12"])
+
+
+def test_the_model_rewrite_is_recorded_and_reported(w8a8):
+    """DA-V2's own rewrite (spec.prepare_for_quantization folds its LayerScales) lands in techniques
+    and in the report; FastDepth has none."""
+    import dataclasses
+
+    from lpcv_depth.models import create_model
+    from lpcv_depth.stage import StageLog
+    from lpcv_depth.stages.ptq import _model_rewrite
+    from lpcv_depth.stages.ptq_report import markdown
+
+    assert "layer_scale_fold" not in w8a8.results.techniques
+    techniques: dict = {}
+    _model_rewrite(create_model("depth_anything_v2_vits", weights=None, input_size=(98, 126)), techniques,
+                   StageLog("ptq"))
+    assert techniques == {"layer_scale_fold": {"folded": 24}}
+    results = dataclasses.replace(w8a8.results, techniques={**techniques, **w8a8.results.techniques})
+    assert "LayerScale fold: 24 folded into Linear layers" in markdown(PtqConfig(), results)

@@ -49,9 +49,8 @@ def calibration_analyzers(sim) -> dict[str, int]:
 
     Not always the chosen scheme: aimet-torch calibrates min-max every quantizer the quantsim config
     constrains (quantsim_config/builder.py, `encoding_min_max_fixed_vals`), and the HTP V75 config pins
-    every Relu output's min at 0. Measured on FastDepth, that is the better choice: moving its ReLU
-    outputs to tf-enhanced clipped the decoder (one layer from 7.3 to 0.67), flattened the far wall
-    of the Kinect rooms and cost that set 2.6 F-score points; so the report states it instead of undoing it."""
+    every Relu output's min at 0. That measured better than tf-enhanced on those outputs (docs/ptq.md,
+    "Relu outputs stay min-max"), so the report states it instead of undoing it."""
     names = {"MinMaxEncodingAnalyzer": "min-max", "TfEnhancedEncodingAnalyzer": "tf-enhanced",
              "PercentileEncodingAnalyzer": "percentile"}
     counts: dict[str, int] = {}
@@ -99,11 +98,11 @@ def widen_output_tail(sim, tail: list[str], bitwidth: int) -> list[str]:
     calibration. Returns their names.
 
     The last weighted layer gets its own input quantizer at `bitwidth` (a requantization of the 8-bit
-    tensor feeding it): QNN 2.51 refuses a conv with an 8-bit input and a 16-bit output, and widening
+    tensor feeding it): QNN refuses a conv with an 8-bit input and a 16-bit output, and widening
     the producer instead only moves that problem up when the producer is a conv too (DA-V2's head).
-    Min-max, whatever the scheme elsewhere: at 16 bits even a 0..36 m range has 0.55 mm steps, so
-    there is no rounding noise to trade for clipping, and clipping the far wall (tf-enhanced cut
-    FastDepth's head at 6.9 m, below the 8.7 m of the Kinect rooms) flattens real geometry."""
+    Min-max, whatever the scheme elsewhere: at 16 bits the steps of even the widest calibrated depth
+    range are far below what the scorer resolves, so there is no rounding noise to trade for clipping,
+    and clipping the far wall flattens real geometry (measured: docs/ptq.md, "The output tail")."""
     from aimet_torch.quantization.affine import QuantizeDequantize
     from aimet_torch.quantization.encoding_analyzer import MinMaxEncodingAnalyzer
 
