@@ -82,6 +82,13 @@ class PtqSizes:
 
 @dataclass(frozen=True)
 class PtqResults:
+    """What the ptq stage measured: `results` of its manifest (and the body of its report.json).
+
+    techniques: what each float/rounding technique did, by name (the model's own rewrite, e.g.
+    {"layer_scale_fold": {"folded": 24}}, then bn_fold, cle, output_tail, seq_mse when they ran).
+    ablation (AdaRound/SeqMSE against nearest rounding) and mixed_precision (the mixed preset's
+    per-layer sensitivity) are None when those did not run; ground_truth without --eval-data."""
+
     model: str
     preset: str
     techniques: dict
@@ -91,7 +98,7 @@ class PtqResults:
     qdq_vs_aimet_sim: dict
     int8_vs_fp32: Fidelity
     sizes_bytes: PtqSizes
-    host_latency_ms: HostLatency | None = None
+    host_latency_ms: HostLatency
     ground_truth: GroundTruthPair | None = None
     ablation: dict | None = None
     mixed_precision: dict | None = None
