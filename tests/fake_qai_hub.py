@@ -1,6 +1,6 @@
 """An in-memory stand-in for the `qai_hub` module (0.56 surface), for tests that must not touch a network.
 
-It implements what lpcv_depth/hub_client.py uses, with the real module's names and behaviour:
+It implements what lpcv_depth/backends/ai_hub.py uses, with the real module's names and behaviour:
 jobs move through the real states one status poll at a time (CREATED -> OPTIMIZING_MODEL for a
 compile, CREATED -> PROVISIONING_DEVICE -> MEASURING_PERFORMANCE / RUNNING_INFERENCE for a device
 job) and end SUCCESS or FAILED with a reason; the profile is shaped like `download_profile()`'s
@@ -14,7 +14,8 @@ Knobs for failure cases: `token=False` (no client.ini), `network=False` (connect
 jobs), `interrupt_at[kind] = n` (Ctrl+C during the n-th status poll), `cpu_layers` (CPU fallback).
 
 Also: helpers that build a ptq-stage-like folder without AIMET (ONNX Runtime's own static QDQ
-quantizer makes the host int8 model), so hub and compare tests need no slow calibration.
+quantizer makes the host int8 model), so hub and compare tests need no slow calibration, and an
+htp-check-like folder holding a QNN context binary, without onnxruntime-qnn.
 """
 
 from __future__ import annotations
@@ -460,9 +461,33 @@ def make_ptq_folder(export_dir: Path, out: Path, calibration: list[Path], *, eva
     if eval_metrics is not None:
         results["ground_truth"] = eval_metrics
     np.savez_compressed(out / "holdout_outputs.npz", fp32=fp32_out, int8_qdq=int8_out)
-    config = {"fp32_dir": os.fspath(export_dir), "preset": "w8a8", "destination": os.fspath(out)}
+    config = {"fp32": os.fspath(export_dir), "preset": "w8a8", "destination": os.fspath(out)}
     inputs = {"fp32_onnx": {"path": os.fspath(fp32_onnx), "sha256": sha256_file(fp32_onnx)}}
     write_manifest(out, stage="ptq", config=config, inputs=inputs,
                    outputs=[aimet / f"{name}.onnx", aimet / f"{name}.encodings", qdq],
                    timings=StageLog("ptq").timings, results=results)
+    return out
+
+
+def make_htp_check_folder(ptq_dir: Path, out: Path, binary: bytes = b"QNN context binary" * 100) -> Path:
+    """A folder laid out like the htp-check stage's, without onnxruntime-qnn: a stand-in context binary
+    and a manifest whose typed results (HtpCheckResults) describe it. The binary is not listed among
+    the manifest's outputs, so a test may delete it and see the hub stage's own check."""
+    from lpcv_depth.manifest import sha256_file, write_manifest
+    from lpcv_depth.results import ContextBinary, Coverage, HtpCheckResults
+
+    out.mkdir(parents=True)
+    path = out / "model_ctx_qnn.bin"
+    path.write_bytes(binary)
+    coverage = Coverage(full_htp=True, htp_partitions=1, htp_nodes=1, htp_op_types={"Conv": 1}, cpu_nodes=0,
+                        cpu_op_types={}, cpu_node_names=[], refused=[], no_fallback_error=None, build_s=0.0)
+    context = ContextBinary(onnx="model_ctx.onnx", path=path.name, bytes=path.stat().st_size, onnx_bytes=0,
+                            sha256=sha256_file(path), build_s=0.0, reload_s=0.0, htp_arch="75", soc_model="57",
+                            qnn_sdk_version="fake", full_htp=True, htp_partitions=1, io="float32 in, float32 out",
+                            build_note="fake", ai_hub="fake")
+    results = HtpCheckResults(target={"htp_arch": "75", "soc_model": "57"}, emulation_note="fake", warnings=[],
+                              qnn={}, model={}, coverage=coverage, emulation_time={}, numerics={},
+                              context_binary=context)
+    write_manifest(out, stage="htp-check", config={"ptq": os.fspath(ptq_dir), "destination": os.fspath(out)},
+                   inputs={}, outputs=[], timings={}, results=results)
     return out

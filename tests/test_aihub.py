@@ -3,8 +3,10 @@ timeouts, missing package / token / network, CPU fallback, sharing, context bina
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,13 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lpcv_depth.stages.hub import (EXIT_JOB_FAILED, EXIT_TIMEOUT, STATE_NAME, HubConfig, main, run_hub, summarize_profile)
-from lpcv_depth.errors import ConfigError, MissingDependencyError, OutputDirError
+import lpcv_depth.stages.hub as hub_stage
+from lpcv_depth import cli
+from lpcv_depth.stages.hub import STATE_NAME, HubConfig, run_hub, summarize_profile
+from lpcv_depth.errors import ConfigError, ExitCode, MissingDependencyError, OutputDirError
 from lpcv_depth.backends.ai_hub import HubAuthError, HubClient, HubJobFailedError, HubTimeoutError, HubUnavailableError
 from lpcv_depth.images import list_images
 from lpcv_depth.manifest import MANIFEST_NAME, read_manifest
 from lpcv_depth.track3_metric import FSCORE
-from tests.fake_qai_hub import FakeQaiHub, make_ptq_folder, write_client_ini
+from tests.fake_qai_hub import FakeQaiHub, make_htp_check_folder, make_ptq_folder, write_client_ini
+
+REPO = Path(__file__).resolve().parents[1]
 
 EMAIL = "lowpowervision@gmail.com"
 
@@ -46,13 +52,20 @@ def _client(fake: FakeQaiHub) -> HubClient:
 
 
 def _config(artifact: Path, out: Path | None, **overrides) -> HubConfig:
-    options = dict(artifact=artifact, out_dir=out, poll_s=0.001, timeout_s=30.0, threads=1)
+    options = dict(artifact=artifact, out=out, poll=0.001, timeout=30.0, threads=1)
     options.update(overrides)
     return HubConfig(**options)
 
 
 def _argv(artifact: Path, out: Path, *extra: str) -> list[str]:
     return [str(artifact), "--out", str(out), "--poll", "0.001", "--threads", "1", *extra]
+
+
+def main(argv: list[str], client: HubClient | None = None, monkeypatch=None) -> int:
+    """`lpcv-depth hub ARGV` in-process, talking to `client` instead of a real AI Hub."""
+    if client is not None:
+        monkeypatch.setattr(hub_stage, "HubClient", lambda: client)
+    return cli.main(["hub", *argv])
 
 
 def test_fp32_export_compiles_profiles_runs_scores_and_shares(fp32_export, rgbd_dir, tmp_path, capsys):
@@ -132,7 +145,7 @@ def test_int8_ptq_uploads_aimet_folder_and_compares_with_the_qdq_model(int8_ptq,
     assert np.allclose(device * 255, np.round(device * 255), atol=1e-3)  # 8-bit output steps, dequantized
     # Device (8-bit outputs of the AIMET graph) against host QDQ: real, finite, imperfect agreement.
     assert 5 < inference["vs_host"]["sqnr_db"] < 60
-    assert "ground_truth" not in inference  # plain photos have none
+    assert result.results.inference.ground_truth is None and inference["ground_truth"] is None  # photos have none
 
 
 def test_rerun_resumes_recorded_jobs_and_force_resubmits(fp32_export, tmp_path, capsys):
@@ -163,11 +176,11 @@ def test_rerun_resumes_recorded_jobs_and_force_resubmits(fp32_export, tmp_path, 
     assert len(fake.submitted) == 6 and forced.compile_job_id != changed.compile_job_id
 
 
-def test_interrupted_wait_keeps_job_ids_and_the_rerun_resumes(fp32_export, tmp_path, capsys):
+def test_interrupted_wait_keeps_job_ids_and_the_rerun_resumes(fp32_export, tmp_path, capsys, monkeypatch):
     fake = FakeQaiHub()
     fake.interrupt_at["profile"] = 2  # Ctrl+C while the profile job is provisioning a phone
     out = tmp_path / "hub"
-    assert main(_argv(fp32_export, out), _client(fake)) == 130
+    assert main(_argv(fp32_export, out), _client(fake), monkeypatch) == ExitCode.INTERRUPTED == 130
     err = capsys.readouterr().err
     assert "rerun the same command to resume" in err and STATE_NAME in err
     state = json.loads((out / STATE_NAME).read_text())
@@ -175,17 +188,17 @@ def test_interrupted_wait_keeps_job_ids_and_the_rerun_resumes(fp32_export, tmp_p
     assert state["jobs"]["profile"]["status"] == "SUBMITTED"
 
     fake.interrupt_at.clear()
-    assert main(_argv(fp32_export, out), _client(fake)) == 0
+    assert main(_argv(fp32_export, out), _client(fake), monkeypatch) == 0
     assert [kind for kind, _, _ in fake.submitted] == ["compile", "profile"]  # resumed, not resubmitted
     assert read_manifest(out)["results"]["profile"]["job_id"] == state["jobs"]["profile"]["job_id"]
 
 
-def test_failed_job_surfaces_the_hubs_reason(fp32_export, tmp_path, capsys):
+def test_failed_job_surfaces_the_hubs_reason(fp32_export, tmp_path, capsys, monkeypatch):
     fake = FakeQaiHub()
     reason = "Failed to compile: the op Erf is not supported by QNN HTP"
     fake.fail["compile"] = reason
     out = tmp_path / "hub"
-    assert main(_argv(fp32_export, out), _client(fake)) == EXIT_JOB_FAILED
+    assert main(_argv(fp32_export, out), _client(fake), monkeypatch) == ExitCode.HUB_JOB_FAILED == 4
     err = capsys.readouterr().err
     job_id = fake.submitted[0][1]
     assert "JOB FAILED" in err and reason in err and job_id in err and "--force" in err
@@ -196,23 +209,24 @@ def test_failed_job_surfaces_the_hubs_reason(fp32_export, tmp_path, capsys):
     with pytest.raises(HubJobFailedError) as failed:  # the same inputs report the same failed job
         run_hub(_config(fp32_export, out), _client(fake))
     assert failed.value.job_id == job_id and failed.value.reason == reason and len(fake.submitted) == 1
-    assert main(_argv(fp32_export, out, "--force"), _client(fake)) == 0
+    assert main(_argv(fp32_export, out, "--force"), _client(fake), monkeypatch) == 0
     assert len(fake.submitted) == 3
 
 
-def test_slow_job_times_out_quickly_and_stays_resumable(fp32_export, tmp_path, capsys):
+def test_slow_job_times_out_quickly_and_stays_resumable(fp32_export, tmp_path, capsys, monkeypatch):
     fake = FakeQaiHub()
     fake.polls_per_state["profile"] = 10 ** 9  # a phone that never frees up
     out = tmp_path / "hub"
     start = time.monotonic()
-    assert main(_argv(fp32_export, out, "--timeout", "0.2", "--poll", "0.02"), _client(fake)) == EXIT_TIMEOUT
+    assert main(_argv(fp32_export, out, "--timeout", "0.2", "--poll", "0.02"), _client(fake),
+                monkeypatch) == ExitCode.HUB_TIMEOUT == 5
     assert time.monotonic() - start < 10
     err = capsys.readouterr().err
     profile_id = fake.submitted[1][1]
     assert "TIMED OUT" in err and profile_id in err and "resumes" in err
     assert json.loads((out / STATE_NAME).read_text())["jobs"]["profile"]["job_id"] == profile_id
     with pytest.raises(HubTimeoutError) as timeout:
-        run_hub(_config(fp32_export, out, timeout_s=0.05, poll_s=0.01), _client(fake))
+        run_hub(_config(fp32_export, out, timeout=0.05, poll=0.01), _client(fake))
     assert timeout.value.job_id == profile_id and len(fake.submitted) == 2
 
 
@@ -234,7 +248,7 @@ def test_missing_token_fails_before_any_request(ini, client_ini, fp32_export, tm
     with pytest.raises(HubAuthError, match="qai-hub configure --api_token"):
         run_hub(_config(fp32_export, tmp_path / "hub"), HubClient(fake, preflight=True))
     assert fake.uploads == [] and fake.submitted == []
-    assert main(_argv(fp32_export, tmp_path / "hub"), HubClient(fake)) == 2
+    assert main(_argv(fp32_export, tmp_path / "hub"), HubClient(fake), monkeypatch) == 2
     assert "qai-hub configure --api_token YOUR_TOKEN" in capsys.readouterr().err
 
 
@@ -243,7 +257,7 @@ def test_token_rejected_by_the_hub_is_translated(fp32_export, tmp_path):
         run_hub(_config(fp32_export, tmp_path / "hub"), _client(FakeQaiHub(token=False)))
 
 
-def test_no_network_fails_fast_with_a_clear_message(client_ini, fp32_export, tmp_path, capsys):
+def test_no_network_fails_fast_with_a_clear_message(client_ini, fp32_export, tmp_path, capsys, monkeypatch):
     with socket.socket() as probe:  # a local port nobody listens on: connection refused at once
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -254,7 +268,7 @@ def test_no_network_fails_fast_with_a_clear_message(client_ini, fp32_export, tmp
     assert time.monotonic() - start < 3
 
     fake = FakeQaiHub(network=False)  # the network drops after the preflight: qai_hub's InternalError
-    assert main(_argv(fp32_export, tmp_path / "hub"), _client(fake)) == 2
+    assert main(_argv(fp32_export, tmp_path / "hub"), _client(fake), monkeypatch) == 2
     err = capsys.readouterr().err
     assert "AI Hub unavailable" in err and "Could not connect" in err and "resumes" in err
 
@@ -269,9 +283,10 @@ def test_cpu_fallback_is_flagged_loudly(fp32_export, tmp_path, capsys):
     assert stdout.count("hub: WARNING !!!!") == 2
 
 
-def test_share_prints_the_compile_job_id_for_the_submission_form(fp32_export, tmp_path, capsys):
+def test_share_prints_the_compile_job_id_for_the_submission_form(fp32_export, tmp_path, capsys, monkeypatch):
     fake = FakeQaiHub()
-    assert main(_argv(fp32_export, tmp_path / "hub", "--share", EMAIL, "--no-profile"), _client(fake)) == 0
+    assert main(_argv(fp32_export, tmp_path / "hub", "--share", EMAIL, "--no-profile"), _client(fake),
+                monkeypatch) == 0
     [(kind, compile_id, _)] = fake.submitted
     assert kind == "compile" and fake.jobs[compile_id].shared_with == [EMAIL]
     stdout = capsys.readouterr().out
@@ -292,7 +307,7 @@ def test_context_binary_is_profiled_without_compiling(fp32_export, calibration_d
     assert [kind for kind, _, _ in fake.submitted] == ["profile", "inference"]
     assert fake.models[fake.uploads[0]].model_type == "QNN_CONTEXT_BINARY"
     results = result.manifest["results"]
-    assert "compile" not in results and results["runtime"] == "qnn_context_binary"
+    assert result.results.compile is None and results["compile"] is None and results["runtime"] == "qnn_context_binary"
     assert results["share"]["kind"] == "profile" and fake.jobs[results["share"]["job_id"]].shared_with == [EMAIL]
     assert results["inference"]["vs_host"]["reference"].endswith("model.onnx")
     stdout = capsys.readouterr().out
@@ -300,13 +315,7 @@ def test_context_binary_is_profiled_without_compiling(fp32_export, calibration_d
 
 
 def test_htp_check_folder_sends_its_context_binary(int8_ptq, calibration_dir, tmp_path):
-    from lpcv_depth.manifest import write_manifest
-
-    htp = tmp_path / "htp-check"
-    htp.mkdir()
-    (htp / "model_ctx_qnn.bin").write_bytes(b"QNN context binary" * 100)
-    write_manifest(htp, stage="htp-check", config={"ptq": str(int8_ptq)}, inputs={}, outputs=[], timings={},
-                   results={"context_binary": {"path": "model_ctx_qnn.bin", "htp_arch": "75"}})
+    htp = make_htp_check_folder(int8_ptq, tmp_path / "htp-check")
     fake = FakeQaiHub()
     result = run_hub(_config(htp, tmp_path / "hub", images=calibration_dir, max_frames=1), _client(fake))
     assert [kind for kind, _, _ in fake.submitted] == ["profile", "inference"]
@@ -359,8 +368,11 @@ def test_bad_input_is_a_config_error_with_a_hint(fp32_export, int8_ptq, tmp_path
     for name, (options, message) in _bad_inputs(tmp_path, fp32_export, int8_ptq).items():
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
             HubConfig(**options)
-    assert main([str(tmp_path / "plain")]) == 2
-    err = capsys.readouterr().err
+    # The repo's script, with the artifact as a positional argument, as users type it.
+    script = subprocess.run([sys.executable, "export/aihub.py", str(tmp_path / "plain")], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert script.returncode == 2
+    err = script.stderr
     assert "neither an export nor a ptq folder" in err and "fix: pass build/<model>/export" in err
 
 
@@ -374,3 +386,50 @@ def test_profile_summary_reads_the_real_layout():
     assert summary["estimated_inference_time_ms"] == 40.0 and summary["fps"] == 25.0
     assert summary["meets_target_fps"] is False and summary["peak_memory_bytes"] == [9_000_000, 9_000_000]
     assert summary["compute_units"] == {"NPU": 1, "GPU": 1, "CPU": 1} and summary["cpu_layer_types"] == {"ArgMax": 1}
+
+
+def test_several_positional_artifacts_run_in_turn_then_point_at_compare(fp32_export, int8_ptq, tmp_path, capsys,
+                                                                        monkeypatch):
+    fake = FakeQaiHub()
+    argv = [str(fp32_export), str(int8_ptq), "--no-profile", "--poll", "0.001", "--threads", "1"]
+    assert main(argv, _client(fake), monkeypatch) == 0
+    assert [kind for kind, _, _ in fake.submitted] == ["compile", "compile"]
+    for folder in (fp32_export.parent / "hub-export-qnn_context_binary",
+                   int8_ptq.parent / "hub-ptq-w8a8-qnn_context_binary"):
+        assert read_manifest(folder)["stage"] == "hub"
+    stdout = capsys.readouterr().out
+    assert "hub: next: lpcv-depth compare --fp32 " in stdout and " --int8 " in stdout
+
+    assert main([*argv, "--out", str(tmp_path / "one")], _client(fake), monkeypatch) == 2
+    assert "--out takes one artifact" in capsys.readouterr().err
+    assert main(["--no-profile"], _client(fake), monkeypatch) == 2
+    assert "no artifact" in capsys.readouterr().err
+
+
+def test_out_that_is_or_lies_inside_an_input_is_refused(fp32_export, rgbd_dir, tmp_path):
+    before = sorted(p.name for p in fp32_export.iterdir())
+    for out, relation in ((fp32_export, "is"), (fp32_export / "hub", "lies inside"), (fp32_export.parent, "contains")):
+        with pytest.raises(OutputDirError, match=f"{relation} this run's input"):
+            run_hub(_config(fp32_export, out), _client(FakeQaiHub()))
+    with pytest.raises(OutputDirError, match="lies inside this run's input"):
+        run_hub(_config(fp32_export, tmp_path / "x", eval_data=tmp_path), _client(FakeQaiHub()))
+    assert sorted(p.name for p in fp32_export.iterdir()) == before
+    assert read_manifest(fp32_export)["stage"] == "export"
+
+
+def test_the_models_own_compile_options_are_added_and_recorded(fp32_export, tmp_path, monkeypatch):
+    import lpcv_depth.models as models
+
+    real = models.get_spec
+    monkeypatch.setattr(models, "get_spec", lambda name: dataclasses.replace(
+        real(name), hub_compile_options="--truncate_64bit_io"))
+    fake = FakeQaiHub()
+    out = tmp_path / "hub"
+    result = run_hub(_config(fp32_export, out, profile=False, compile_options="--quantize_io"), _client(fake))
+    options = "--target_runtime qnn_context_binary --truncate_64bit_io --quantize_io"
+    assert fake.submitted[0][2] == options
+    manifest = read_manifest(out)
+    assert manifest["config"]["full_compile_options"] == options
+    assert manifest["config"]["model_compile_options"] == "--truncate_64bit_io"
+    assert result.results.compile.model_options == "--truncate_64bit_io"
+    assert manifest["results"]["compile"]["options"] == options

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from lpcv_depth.errors import LpcvError, MissingDependencyError
+from lpcv_depth.errors import ExitCode, LpcvError, MissingDependencyError
 
 S24_DEVICE = "Samsung Galaxy S24 (Family)"
 DEFAULT_API_URL = "https://workbench.aihub.qualcomm.com"
@@ -50,6 +50,10 @@ class HubUnavailableError(HubError):
 class HubJobFailedError(HubError):
     """A job finished on the hub with state FAILED; `reason` is the hub's own explanation."""
 
+    exit_code = ExitCode.HUB_JOB_FAILED
+    # What the CLI prints before the message, instead of "error".
+    headline = "JOB FAILED"
+
     def __init__(self, message: str, *, job_id: str, kind: str, reason: str, hint: str | None = None):
         super().__init__(message, hint)
         self.job_id = job_id
@@ -59,6 +63,9 @@ class HubJobFailedError(HubError):
 
 class HubTimeoutError(HubError):
     """A job did not finish within the client-side timeout (it may still finish on the hub)."""
+
+    exit_code = ExitCode.HUB_TIMEOUT
+    headline = "TIMED OUT"
 
     def __init__(self, message: str, *, job_id: str, kind: str, hint: str | None = None):
         super().__init__(message, hint)

@@ -1,45 +1,58 @@
 """Qualcomm AI Hub: compile for the Galaxy S24, profile it, run it on the phone, share it; one durable record.
 
-    python export/aihub.py build/fastdepth/export build/fastdepth/ptq-w8a8 --eval-data ../shared/data/rgbd
-    python export/aihub.py build/fastdepth/ptq-w8a8 --quantize-io --share lowpowervision@gmail.com
-    python export/aihub.py build/fastdepth/htp/model.bin --reference-onnx build/fastdepth/ptq-w8a8/model_qdq.onnx
+    lpcv-depth hub build/fastdepth/export build/fastdepth/ptq-w8a8 --eval-data ../shared/data/rgbd
+    lpcv-depth hub build/fastdepth/ptq-w8a8 --quantize-io --share lowpowervision@gmail.com
+    lpcv-depth hub build/fastdepth/htp/model.bin --reference-onnx build/fastdepth/ptq-w8a8/model_qdq.onnx
 
 Takes an export folder (fp32 model.onnx), a ptq folder (uploads <model>.aimet/, the layout AI Hub
 takes for AIMET int8 models), an .onnx file, an .aimet folder, or a precompiled QNN context binary
-(.bin, or the htp-check folder that built one: profiled and run as-is, no compile job). Per artifact, writes OUT (default
-build/<model>/hub-<export|ptq-PRESET>-<runtime>):
+(.bin, or the htp-check folder that built one: profiled and run as-is, no compile job); several
+run one after the other with the same flags. Per artifact, writes OUT (default
+hub-<export|ptq-PRESET|...>-<runtime> beside the artifact's stage folder):
   hub_jobs.json        every job id the moment it is submitted (what a rerun resumes from)
   compiled/model.*     the compiled model as downloaded
   profile.json         the raw profile; the manifest has its summary (ms, FPS, memory, NPU/GPU/CPU layers)
-  device_outputs/      on-device outputs, <set>/<frame id>.npy, (1,1,480,640), scored by evaluation/score.py
+  device_outputs/      on-device outputs, <set>/<frame id>.npy, (1,1,480,640), scored by lpcv-depth evaluate
   host_outputs/        ONNX Runtime outputs of the same frames, for on-device vs host fidelity
   eval/device, eval/host   with --eval-data: the evaluate stage against ground truth
   manifest.json        written last
 Rerunning the same command resumes the recorded jobs (waits, downloads) instead of resubmitting;
---force resubmits. Exit codes: 0 ok, 2 error (message and fix on stderr), 3 a job FAILED on the
-hub, 4 timed out waiting (the job keeps running; rerun to resume), 130 interrupted.
+--force resubmits. Exit statuses: 0 ok, 2 error (message and fix on stderr), 4 a job FAILED on the
+hub, 5 timed out waiting (the job keeps running; rerun to resume), 130 interrupted. docs/hub.md has
+the details.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from lpcv_depth.contract import TRACK3
-from lpcv_depth.errors import ConfigError, LpcvError, OutputDirError
 from lpcv_depth.backends.ai_hub import (S24_DEVICE, HubClient, HubError, HubJob, HubJobFailedError, HubTimeoutError,
-                                   TensorInfo)
-from lpcv_depth.stage import StageLog, exit_status
-from lpcv_depth.manifest import MANIFEST_NAME, config_as_dict, read_manifest, sha256_file, sha256_of_files, write_manifest
+                                        TensorInfo)
+from lpcv_depth.contract import TRACK3
+from lpcv_depth.errors import ConfigError, ExitCode, LpcvError, OutputDirError, UnknownModelError
+from lpcv_depth.manifest import (MANIFEST_NAME, Manifest, config_as_dict, read_manifest, sha256_file,
+                                 sha256_of_files, write_manifest)
+from lpcv_depth.options import config_from_args, option
+from lpcv_depth.results import (EvaluateGroup, EvaluateResults, HtpCheckResults, HubCompile, HubGroundTruth,
+                                HubHostFidelity, HubInference, HubInput, HubJobRecord, HubProfile, HubResults, HubShare)
+from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path, exit_status
+
+__all__ = ["HubConfig", "HubResult", "HubArtifact", "HubState", "run_hub", "resolve_artifact", "summarize_profile",
+           "next_command", "STATE_NAME", "RUNTIMES", "DEFINITION"]
 
 STAGE = "hub"
 RUNTIMES = ("qnn_context_binary", "tflite", "qnn_dlc", "onnx")
@@ -47,9 +60,13 @@ DEFAULT_PROFILE_OPTIONS = "--max_profiler_iterations 20"  # what the organizers'
 STATE_NAME = "hub_jobs.json"
 TARGET_FPS = 30.0
 COMPUTE_UNITS = ("NPU", "GPU", "CPU")
-EXIT_JOB_FAILED = 3
-EXIT_TIMEOUT = 4
+EXPORT_ONNX = "model.onnx"
+QDQ_ONNX = "model_qdq.onnx"
+ARTIFACT_HINT = ("pass build/<model>/export, build/<model>/ptq-<preset>, an htp-check folder, an .onnx, an .aimet "
+                 "folder or a .bin")
 
+
+# -- What goes to the hub ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class HubArtifact:
@@ -60,26 +77,47 @@ class HubArtifact:
     precision: str  # fp32 | int8 | unknown
     label: str  # names the output folder: export, ptq-w8a8, model_qdq, ...
     model_name: str | None
-    source_dir: Path | None  # the export/ptq stage folder it came from, if any
+    source_dir: Path | None  # the export / ptq / htp-check folder it came from, if any
     host_reference: Path | None  # the ONNX whose ONNX Runtime outputs the device outputs are compared with
 
     @property
     def compilable(self) -> bool:
         return self.kind != "qnn_context_binary"
 
-    def as_dict(self) -> dict:
-        return {key: os.fspath(value) if isinstance(value, Path) else value for key, value in self.__dict__.items()}
+    @property
+    def paths(self) -> list[Path]:
+        return [p for p in (self.upload, self.source_dir, self.host_reference) if p is not None]
+
+    def record(self, sha256: str) -> HubInput:
+        def text(path: Path | None) -> str | None:
+            return None if path is None else os.fspath(path)
+
+        return HubInput(kind=self.kind, upload=os.fspath(self.upload), precision=self.precision, label=self.label,
+                        model_name=self.model_name, source_dir=text(self.source_dir),
+                        host_reference=text(self.host_reference), sha256=sha256)
+
+
+def _no_artifact_hint() -> str:
+    return f"e.g. {command_line(STAGE, 'build/fastdepth/export')}; " + ARTIFACT_HINT
 
 
 def _stage_of(folder: Path) -> str | None:
-    return read_manifest(folder).get("stage") if (folder / MANIFEST_NAME).is_file() else None
+    """Which stage wrote `folder` (None: no readable manifest); to pick the reader, which checks it all."""
+    try:
+        return read_manifest(folder).get("stage") if (folder / MANIFEST_NAME).is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.is_file() else None
 
 
 def _single_aimet_dir(folder: Path) -> Path:
     found = sorted(p for p in folder.glob("*.aimet") if p.is_dir())
     if len(found) != 1:
         raise ConfigError(f"ptq folder {folder} holds {len(found)} <model>.aimet folders, expected one",
-                          hint="rerun python quantize/ptq.py; its output has exactly one")
+                          hint=f"rerun {command_line('ptq')}; its output has exactly one")
     return found[0]
 
 
@@ -93,100 +131,133 @@ def _check_aimet_dir(folder: Path) -> None:
                           hint="it must hold exactly one .onnx and one .encodings (and optionally one .data)")
 
 
+def _ptq_label(manifest: Manifest) -> str:
+    return f"ptq-{manifest.config.get('preset', 'int8')}"
+
+
+def _export_artifact(folder: Path) -> HubArtifact:
+    manifest = Manifest.read(folder, stage="export", flag="artifact")
+    onnx = folder / EXPORT_ONNX
+    if not onnx.is_file():
+        raise ConfigError(f"export folder {folder} has no {EXPORT_ONNX}", hint=f"rerun {command_line('export')}")
+    return HubArtifact("export", onnx, "fp32", "export", manifest.config.get("model"), folder, onnx)
+
+
+def _ptq_artifact(folder: Path) -> HubArtifact:
+    manifest = Manifest.read(folder, stage="ptq", flag="artifact")
+    aimet = _single_aimet_dir(folder)
+    _check_aimet_dir(aimet)
+    return HubArtifact("ptq", aimet, "int8", _ptq_label(manifest), aimet.stem, folder, _existing(folder / QDQ_ONNX))
+
+
 def _htp_check_artifact(folder: Path) -> HubArtifact:
     """The QNN context binary the local HTP check built, measured against the QDQ model it came from."""
-    manifest = read_manifest(folder)
-    binary = manifest["results"].get("context_binary")
-    if not binary or not (folder / binary["path"]).is_file():
+    manifest = Manifest.read(folder, stage="htp-check", flag="artifact")
+    binary = manifest.results_as(HtpCheckResults).context_binary
+    if binary is None or not (folder / binary.path).is_file():
         raise ConfigError(f"htp-check folder {folder} holds no QNN context binary",
-                          hint="rerun python quantize/htp_check.py without --no-context-binary")
-    ptq_dir = Path(manifest["config"]["ptq"])  # a ptq folder, or the QDQ .onnx itself
-    qdq = ptq_dir if ptq_dir.suffix == ".onnx" else ptq_dir / "model_qdq.onnx"
-    model_name = next((p.stem for p in ptq_dir.glob("*.aimet")), None) if ptq_dir.is_dir() else None
-    return HubArtifact("qnn_context_binary", folder / binary["path"], "int8", "htp-check", model_name, folder,
-                       qdq if qdq.is_file() else None)
+                          hint=f"rerun {command_line('htp-check')} without --no-context-binary")
+    ptq = Path(manifest.config["ptq"])  # a ptq folder, or the QDQ .onnx itself
+    qdq = ptq if ptq.suffix == ".onnx" else ptq / QDQ_ONNX
+    model_name = next((p.stem for p in ptq.glob("*.aimet")), None) if ptq.is_dir() else None
+    return HubArtifact("qnn_context_binary", folder / binary.path, "int8", "htp-check", model_name, folder,
+                       _existing(qdq))
+
+
+def _aimet_artifact(folder: Path) -> HubArtifact:
+    _check_aimet_dir(folder)
+    in_ptq = _stage_of(folder.parent) == "ptq"
+    label = _ptq_label(Manifest.read(folder.parent, stage="ptq", flag="artifact")) if in_ptq else folder.stem
+    return HubArtifact("aimet", folder, "int8", label, folder.stem, folder.parent if in_ptq else None,
+                       _existing(folder.parent / QDQ_ONNX))
+
+
+def _folder_artifact(path: Path) -> HubArtifact:
+    stage = _stage_of(path)
+    readers = {"export": _export_artifact, "ptq": _ptq_artifact, "htp-check": _htp_check_artifact}
+    if stage in readers:
+        return readers[stage](path)
+    if path.suffix == ".aimet":
+        return _aimet_artifact(path)
+    what = f"a {stage!r} stage output" if stage else "not a stage output (no manifest.json)"
+    raise ConfigError(f"{path} is {what}: neither an export nor a ptq folder", hint=ARTIFACT_HINT)
+
+
+def _model_in(folder: Path, stage: str | None) -> str | None:
+    """The registered model an export or ptq folder holds (for a bare .onnx taken from one)."""
+    if stage == "export":
+        return Manifest.read(folder, stage="export", flag="artifact", verify=False).config.get("model")
+    if stage == "ptq":
+        return next((p.stem for p in folder.glob("*.aimet")), None)
+    return None
+
+
+def _file_artifact(path: Path) -> HubArtifact:
+    if path.suffix == ".onnx":
+        stage = _stage_of(path.parent)
+        quantized = path.name == QDQ_ONNX or stage == "ptq"
+        precision = "int8" if quantized else "fp32" if stage == "export" else "unknown"
+        label = "export" if stage == "export" and path.name == EXPORT_ONNX else path.stem
+        source = path.parent if stage in ("export", "ptq") else None
+        return HubArtifact("onnx", path, precision, label, _model_in(path.parent, stage), source, path)
+    if path.suffix == ".bin":
+        return HubArtifact("qnn_context_binary", path, "unknown", path.stem, None, None, None)
+    raise ConfigError(f"{path} is not a model AI Hub takes here (suffix {path.suffix or 'none'})", hint=ARTIFACT_HINT)
 
 
 def resolve_artifact(path: Path, reference_onnx: Path | None = None) -> HubArtifact:
     """Turn the user's argument into what to upload and what to compare with; ConfigError if unusable."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"artifact not found: {path}",
-                          hint="pass an export folder, a ptq folder, an .onnx, an .aimet folder or a .bin")
-    stage = _stage_of(path) if path.is_dir() else None
-    if path.is_dir() and stage == "export":
-        manifest = read_manifest(path)
-        onnx = path / "model.onnx"
-        if not onnx.is_file():
-            raise ConfigError(f"export folder {path} has no model.onnx", hint="rerun python export/to_onnx.py")
-        artifact = HubArtifact("export", onnx, "fp32", "export", manifest["config"].get("model"), path, onnx)
-    elif path.is_dir() and stage == "ptq":
-        manifest = read_manifest(path)
-        aimet = _single_aimet_dir(path)
-        _check_aimet_dir(aimet)
-        qdq = path / "model_qdq.onnx"
-        artifact = HubArtifact("ptq", aimet, "int8", f"ptq-{manifest['config'].get('preset', 'int8')}",
-                               aimet.stem, path, qdq if qdq.is_file() else None)
-    elif path.is_dir() and stage == "htp-check":
-        artifact = _htp_check_artifact(path)
-    elif path.is_dir() and path.suffix == ".aimet":
-        _check_aimet_dir(path)
-        qdq = path.parent / "model_qdq.onnx"
-        parent_is_ptq = _stage_of(path.parent) == "ptq"
-        label = f"ptq-{read_manifest(path.parent)['config'].get('preset', 'int8')}" if parent_is_ptq else path.stem
-        artifact = HubArtifact("aimet", path, "int8", label, path.stem, path.parent if parent_is_ptq else None,
-                               qdq if qdq.is_file() else None)
-    elif path.is_dir():
-        what = f"a {stage!r} stage output" if stage else "not a stage output (no manifest.json)"
-        raise ConfigError(f"{path} is {what}: neither an export nor a ptq folder",
-                          hint="pass build/<model>/export, build/<model>/ptq-<preset>, an .onnx, an .aimet "
-                               "folder or a .bin")
-    elif path.suffix == ".onnx":
-        stage = _stage_of(path.parent)
-        quantized = path.name == "model_qdq.onnx" or stage == "ptq"
-        label = "export" if stage == "export" and path.name == "model.onnx" else path.stem
-        artifact = HubArtifact("onnx", path, "int8" if quantized else "fp32" if stage == "export" else "unknown",
-                               label, None, path.parent if stage in ("export", "ptq") else None, path)
-    elif path.suffix == ".bin":
-        artifact = HubArtifact("qnn_context_binary", path, "unknown", path.stem, None, None, None)
-    else:
-        raise ConfigError(f"{path} is not a model AI Hub takes here (suffix {path.suffix or 'none'})",
-                          hint="pass an export or ptq folder, an .onnx, an .aimet folder or a QNN context binary .bin")
-    if reference_onnx is not None:
-        if not Path(reference_onnx).is_file():
-            raise ConfigError(f"--reference-onnx not found: {reference_onnx}")
-        artifact = HubArtifact(**{**artifact.__dict__, "host_reference": Path(reference_onnx)})
-    return artifact
+        raise ConfigError(f"artifact not found: {path}", hint=ARTIFACT_HINT)
+    artifact = _folder_artifact(path) if path.is_dir() else _file_artifact(path)
+    if reference_onnx is None:
+        return artifact
+    if not Path(reference_onnx).is_file():
+        raise ConfigError(f"--reference-onnx not found: {reference_onnx}",
+                          hint="pass the host .onnx file to compare with")
+    return dataclasses.replace(artifact, host_reference=Path(reference_onnx))
 
+
+# -- Config -----------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class HubConfig:
-    artifact: Path
-    runtime: str = "qnn_context_binary"
-    # Passed through to the compile job after --target_runtime, e.g. "--quantize_io".
-    compile_options: str = ""
-    profile_options: str = DEFAULT_PROFILE_OPTIONS
-    inference_options: str = ""
-    device: str = S24_DEVICE
-    compile: bool = True
-    profile: bool = True
-    inference: bool = True
-    eval_data: Path | None = None
-    images: Path | None = None
-    max_frames: int | None = None
-    # Reuse what is already on the hub instead of uploading it again.
-    model_id: str | None = None
-    dataset_id: str | None = None
-    reference_onnx: Path | None = None
-    share: tuple[str, ...] = ()
-    timeout_s: float = 3600.0
-    poll_s: float = 10.0
-    force: bool = False
-    out_dir: Path | None = None
-    threads: int | None = None
-    _artifact: HubArtifact | None = field(default=None, init=False, repr=False, compare=False)
+    artifact: Path | None = option(None, metavar="ARTIFACT",
+                                   help="export, ptq or htp-check folder, .onnx, .aimet folder or QNN context binary "
+                                        ".bin; the command line also takes several as positional arguments")
+    runtime: str = option("qnn_context_binary", choices=RUNTIMES,
+                          help="compile target (qnn_context_binary is what the challenge profiles)")
+    compile_options: str = option("", help="extra compile options, passed through as written; write "
+                                           "--compile-options=\"--x y\" when they start with --")
+    quantize_io: bool = option(False, help="add --quantize_io to the compile options (uint8 input/output for int8 "
+                                           "models; the stage quantizes inputs and dequantizes outputs)")
+    profile_options: str = option(DEFAULT_PROFILE_OPTIONS, help="profile job options (as the organizers profile)")
+    inference_options: str = option("", help="inference job options, passed through as written")
+    device: str = option(S24_DEVICE, help="AI Hub device name")
+    compile: bool = option(True, help="compile; --no-compile profiles/runs the uploaded ONNX as-is (ONNX Runtime on "
+                                      "the phone)")
+    profile: bool = option(True, help="submit a profile job")
+    inference: bool = option(True, help="run --eval-data or --images on the device")
+    eval_data: Path | None = option(None, help="RGB-D set(s) to run on the device and score against ground truth")
+    images: Path | None = option(None, help="plain photos to run on the device (no scoring)")
+    max_frames: int | None = option(None, help="send only the first N frames (default: all)")
+    model_id: str | None = option(None, help="reuse a model already uploaded to AI Hub (skips the upload)")
+    dataset_id: str | None = option(None, help="reuse a dataset already uploaded to AI Hub")
+    reference_onnx: Path | None = option(None, help="host ONNX to compare device outputs with (default: the "
+                                                    "artifact's own ONNX)")
+    share: tuple[str, ...] = option((), repeatable=True, metavar="EMAIL",
+                                    help="share the compile job (e.g. lowpowervision@gmail.com); repeatable")
+    timeout: float = option(3600.0, help="seconds to wait for each job")
+    poll: float = option(10.0, help="seconds between status checks")
+    force: bool = option(False, help="resubmit jobs even when recorded ones match")
+    out: Path | None = option(None, help="output folder (one artifact only; default: hub-<label>-<runtime> beside "
+                                         "the artifact's stage folder)")
+    threads: int | None = option(None, help="CPU threads for host ONNX Runtime and scoring")
 
     def __post_init__(self):
+        if self.artifact is None:
+            raise ConfigError("no artifact to send to AI Hub", hint=_no_artifact_hint())
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         if "--target_runtime" in self.compile_options:
@@ -196,6 +267,16 @@ class HubConfig:
             if "@" not in email or any(c.isspace() for c in email):
                 raise ConfigError(f"--share needs an email address, got {email!r}",
                                   hint="e.g. --share lowpowervision@gmail.com")
+        self._check_data()
+        if not self.timeout > 0 or not self.poll > 0:
+            raise ConfigError(f"timeout and poll interval must be > 0, got {self.timeout} and {self.poll}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        artifact = self.artifact_info  # resolves the artifact: an unusable one fails here
+        if not self.compile and artifact.kind in ("ptq", "aimet"):
+            raise ConfigError("AI Hub cannot run an AIMET model without compiling it", hint="drop --no-compile")
+
+    def _check_data(self) -> None:
         if self.eval_data is not None and self.images is not None:
             raise ConfigError("give --eval-data (RGB-D, scored against ground truth) or --images (photos), not both")
         for name in ("eval_data", "images"):
@@ -204,19 +285,10 @@ class HubConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} folder not found: {folder}")
         if self.max_frames is not None and self.max_frames < 1:
             raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}")
-        if not self.timeout_s > 0 or not self.poll_s > 0:
-            raise ConfigError(f"timeout and poll interval must be > 0, got {self.timeout_s} and {self.poll_s}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")
-        artifact = resolve_artifact(Path(self.artifact), self.reference_onnx)
-        if not self.compile and artifact.kind in ("ptq", "aimet"):
-            raise ConfigError("AI Hub cannot run an AIMET model without compiling it", hint="drop --no-compile")
-        object.__setattr__(self, "_artifact", artifact)
 
-    @property
+    @cached_property
     def artifact_info(self) -> HubArtifact:
-        assert self._artifact is not None
-        return self._artifact
+        return resolve_artifact(Path(self.artifact), self.reference_onnx)
 
     @property
     def compiles(self) -> bool:
@@ -228,10 +300,26 @@ class HubConfig:
             return self.runtime
         return "qnn_context_binary" if self.artifact_info.kind == "qnn_context_binary" else "uncompiled"
 
+    @cached_property
+    def model_compile_options(self) -> str:
+        """What the model's spec adds to every compile (ModelSpec.hub_compile_options)."""
+        name = self.artifact_info.model_name
+        if not self.compiles or name is None:
+            return ""
+        from lpcv_depth.models import get_spec
+
+        try:
+            return get_spec(name).hub_compile_options
+        except UnknownModelError:  # an .aimet folder named after an unregistered model
+            return ""
+
     @property
     def full_compile_options(self) -> str:
         """The exact options string the compile job gets (and the manifest records)."""
-        return " ".join(f"--target_runtime {self.runtime} {self.compile_options}".split())
+        words = ["--target_runtime", self.runtime, *self.model_compile_options.split(), *self.compile_options.split()]
+        if self.quantize_io and "--quantize_io" not in words:
+            words.append("--quantize_io")
+        return " ".join(words)
 
     @property
     def data_folder(self) -> Path | None:
@@ -239,16 +327,22 @@ class HubConfig:
 
     @property
     def destination(self) -> Path:
-        if self.out_dir is not None:
-            return Path(self.out_dir)
+        if self.out is not None:
+            return Path(self.out)
         artifact = self.artifact_info
         base = artifact.source_dir.parent if artifact.source_dir is not None else Path(self.artifact).parent
         return base / f"hub-{artifact.label}-{self.runtime_label}"
 
+    @property
+    def inputs(self) -> list[Path]:
+        """Everything the run reads: --out may not be, hold or lie inside any of them."""
+        candidates = (Path(self.artifact), *self.artifact_info.paths, self.eval_data, self.images)
+        return [Path(p) for p in candidates if p is not None]
+
     def as_dict(self) -> dict:
         data = config_as_dict(self)
-        data.pop("_artifact", None)
         data["full_compile_options"] = self.full_compile_options if self.compiles else None
+        data["model_compile_options"] = self.model_compile_options
         return data
 
 
@@ -256,12 +350,15 @@ class HubConfig:
 class HubResult:
     out_dir: Path
     manifest_path: Path
+    results: HubResults
     manifest: dict
 
     @property
     def compile_job_id(self) -> str | None:
-        return self.manifest["results"].get("compile", {}).get("job_id")
+        return self.results.compile.job_id if self.results.compile is not None else None
 
+
+# -- The resumable output folder --------------------------------------------------------------------------------------
 
 class HubState:
     """hub_jobs.json: uploads and job ids, rewritten atomically the moment anything is submitted."""
@@ -291,17 +388,36 @@ class HubState:
         self.data["jobs"][kind].update(status=code, failure_reason=message)
         self.save()
 
+    def job_records(self) -> dict[str, HubJobRecord]:
+        return {kind: HubJobRecord(job_id=record["job_id"], url=record["url"], status=record["status"])
+                for kind, record in self.data["jobs"].items()}
+
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _prepare_output(folder: Path) -> None:
-    """Own the folder, and make sure it does not look finished until this run writes its manifest."""
+def _refuse_inputs(folder: Path, inputs: list[Path]) -> None:
+    final = folder.resolve()
+    for source in (Path(p).resolve() for p in inputs):
+        if final == source or final in source.parents or source in final.parents:
+            relation = "is" if final == source else "contains" if final in source.parents else "lies inside"
+            raise OutputDirError(f"output folder {final} {relation} this run's input {source}; writing there "
+                                 "would replace the input",
+                                 hint="pass a separate --out folder (or leave --out out for the default)")
+
+
+def _prepare_output(config: HubConfig) -> Path:
+    """Own the folder, and make sure it does not look finished until this run writes its manifest.
+
+    Unlike a StagingDir the folder is written in place: hub_jobs.json must survive a failed or
+    interrupted run, because it is what the rerun resumes from."""
+    folder = config.destination.resolve()
+    _refuse_inputs(folder, config.inputs)
     if folder.exists() and not folder.is_dir():
         raise OutputDirError(f"output path {folder} exists and is not a folder", hint="pass a different --out")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / STATE_NAME).exists() \
-            and not (folder / MANIFEST_NAME).exists():
+    ours = (folder / STATE_NAME).is_file() or _stage_of(folder) == STAGE
+    if folder.is_dir() and any(folder.iterdir()) and not ours:
         raise OutputDirError(f"output folder {folder} is not empty and is not an earlier hub stage output",
                              hint="pass an empty or new folder with --out; lpcv-depth only reuses its own outputs")
     try:
@@ -310,67 +426,254 @@ def _prepare_output(folder: Path) -> None:
         raise OutputDirError(f"cannot create output folder {folder}: {err.strerror or err}",
                              hint="choose a writable location with --out") from err
     (folder / MANIFEST_NAME).unlink(missing_ok=True)
+    return folder
 
+
+# -- One run: what the steps share, and the hub plumbing they use -----------------------------------------------------
 
 @dataclass
-class _Frames:
-    """The images sent to the device: ids, where each output goes, the pixels, and their hash."""
+class _Run:
+    """What the steps of one artifact's run share; every submission lands in hub_jobs.json before
+    anything waits on it."""
 
-    names: list[tuple[str, str]]  # (set, frame id)
-    images: np.ndarray  # (N, 3, 480, 640) float32 in [0, 255]
-    sha256: str
-    frames: list | None  # rgbd Frames (for ground truth), None for plain photos
-    description: dict
+    config: HubConfig
+    client: HubClient
+    log: StageLog
+    out: Path
+    state: HubState
+    input_sha256: str
+    outputs: list[Path] = field(default_factory=list)
+    uploaded: Any = None
 
+    @property
+    def artifact(self) -> HubArtifact:
+        return self.config.artifact_info
 
-def _load_frames(config: HubConfig) -> _Frames:
-    from lpcv_depth.images import list_images, load_contract_batch
-
-    if config.eval_data is not None:
-        from lpcv_depth.rgbd import load_rgbd_dataset
-
-        frames = load_rgbd_dataset(config.eval_data)[:config.max_frames]
-        names = [(frame.set_name, frame.frame_id) for frame in frames]
-        images = np.stack([frame.load_image() for frame in frames])
-        files = [frame.rgb_path for frame in frames]
-        root = Path(config.eval_data)
-    else:
-        root = Path(config.images)
-        files = list_images(root)[:config.max_frames]
-        if not files:
-            raise ConfigError(f"no JPG/PNG images in --images {root}")
-        names = [("images", path.relative_to(root).with_suffix("").as_posix().replace("/", "__")) for path in files]
-        images = load_contract_batch(files)
-        frames = None
-    description = {"path": os.fspath(root.resolve()), "kind": "rgbd" if frames is not None else "images",
-                   "frames": len(names), "max_frames": config.max_frames}
-    return _Frames(names, images, sha256_of_files(files, root), frames, description)
+    @property
+    def job_name(self) -> str:
+        return f"lpcv-{self.artifact.model_name or self.artifact.upload.stem}-{self.artifact.label}"
 
 
-def _to_device(images: np.ndarray, tensor: TensorInfo | None) -> np.ndarray:
-    """Contract images as the compiled model's input dtype (quantized when compiled with --quantize_io)."""
-    if tensor is None or tensor.dtype.startswith("float"):
-        return images.astype(np.float32)
-    if tensor.scale is None:
-        raise HubError(f"the compiled model's input {tensor.name!r} is {tensor.dtype} without a scale",
-                       hint="compile without --quantize_io, or report the model")
-    limits = np.iinfo(np.dtype(tensor.dtype))
-    quantized = np.round(images / tensor.scale + (tensor.zero_point or 0.0))
-    return np.clip(quantized, limits.min, limits.max).astype(tensor.dtype)
+class _DeviceModel(NamedTuple):
+    """The model the device jobs run: the compiled one, or the upload itself when nothing compiles."""
+
+    handle: Any
+    key: str  # names it in the profile and inference jobs' keys
+    compile_job: HubJob | None
+    compile: HubCompile | None
 
 
-def _from_device(array: np.ndarray, tensor: TensorInfo | None) -> np.ndarray:
-    array = np.asarray(array)
-    if tensor is not None and not np.issubdtype(array.dtype, np.floating):
-        if tensor.scale is None:
-            raise HubError(f"the device output {tensor.name!r} is {array.dtype} without a scale to dequantize it")
-        array = (array.astype(np.float32) - (tensor.zero_point or 0.0)) * tensor.scale
-    shape = TRACK3.output.concrete_shape(1)
-    if array.size != int(np.prod(shape)):
-        raise HubError(f"device output has shape {array.shape}; the contract output is {shape}",
-                       hint="the compiled model does not keep the Track 3 output; check the compile options")
-    return array.astype(np.float32).reshape(shape)
+def _upload(run: _Run) -> Any:
+    """The uploaded artifact: --model-id, else the upload recorded for this content, else a new upload."""
+    if run.uploaded is not None:
+        return run.uploaded
+    models = run.state.data["models"]
+    with run.log.step("upload") as step:
+        model_id = run.config.model_id or models.get(run.input_sha256, {}).get("model_id")
+        if model_id:
+            try:
+                run.uploaded = run.client.get_model(model_id)
+                step.detail = f"reusing model {model_id}"
+            except HubError:
+                if run.config.model_id:
+                    raise
+        if run.uploaded is None:
+            run.uploaded = run.client.upload_model(run.artifact.upload)
+            model_id = str(run.uploaded.model_id)
+            models[run.input_sha256] = {"model_id": model_id, "path": os.fspath(run.artifact.upload),
+                                        "uploaded": _now()}
+            run.state.save()
+            step.detail = f"model {model_id}, {run.artifact.upload.name}"
+    return run.uploaded
 
+
+def _submit_or_resume(run: _Run, kind: str, key: dict, submit: Callable[[], HubJob]) -> HubJob:
+    """The recorded job for this exact key (resumed), else a fresh submission, recorded at once."""
+    record = run.state.job(kind)
+    if record is not None and record["key"] == key and not run.config.force:
+        job = run.client.get_job(kind, record["job_id"])
+        run.log.info(f"{kind}: resuming job {job.job_id} submitted {record['submitted']} "
+                     f"(last seen {record['status']}); --force resubmits")
+        return job
+    job = submit()
+    run.state.record_job(kind, key, job)
+    run.log.info(f"{kind}: submitted job {job.job_id} {job.url}")
+    return job
+
+
+def _wait(run: _Run, job: HubJob) -> None:
+    try:
+        state = run.client.wait(job, timeout_s=run.config.timeout, poll_s=run.config.poll, progress=run.log.info)
+    except HubJobFailedError as err:
+        run.state.record_status(job.kind, "FAILED", err.reason)
+        raise
+    run.state.record_status(job.kind, state.code)
+
+
+# -- The steps --------------------------------------------------------------------------------------------------------
+
+def _preflight(config: HubConfig, client: HubClient, log: StageLog) -> None:
+    artifact = config.artifact_info
+    with log.step("preflight") as step:
+        client.preflight()
+        step.detail = f"{artifact.kind} {artifact.upload.name} ({artifact.precision}) -> {config.device}"
+
+
+def _hash_input(config: HubConfig, log: StageLog) -> str:
+    path = config.artifact_info.upload
+    with log.step("hash-input") as step:
+        if path.is_dir():
+            digest = sha256_of_files(sorted(p for p in path.rglob("*") if p.is_file()), path)
+        else:
+            digest = sha256_file(path)
+        step.detail = digest[:12]
+    return digest
+
+
+def _device_model(run: _Run) -> _DeviceModel:
+    if run.config.compiles:
+        job, target = _compile_job(run)
+        return _DeviceModel(target, job.job_id, job, _download_compiled(run, job, target))
+    if run.config.compile and not run.artifact.compilable:
+        run.log.info("a precompiled QNN context binary: profiling it as-is, no compile job")
+    return _DeviceModel(_upload(run), f"uploaded:{run.input_sha256}", None, None)
+
+
+def _compile_job(run: _Run) -> tuple[HubJob, Any]:
+    config = run.config
+    options = config.full_compile_options
+    key = {"input_sha256": run.input_sha256, "model_id": config.model_id, "device": config.device, "options": options}
+    with run.log.step("compile") as step:
+        job = _submit_or_resume(run, "compile", key, lambda: run.client.submit_compile(
+            _upload(run), config.device, options, run.job_name))
+        _wait(run, job)
+        target = run.client.target_model(job)
+        step.detail = f"job {job.job_id}, {options}"
+    return job, target
+
+
+def _download_compiled(run: _Run, job: HubJob, target: Any) -> HubCompile:
+    with run.log.step("download-model") as step:
+        folder = run.out / "compiled"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        path = run.client.download_model(target, folder / "model")
+        run.outputs.append(path)
+        step.artifact = path
+    return HubCompile(job_id=job.job_id, url=job.url, options=run.config.full_compile_options,
+                      device=run.config.device, target_model_id=str(getattr(target, "model_id", "")),
+                      target_model=path.relative_to(run.out).as_posix(), bytes=path.stat().st_size,
+                      sha256=sha256_file(path), model_options=run.config.model_compile_options)
+
+
+def _share(run: _Run, job: HubJob) -> HubShare:
+    emails = list(run.config.share)
+    with run.log.step("share") as step:
+        run.client.share(job, emails)
+        step.detail = f"{job.kind} job {job.job_id} shared with {', '.join(emails)}"
+    return HubShare(job_id=job.job_id, kind=job.kind, emails=emails, at=_now())
+
+
+def _share_compile_job(run: _Run, model: _DeviceModel) -> HubShare | None:
+    if not run.config.share:
+        return None
+    if model.compile_job is None:
+        run.log.warn("no compile job to share: the submission form asks for a compile job id. Sharing the "
+                     "profile job instead; compile the ONNX or .aimet model to get a submittable id.")
+        return None
+    return _share(run, model.compile_job)
+
+
+def _share_profile_job(run: _Run, model: _DeviceModel, profiled: tuple[HubJob, HubProfile] | None) -> HubShare | None:
+    if not run.config.share or model.compile_job is not None or profiled is None:
+        return None
+    return _share(run, profiled[0])
+
+
+def _profile(run: _Run, model: _DeviceModel) -> tuple[HubJob, HubProfile] | None:
+    config = run.config
+    if not config.profile:
+        return None
+    key = {"model": model.key, "device": config.device, "options": config.profile_options}
+    with run.log.step("profile") as step:
+        job = _submit_or_resume(run, "profile", key, lambda: run.client.submit_profile(
+            model.handle, config.device, config.profile_options, run.job_name))
+        _wait(run, job)
+        profile = run.client.profile(job)
+        path = run.out / "profile.json"
+        path.write_text(json.dumps(profile, indent=1) + "\n")
+        run.outputs.append(path)
+        summary = summarize_profile(profile)
+        step.detail = _profile_line(job, summary)
+        step.artifact = path
+    _warn_profile(summary, run.log)
+    return job, HubProfile(job_id=job.job_id, url=job.url, options=config.profile_options, **summary)
+
+
+def _inference(run: _Run, model: _DeviceModel) -> HubInference | None:
+    """The frames through the device, their outputs saved, then measured against the host and GT."""
+    config = run.config
+    if not config.inference:
+        return None
+    if config.data_folder is None:
+        run.log.info("no --eval-data or --images: skipping the on-device inference step")
+        return None
+    frames = _load_frames_step(run)
+    tensors = run.client.io_spec(model.handle)
+    input_tensor, output_tensor = (tensors[0][0], tensors[1][0]) if tensors else (None, None)
+    data = _dataset(run, frames, input_tensor)
+    job, device = _inference_job(run, model, data, output_tensor, len(frames.names))
+    _save_device_outputs(run, frames, device)
+    vs_host, host = _host_fidelity(run, frames, device)
+    ground_truth = _ground_truth(run, frames, host is not None) if frames.frames is not None else None
+    return HubInference(job_id=job.job_id, url=job.url, options=config.inference_options, dataset_id=data.dataset_id,
+                        data=frames.description, input_dtype=data.dtype, outputs="device_outputs", vs_host=vs_host,
+                        ground_truth=ground_truth)
+
+
+def _results(run: _Run, model: _DeviceModel, profiled: tuple[HubJob, HubProfile] | None,
+             inference: HubInference | None, shared: HubShare | None) -> HubResults:
+    return HubResults(input=run.artifact.record(run.input_sha256), device=run.config.device,
+                      runtime=run.config.runtime_label, target_fps=TARGET_FPS, jobs=run.state.job_records(),
+                      compile=model.compile, profile=profiled[1] if profiled else None, inference=inference,
+                      share=shared)
+
+
+def _write(run: _Run, results: HubResults) -> Path:
+    artifact = run.artifact
+    inputs = {"artifact": {"path": os.fspath(artifact.upload), "sha256": run.input_sha256,
+                           "source_manifest": os.fspath(artifact.source_dir / MANIFEST_NAME)
+                           if artifact.source_dir else None}}
+    if artifact.host_reference is not None:
+        inputs["host_reference"] = {"path": os.fspath(artifact.host_reference),
+                                    "sha256": sha256_file(artifact.host_reference)}
+    outputs = [run.out / STATE_NAME, *(p for p in run.outputs if p.is_file())]
+    return write_manifest(run.out, stage=STAGE, config=run.config.as_dict(), inputs=inputs, outputs=outputs,
+                          timings=run.log.timings, results=results)
+
+
+def run_hub(config: HubConfig, client: HubClient | None = None, log: StageLog | None = None) -> HubResult:
+    """Upload, compile, share, profile and run on the device as configured; resumable; manifest last."""
+    log = log or StageLog(STAGE)
+    client = client or HubClient()
+    _preflight(config, client, log)
+    out = _prepare_output(config)
+    run = _Run(config, client, log, out, HubState(out / STATE_NAME), _hash_input(config, log))
+    model = _device_model(run)
+    shared = _share_compile_job(run, model)
+    profiled = _profile(run, model)
+    shared = shared or _share_profile_job(run, model, profiled)
+    inference = _inference(run, model)
+    results = _results(run, model, profiled, inference, shared)
+    manifest_path = _write(run, results)
+    if model.compile_job is not None:
+        job = model.compile_job
+        log.info(f"compile job id (the submission form asks for it): {job.job_id}  {job.url}")
+    log.info(f"ok {log.total_seconds:.1f}s -> {display_path(out)}")
+    return HubResult(out, manifest_path, results, read_manifest(out))
+
+
+# -- Profile figures --------------------------------------------------------------------------------------------------
 
 def summarize_profile(profile: dict) -> dict:
     """The figures the challenge cares about, from download_profile()'s dict (times in us, memory in bytes)."""
@@ -405,6 +708,12 @@ def summarize_profile(profile: dict) -> dict:
     return result
 
 
+def _profile_line(job: HubJob, summary: dict) -> str:
+    counts = summary["compute_units"]
+    return (f"job {job.job_id}: {summary['estimated_inference_time_ms']:.2f} ms = {summary['fps']:.0f} FPS, "
+            f"layers NPU {counts['NPU']} / GPU {counts['GPU']} / CPU {counts['CPU']}")
+
+
 def _warn_profile(summary: dict, log: StageLog) -> None:
     counts = summary["compute_units"]
     if summary["cpu_fallback"]:
@@ -422,244 +731,139 @@ def _warn_profile(summary: dict, log: StageLog) -> None:
                  f"({summary['estimated_inference_time_ms']:.1f} ms > {1000 / TARGET_FPS:.1f} ms)")
 
 
-class _Run:
-    """One artifact through the hub; every submission lands in hub_jobs.json before anything waits on it."""
+# -- On-device inference ----------------------------------------------------------------------------------------------
 
-    def __init__(self, config: HubConfig, client: HubClient, log: StageLog):
-        self.config = config
-        self.client = client
-        self.log = log
-        self.artifact = config.artifact_info
-        self.out = config.destination.resolve()
-        self.state = HubState(self.out / STATE_NAME)
-        self.input_sha256: str | None = None
-        self._source_model = None
-        self.outputs: list[Path] = [self.out / STATE_NAME]
+@dataclass
+class _Frames:
+    """The images sent to the device: ids, where each output goes, the pixels, and their hash."""
 
-    def source_model(self):
-        """The uploaded artifact: --model-id, else the upload recorded for this content, else a new upload."""
-        if self._source_model is not None:
-            return self._source_model
-        models = self.state.data["models"]
-        with self.log.step("upload") as step:
-            model_id = self.config.model_id or models.get(self.input_sha256, {}).get("model_id")
-            if model_id:
-                try:
-                    self._source_model = self.client.get_model(model_id)
-                    step.detail = f"reusing model {model_id}"
-                except HubError:
-                    if self.config.model_id:
-                        raise
-            if self._source_model is None:
-                self._source_model = self.client.upload_model(self.artifact.upload)
-                model_id = str(self._source_model.model_id)
-                models[self.input_sha256] = {"model_id": model_id, "path": os.fspath(self.artifact.upload),
-                                             "uploaded": _now()}
-                self.state.save()
-                step.detail = f"model {model_id}, {self.artifact.upload.name}"
-        return self._source_model
+    names: list[tuple[str, str]]  # (set, frame id)
+    images: np.ndarray  # (N, 3, 480, 640) float32 in [0, 255]
+    sha256: str
+    frames: list | None  # rgbd Frames (for ground truth), None for plain photos
+    description: dict
 
-    def job(self, kind: str, key: dict, submit) -> HubJob:
-        """The recorded job for this exact key (resumed), else a fresh submission, recorded at once."""
-        record = self.state.job(kind)
-        if record is not None and record["key"] == key and not self.config.force:
-            job = self.client.get_job(kind, record["job_id"])
-            self.log.info(f"{kind}: resuming job {job.job_id} submitted {record['submitted']} "
-                          f"(last seen {record['status']}); --force resubmits")
-            return job
-        job = submit()
-        self.state.record_job(kind, key, job)
-        self.log.info(f"{kind}: submitted job {job.job_id} {job.url}")
-        return job
 
-    def wait(self, job: HubJob) -> None:
-        try:
-            state = self.client.wait(job, timeout_s=self.config.timeout_s, poll_s=self.config.poll_s,
-                                     progress=self.log.info)
-        except HubJobFailedError as err:
-            self.state.record_status(job.kind, "FAILED", err.reason)
-            raise
-        self.state.record_status(job.kind, state.code)
+class _DeviceData(NamedTuple):
+    """The frames as uploaded for the device: the hub's dataset, and the key the inference job records."""
 
-    def compile(self, results: dict):
-        config = self.config
-        key = {"input_sha256": self.input_sha256, "model_id": config.model_id, "device": config.device,
-               "options": config.full_compile_options}
-        with self.log.step("compile") as step:
-            job = self.job("compile", key, lambda: self.client.submit_compile(
-                self.source_model(), config.device, config.full_compile_options, self._job_name()))
-            self.wait(job)
-            target = self.client.target_model(job)
-            step.detail = f"job {job.job_id}, {config.full_compile_options}"
-        with self.log.step("download-model") as step:
-            folder = self.out / "compiled"
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            path = self.client.download_model(target, folder / "model")
-            self.outputs.append(path)
-            step.artifact = path
-        results["compile"] = {"job_id": job.job_id, "url": job.url, "options": config.full_compile_options,
-                              "device": config.device, "target_model_id": str(getattr(target, "model_id", "")),
-                              "target_model": path.relative_to(self.out).as_posix(), "bytes": path.stat().st_size,
-                              "sha256": sha256_file(path)}
-        return job, target
+    handle: Any
+    dataset_id: str
+    key: str
+    dtype: str
 
-    def share(self, job: HubJob, results: dict) -> None:
-        with self.log.step("share") as step:
-            self.client.share(job, list(self.config.share))
-            step.detail = f"{job.kind} job {job.job_id} shared with {', '.join(self.config.share)}"
-        results["share"] = {"job_id": job.job_id, "kind": job.kind, "emails": list(self.config.share), "at": _now()}
 
-    def profile(self, model, model_key: str, results: dict) -> HubJob:
-        config = self.config
-        key = {"model": model_key, "device": config.device, "options": config.profile_options}
-        with self.log.step("profile") as step:
-            job = self.job("profile", key, lambda: self.client.submit_profile(
-                model, config.device, config.profile_options, self._job_name()))
-            self.wait(job)
-            profile = self.client.profile(job)
-            path = self.out / "profile.json"
-            path.write_text(json.dumps(profile, indent=1) + "\n")
-            self.outputs.append(path)
-            summary = summarize_profile(profile)
-            counts = summary["compute_units"]
-            step.detail = (f"job {job.job_id}: {summary['estimated_inference_time_ms']:.2f} ms = "
-                           f"{summary['fps']:.0f} FPS, layers NPU {counts['NPU']} / GPU {counts['GPU']} / "
-                           f"CPU {counts['CPU']}")
-            step.artifact = path
-        _warn_profile(summary, self.log)
-        results["profile"] = {"job_id": job.job_id, "url": job.url, "options": config.profile_options, **summary}
-        return job
+def _load_frames(config: HubConfig) -> _Frames:
+    from lpcv_depth.images import list_images, load_contract_batch
 
-    def inference(self, model, model_key: str, results: dict) -> HubJob:
-        config = self.config
-        with self.log.step("load-frames") as step:
-            frames = _load_frames(config)
-            step.detail = f"{len(frames.names)} frames from {config.data_folder}"
-        spec = self.client.io_spec(model)
-        input_tensor = spec[0][0] if spec else None
-        output_tensor = spec[1][0] if spec else None
-        input_name = input_tensor.name if input_tensor else TRACK3.input.name
-        with self.log.step("dataset") as step:
-            device_inputs = _to_device(frames.images, input_tensor)
-            dataset_key = _digest({"frames": frames.sha256, "input": input_name, "dtype": str(device_inputs.dtype),
-                                   "ids": frames.names})
-            dataset, dataset_id = self._dataset(dataset_key, input_name, device_inputs)
-            step.detail = f"dataset {dataset_id}, {len(frames.names)} x {tuple(device_inputs.shape[1:])} " \
-                          f"{device_inputs.dtype}"
-        key = {"model": model_key, "device": config.device, "dataset": dataset_key, "options": config.inference_options}
-        with self.log.step("inference") as step:
-            job = self.job("inference", key, lambda: self.client.submit_inference(
-                model, config.device, dataset, config.inference_options, self._job_name()))
-            self.wait(job)
-            device = self._device_outputs(job, output_tensor, len(frames.names))
-            step.detail = f"job {job.job_id}, {len(device)} outputs"
-        for folder in ("device_outputs", "host_outputs", "eval"):
-            shutil.rmtree(self.out / folder, ignore_errors=True)
-        self.outputs += _save_outputs(self.out / "device_outputs", frames.names, device)
-        step_results = {"job_id": job.job_id, "url": job.url, "options": config.inference_options,
-                        "dataset_id": dataset_id, "data": frames.description, "input_dtype": str(device_inputs.dtype),
-                        "outputs": "device_outputs"}
-        host = self._host_fidelity(frames, device, step_results)
-        if frames.frames is not None:
-            self._ground_truth(frames, host is not None, step_results)
-        results["inference"] = step_results
-        return job
+    if config.eval_data is not None:
+        from lpcv_depth.rgbd import load_rgbd_dataset
 
-    def _dataset(self, key: str, input_name: str, device_inputs: np.ndarray):
-        datasets = self.state.data["datasets"]
-        dataset_id = self.config.dataset_id or datasets.get(key, {}).get("dataset_id")
-        dataset = self.client.get_dataset(dataset_id) if dataset_id else None
-        if dataset is None:
-            if self.config.dataset_id:
-                raise HubError(f"dataset {self.config.dataset_id} is gone or expired on AI Hub",
-                               hint="drop --dataset-id to upload the frames again (hub datasets expire after 30 days)")
-            dataset = self.client.upload_dataset({input_name: [image[None] for image in device_inputs]},
-                                                 name=f"lpcv-{len(device_inputs)}frames")
-            dataset_id = str(dataset.dataset_id)
-            datasets[key] = {"dataset_id": dataset_id, "frames": len(device_inputs), "uploaded": _now()}
-            self.state.save()
-        return dataset, str(dataset_id)
+        frames = load_rgbd_dataset(config.eval_data)[:config.max_frames]
+        names = [(frame.set_name, frame.frame_id) for frame in frames]
+        images = np.stack([frame.load_image() for frame in frames])
+        files = [frame.rgb_path for frame in frames]
+        root = Path(config.eval_data)
+    else:
+        root = Path(config.images)
+        files = list_images(root)[:config.max_frames]
+        if not files:
+            raise ConfigError(f"no JPG/PNG images in --images {root}", hint="pass a folder of .jpg/.png photos")
+        names = [("images", path.relative_to(root).with_suffix("").as_posix().replace("/", "__")) for path in files]
+        images = load_contract_batch(files)
+        frames = None
+    description = {"path": os.fspath(root.resolve()), "kind": "rgbd" if frames is not None else "images",
+                   "frames": len(names), "max_frames": config.max_frames}
+    return _Frames(names, images, sha256_of_files(files, root), frames, description)
 
-    def _device_outputs(self, job: HubJob, tensor: TensorInfo | None, count: int) -> np.ndarray:
-        outputs = self.client.output_data(job)
-        name = tensor.name if tensor is not None and tensor.name in outputs else TRACK3.output.name
-        if name not in outputs:
-            if len(outputs) != 1:
-                raise HubError(f"inference job {job.job_id} returned outputs {sorted(outputs)}; none is "
-                               f"{TRACK3.output.name!r}", hint="export the model with the contract output name")
-            name = next(iter(outputs))
-        arrays = outputs[name]
-        if len(arrays) != count:
-            raise HubError(f"inference job {job.job_id} returned {len(arrays)} outputs for {count} frames")
-        return np.concatenate([_from_device(array, tensor) for array in arrays])
 
-    def _host_fidelity(self, frames: _Frames, device: np.ndarray, results: dict) -> np.ndarray | None:
-        from lpcv_depth.track3_metric import FSCORE, fscore_against_reference
-        from lpcv_depth.verify import OrtRunner, sqnr_db
+def _load_frames_step(run: _Run) -> _Frames:
+    with run.log.step("load-frames") as step:
+        frames = _load_frames(run.config)
+        step.detail = f"{len(frames.names)} frames from {run.config.data_folder}"
+    return frames
 
-        reference = self.artifact.host_reference
-        if reference is None:
-            self.log.info("no host reference ONNX (a .bin without --reference-onnx): skipping device vs host")
-            return None
-        with self.log.step("host-reference") as step:
-            host = OrtRunner(reference, threads=self.config.threads).run(frames.images)
-            self.outputs += _save_outputs(self.out / "host_outputs", frames.names, host)
-            step.detail = f"ONNX Runtime on {reference.name}, {len(host)} frames"
-        if host.shape != device.shape:
-            raise HubError(f"device outputs {device.shape} and host outputs {host.shape} do not line up")
-        with self.log.step("device-vs-host") as step:
-            per_frame = [fscore_against_reference(d, h, workers=self.config.threads or -1)[FSCORE]
-                         for d, h in zip(device, host)]
-            fidelity = {"reference": os.fspath(reference), "sqnr_db": sqnr_db(host, device),
-                        "max_abs_diff": float(np.max(np.abs(host - device))),
-                        "fscore_vs_host": float(np.mean(per_frame)), "fscore_vs_host_per_frame": per_frame}
-            results["vs_host"] = fidelity
-            step.detail = (f"SQNR {fidelity['sqnr_db']:.1f} dB, max abs {fidelity['max_abs_diff']:.4f}, "
-                           f"F-score vs host {fidelity['fscore_vs_host']:.1f}")
-        return host
 
-    def _ground_truth(self, frames: _Frames, with_host: bool, results: dict) -> None:
-        """Both output folders through the evaluate stage, on exactly the frames sent to the device."""
-        from lpcv_depth.stages.evaluate import EvaluateConfig, run_evaluate
-        from lpcv_depth.track3_metric import FSCORE
+def _to_device(images: np.ndarray, tensor: TensorInfo | None) -> np.ndarray:
+    """Contract images as the compiled model's input dtype (quantized when compiled with --quantize_io)."""
+    if tensor is None or tensor.dtype.startswith("float"):
+        return images.astype(np.float32)
+    if tensor.scale is None:
+        raise HubError(f"the compiled model's input {tensor.name!r} is {tensor.dtype} without a scale",
+                       hint="compile without --quantize_io, or report the model")
+    limits = np.iinfo(np.dtype(tensor.dtype))
+    quantized = np.round(images / tensor.scale + (tensor.zero_point or 0.0))
+    return np.clip(quantized, limits.min, limits.max).astype(tensor.dtype)
 
-        data = Path(self.config.eval_data)
-        subset = None
-        if self.config.max_frames is not None:
-            subset = self.out / ".eval-frames"
-            _link_frames(frames.frames, subset)
-            data = subset
-        gt: dict = {}
-        try:
-            with self.log.step("ground-truth") as step:
-                for label in ("device", "host") if with_host else ("device",):
-                    evaluation = run_evaluate(EvaluateConfig(data=data, predictions=self.out / f"{label}_outputs",
-                                                         out=self.out / "eval" / label, num_vis=2,
-                                                         threads=self.config.threads),
-                                          StageLog(f"{STAGE}/evaluate-{label}"))
-                    overall = evaluation.summary["overall"]
-                    gt[label] = overall["metrics"]
-                    gt["frames"], gt["skipped"] = overall["scored"], overall["skipped"]
-                    self.outputs += [evaluation.out_dir / "summary.json", evaluation.out_dir / "frames.csv"]
-                if with_host:
-                    gt["fscore_drop"] = gt["host"][FSCORE] - gt["device"][FSCORE]
-                step.detail = f"F@0.1 device {gt['device'][FSCORE]:.2f}" + (
-                    f", host {gt['host'][FSCORE]:.2f}, drop {gt['fscore_drop']:.2f}" if with_host else "")
-        finally:
-            if subset is not None:
-                shutil.rmtree(subset, ignore_errors=True)
-        results["ground_truth"] = gt
 
-    def _job_name(self) -> str:
-        artifact = self.artifact
-        return f"lpcv-{artifact.model_name or artifact.upload.stem}-{artifact.label}"
+def _from_device(array: np.ndarray, tensor: TensorInfo | None) -> np.ndarray:
+    array = np.asarray(array)
+    if tensor is not None and not np.issubdtype(array.dtype, np.floating):
+        if tensor.scale is None:
+            raise HubError(f"the device output {tensor.name!r} is {array.dtype} without a scale to dequantize it")
+        array = (array.astype(np.float32) - (tensor.zero_point or 0.0)) * tensor.scale
+    shape = TRACK3.output.concrete_shape(1)
+    if array.size != int(np.prod(shape)):
+        raise HubError(f"device output has shape {array.shape}; the contract output is {shape}",
+                       hint="the compiled model does not keep the Track 3 output; check the compile options")
+    return array.astype(np.float32).reshape(shape)
 
 
 def _digest(value) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _dataset(run: _Run, frames: _Frames, tensor: TensorInfo | None) -> _DeviceData:
+    """The frames in the model's input dtype on the hub: --dataset-id, the upload recorded for the
+    same frames, or a new upload."""
+    input_name = tensor.name if tensor else TRACK3.input.name
+    with run.log.step("dataset") as step:
+        device_inputs = _to_device(frames.images, tensor)
+        key = _digest({"frames": frames.sha256, "input": input_name, "dtype": str(device_inputs.dtype),
+                       "ids": frames.names})
+        datasets = run.state.data["datasets"]
+        dataset_id = run.config.dataset_id or datasets.get(key, {}).get("dataset_id")
+        dataset = run.client.get_dataset(dataset_id) if dataset_id else None
+        if dataset is None:
+            if run.config.dataset_id:
+                raise HubError(f"dataset {run.config.dataset_id} is gone or expired on AI Hub",
+                               hint="drop --dataset-id to upload the frames again (hub datasets expire after 30 days)")
+            dataset = run.client.upload_dataset({input_name: [image[None] for image in device_inputs]},
+                                                name=f"lpcv-{len(device_inputs)}frames")
+            dataset_id = str(dataset.dataset_id)
+            datasets[key] = {"dataset_id": dataset_id, "frames": len(device_inputs), "uploaded": _now()}
+            run.state.save()
+        step.detail = (f"dataset {dataset_id}, {len(frames.names)} x {tuple(device_inputs.shape[1:])} "
+                       f"{device_inputs.dtype}")
+    return _DeviceData(dataset, str(dataset_id), key, str(device_inputs.dtype))
+
+
+def _inference_job(run: _Run, model: _DeviceModel, data: _DeviceData, tensor: TensorInfo | None,
+                   count: int) -> tuple[HubJob, np.ndarray]:
+    config = run.config
+    key = {"model": model.key, "device": config.device, "dataset": data.key, "options": config.inference_options}
+    with run.log.step("inference") as step:
+        job = _submit_or_resume(run, "inference", key, lambda: run.client.submit_inference(
+            model.handle, config.device, data.handle, config.inference_options, run.job_name))
+        _wait(run, job)
+        device = _device_outputs(run.client, job, tensor, count)
+        step.detail = f"job {job.job_id}, {len(device)} outputs"
+    return job, device
+
+
+def _device_outputs(client: HubClient, job: HubJob, tensor: TensorInfo | None, count: int) -> np.ndarray:
+    outputs = client.output_data(job)
+    name = tensor.name if tensor is not None and tensor.name in outputs else TRACK3.output.name
+    if name not in outputs:
+        if len(outputs) != 1:
+            raise HubError(f"inference job {job.job_id} returned outputs {sorted(outputs)}; none is "
+                           f"{TRACK3.output.name!r}", hint="export the model with the contract output name")
+        name = next(iter(outputs))
+    arrays = outputs[name]
+    if len(arrays) != count:
+        raise HubError(f"inference job {job.job_id} returned {len(arrays)} outputs for {count} frames",
+                       hint="rerun with --force to resubmit the inference job")
+    return np.concatenate([_from_device(array, tensor) for array in arrays])
 
 
 def _save_outputs(folder: Path, names: list[tuple[str, str]], outputs: np.ndarray) -> list[Path]:
@@ -670,6 +874,55 @@ def _save_outputs(folder: Path, names: list[tuple[str, str]], outputs: np.ndarra
         np.save(path, output.reshape(TRACK3.output.concrete_shape(1)).astype(np.float32))
         paths.append(path)
     return paths
+
+
+def _save_device_outputs(run: _Run, frames: _Frames, device: np.ndarray) -> None:
+    """device_outputs/ afresh; the host outputs and scores of an earlier run go with it."""
+    for folder in ("device_outputs", "host_outputs", "eval"):
+        shutil.rmtree(run.out / folder, ignore_errors=True)
+    run.outputs += _save_outputs(run.out / "device_outputs", frames.names, device)
+
+
+def _host_fidelity(run: _Run, frames: _Frames, device: np.ndarray) -> tuple[HubHostFidelity | None, np.ndarray | None]:
+    """ONNX Runtime on the host reference, same frames, against the device: SQNR, max abs diff and
+    the Track 3 F-score with the host output as the reference."""
+    from lpcv_depth.track3_metric import FSCORE, fscore_against_reference
+    from lpcv_depth.verify import OrtRunner, sqnr_db
+
+    reference = run.artifact.host_reference
+    if reference is None:
+        run.log.info("no host reference ONNX (a .bin without --reference-onnx): skipping device vs host")
+        return None, None
+    with run.log.step("host-reference") as step:
+        host = OrtRunner(reference, threads=run.config.threads).run(frames.images)
+        run.outputs += _save_outputs(run.out / "host_outputs", frames.names, host)
+        step.detail = f"ONNX Runtime on {reference.name}, {len(host)} frames"
+    if host.shape != device.shape:
+        raise HubError(f"device outputs {device.shape} and host outputs {host.shape} do not line up")
+    with run.log.step("device-vs-host") as step:
+        per_frame = [fscore_against_reference(d, h, workers=run.config.threads or -1)[FSCORE]
+                     for d, h in zip(device, host)]
+        fidelity = HubHostFidelity(reference=os.fspath(reference), sqnr_db=sqnr_db(host, device),
+                                   max_abs_diff=float(np.max(np.abs(host - device))),
+                                   fscore_vs_host=float(np.mean(per_frame)), fscore_vs_host_per_frame=per_frame)
+        step.detail = (f"SQNR {fidelity.sqnr_db:.1f} dB, max abs {fidelity.max_abs_diff:.4f}, "
+                       f"F-score vs host {fidelity.fscore_vs_host:.1f}")
+    return fidelity, host
+
+
+@contextmanager
+def _scored_frames(run: _Run, frames: _Frames) -> Iterator[Path]:
+    """The RGB-D folder evaluate should score: --eval-data, or with --max-frames a folder linking
+    only the frames sent to the device (removed afterwards)."""
+    if run.config.max_frames is None:
+        yield Path(run.config.eval_data)
+        return
+    subset = run.out / ".eval-frames"
+    _link_frames(frames.frames, subset)
+    try:
+        yield subset
+    finally:
+        shutil.rmtree(subset, ignore_errors=True)
 
 
 def _link_frames(frames: list, folder: Path) -> None:
@@ -689,158 +942,100 @@ def _link_frames(frames: list, folder: Path) -> None:
                 shutil.copy(source, target)
 
 
-def _input_hash(path: Path) -> str:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        return sha256_of_files(files, path)
-    return sha256_file(path)
+def _evaluate(run: _Run, data: Path, label: str) -> EvaluateGroup:
+    """The evaluate stage on <label>_outputs/, into eval/<label>/; its overall scores."""
+    from lpcv_depth.stages.evaluate import EvaluateConfig, run_evaluate
+
+    folder = run.out / "eval" / label
+    run_evaluate(EvaluateConfig(data=data, predictions=run.out / f"{label}_outputs", out=folder, num_vis=2,
+                                threads=run.config.threads), StageLog(f"{STAGE}/evaluate-{label}"))
+    manifest = Manifest.read(folder, stage="evaluate")
+    run.outputs += [folder / MANIFEST_NAME, *(folder / output.path for output in manifest.outputs)]
+    return manifest.results_as(EvaluateResults).overall
 
 
-def run_hub(config: HubConfig, client: HubClient | None = None, log: StageLog | None = None) -> HubResult:
-    """Upload, compile, share, profile and run on the device as configured; resumable; manifest last."""
-    log = log or StageLog(STAGE)
-    client = client or HubClient()
-    run = _Run(config, client, log)
-    artifact = run.artifact
-    with log.step("preflight") as step:
-        client.preflight()
-        step.detail = f"{artifact.kind} {artifact.upload.name} ({artifact.precision}) -> {config.device}"
-    _prepare_output(run.out)
-    with log.step("hash-input") as step:
-        run.input_sha256 = _input_hash(artifact.upload)
-        step.detail = run.input_sha256[:12]
+def _ground_truth(run: _Run, frames: _Frames, with_host: bool) -> HubGroundTruth:
+    """Device (and host) outputs through the evaluate stage, on exactly the frames sent to the device."""
+    from lpcv_depth.track3_metric import FSCORE
 
-    results: dict = {"input": {**artifact.as_dict(), "sha256": run.input_sha256}, "device": config.device,
-                     "runtime": config.runtime_label, "target_fps": TARGET_FPS}
-    if config.compiles:
-        compile_job, device_model = run.compile(results)
-        model_key = compile_job.job_id
-    else:
-        if config.compile and not artifact.compilable:
-            log.info("a precompiled QNN context binary: profiling it as-is, no compile job")
-        compile_job, device_model = None, run.source_model()
-        model_key = f"uploaded:{run.input_sha256}"
+    with _scored_frames(run, frames) as data, run.log.step("ground-truth") as step:
+        device = _evaluate(run, data, "device")
+        host = _evaluate(run, data, "host") if with_host else None
+        drop = host.metrics[FSCORE] - device.metrics[FSCORE] if host is not None else None
+        step.detail = f"F@0.1 device {device.metrics[FSCORE]:.2f}" + (
+            f", host {host.metrics[FSCORE]:.2f}, drop {drop:.2f}" if host is not None else "")
+    return HubGroundTruth(frames=device.scored, skipped=device.skipped, device=device.metrics,
+                          host=host.metrics if host is not None else None, fscore_drop=drop)
 
-    if config.share:
-        if compile_job is None:
-            log.warn("no compile job to share: the submission form asks for a compile job id. Sharing the "
-                     "profile job instead; compile the ONNX or .aimet model to get a submittable id.")
-        else:
-            run.share(compile_job, results)
-    profile_job = run.profile(device_model, model_key, results) if config.profile else None
-    if config.share and compile_job is None and profile_job is not None:
-        run.share(profile_job, results)
-    if config.inference and config.data_folder is not None:
-        run.inference(device_model, model_key, results)
-    elif config.inference:
-        log.info("no --eval-data or --images: skipping the on-device inference step")
 
-    results["jobs"] = {kind: {key: record[key] for key in ("job_id", "url", "status")}
-                       for kind, record in run.state.data["jobs"].items()}
-    inputs = {"artifact": {"path": os.fspath(artifact.upload), "sha256": run.input_sha256,
-                           "source_manifest": os.fspath(artifact.source_dir / MANIFEST_NAME)
-                           if artifact.source_dir else None}}
-    if artifact.host_reference is not None:
-        inputs["host_reference"] = {"path": os.fspath(artifact.host_reference),
-                                    "sha256": sha256_file(artifact.host_reference)}
-    manifest_path = write_manifest(run.out, stage=STAGE, config=config.as_dict(), inputs=inputs,
-                                   outputs=[p for p in run.outputs if p.is_file()], timings=log.timings,
-                                   results=results)
-    if compile_job is not None:
-        log.info(f"compile job id (the submission form asks for it): {compile_job.job_id}  {compile_job.url}")
-    log.info(f"ok {log.total_seconds:.1f}s -> {run.out}")
-    return HubResult(run.out, manifest_path, read_manifest(run.out))
-
+# -- Command line -----------------------------------------------------------------------------------------------------
 
 def next_command(results: list[HubResult]) -> str:
     """After fp32 and int8 runs: the comparison; after one of them: the other one."""
-    stages = {r.manifest["results"]["input"]["kind"]: r.manifest["results"]["input"]["source_dir"] for r in results}
-    if "export" in stages and "ptq" in stages:
-        return (f"python evaluation/compare.py --fp32 {os.path.relpath(stages['export'])} "
-                f"--int8 {os.path.relpath(stages['ptq'])}")
-    if "export" in stages:
-        ptq = os.path.relpath(Path(stages["export"]).parent / "ptq-w8a8")
-        return f"python export/aihub.py {ptq}  (the int8 model from quantize/ptq.py, same flags)"
-    if "ptq" in stages:
-        fp32 = read_manifest(stages["ptq"])["config"].get("fp32_dir", "build/<model>/export")
-        return f"python evaluation/compare.py --fp32 {fp32} --int8 {os.path.relpath(stages['ptq'])}"
-    return f"python evaluation/score.py --predictions {os.path.relpath(results[-1].out_dir / 'device_outputs')} " \
-           "--data DATA_DIR"
+    sources = {r.results.input.kind: r.results.input.source_dir for r in results}
+    if "export" in sources and "ptq" in sources:
+        return command_line("compare", "--fp32", display_path(sources["export"]),
+                            "--int8", display_path(sources["ptq"]))
+    if "export" in sources:
+        ptq = display_path(Path(sources["export"]).parent / "ptq-w8a8")
+        return command_line(STAGE, ptq) + "  (the int8 model from the ptq stage, same flags)"
+    if "ptq" in sources:
+        fp32 = Manifest.read(sources["ptq"], stage="ptq", verify=False).config.get("fp32")
+        return command_line("compare", "--fp32", display_path(fp32) if fp32 else "build/<model>/export",
+                            "--int8", display_path(sources["ptq"]))
+    return command_line("evaluate", "--predictions", display_path(results[-1].out_dir / "device_outputs"),
+                        "--data", "DATA_DIR")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python export/aihub.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("artifacts", type=Path, nargs="+",
-                        help="export folder, ptq folder, .onnx, .aimet folder or QNN context binary .bin; "
+def _artifact_arguments(parser) -> None:
+    parser.add_argument("artifacts", type=Path, nargs="*", metavar="ARTIFACT",
+                        help="export, ptq or htp-check folder, .onnx, .aimet folder or QNN context binary .bin; "
                              "several run one after the other with the same flags")
-    parser.add_argument("--runtime", default="qnn_context_binary", choices=RUNTIMES,
-                        help="compile target (default qnn_context_binary, what the challenge profiles)")
-    parser.add_argument("--compile-options", default="",
-                        help="extra compile options, passed through as written; write --compile-options=\"--x y\" "
-                             "when they start with --")
-    parser.add_argument("--quantize-io", action="store_true",
-                        help="add --quantize_io to the compile options (uint8 input/output for int8 models)")
-    parser.add_argument("--profile-options", default=DEFAULT_PROFILE_OPTIONS,
-                        help=f"profile job options (default {DEFAULT_PROFILE_OPTIONS!r}, as the organizers profile)")
-    parser.add_argument("--inference-options", default="")
-    parser.add_argument("--device", default=S24_DEVICE, help=f"AI Hub device name (default {S24_DEVICE!r})")
-    parser.add_argument("--no-compile", dest="compile", action="store_false",
-                        help="profile/run the uploaded ONNX as-is (ONNX Runtime on the phone)")
-    parser.add_argument("--no-profile", dest="profile", action="store_false")
-    parser.add_argument("--no-inference", dest="inference", action="store_false")
-    parser.add_argument("--eval-data", type=Path, default=None,
-                        help="RGB-D set(s) to run on the device and score against ground truth")
-    parser.add_argument("--images", type=Path, default=None, help="plain photos to run on the device (no scoring)")
-    parser.add_argument("--max-frames", type=int, default=None, help="send only the first N frames")
-    parser.add_argument("--model-id", default=None, help="reuse a model already uploaded to AI Hub (skips upload)")
-    parser.add_argument("--dataset-id", default=None, help="reuse a dataset already uploaded to AI Hub")
-    parser.add_argument("--reference-onnx", type=Path, default=None,
-                        help="host ONNX to compare device outputs with (default: the artifact's own ONNX)")
-    parser.add_argument("--share", action="append", default=[], metavar="EMAIL",
-                        help="share the compile job (e.g. lowpowervision@gmail.com); repeatable")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for each job (default 3600)")
-    parser.add_argument("--poll", type=float, default=10.0, help="seconds between status checks (default 10)")
-    parser.add_argument("--force", action="store_true", help="resubmit jobs even when recorded ones match")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (one artifact only; default build/<model>/hub-<label>-<runtime>)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for host ONNX Runtime and scoring")
-    return parser
 
 
-def main(argv: list[str] | None = None, client: HubClient | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _configs(args) -> list[HubConfig]:
+    """One config per artifact, every one checked before anything is uploaded."""
+    artifacts = [*args.artifacts, *([args.artifact] if args.artifact is not None else [])]
+    if not artifacts:
+        raise ConfigError("no artifact to send to AI Hub", hint=_no_artifact_hint())
+    if args.out is not None and len(artifacts) > 1:
+        raise ConfigError("--out takes one artifact", hint="drop --out to get one folder per artifact")
+    return [config_from_args(HubConfig, args, artifact=artifact) for artifact in artifacts]
+
+
+def _exit_status(err: BaseException, out: Path | None) -> int:
+    if isinstance(err, (HubJobFailedError, HubTimeoutError)):
+        print(f"{STAGE}: {err.headline}: {err}", file=sys.stderr)
+        return err.exit_code
+    where = f" in {display_path(out / STATE_NAME)}" if out is not None else ""
+    return exit_status(STAGE, err, f"submitted job ids are recorded{where}: rerun the same command to resume")
+
+
+def _run_artifacts(args) -> int:
+    """`lpcv-depth hub A B ...`: each artifact in turn with the same flags and one client."""
     log = StageLog(STAGE)
     out = None
     try:
-        if args.out is not None and len(args.artifacts) > 1:
-            raise ConfigError("--out takes one artifact; drop --out to get one folder per artifact")
-        compile_options = " ".join([args.compile_options] + (["--quantize_io"] if args.quantize_io else []))
-        configs = [HubConfig(artifact=artifact, runtime=args.runtime, compile_options=compile_options.strip(),
-                             profile_options=args.profile_options, inference_options=args.inference_options,
-                             device=args.device, compile=args.compile, profile=args.profile,
-                             inference=args.inference, eval_data=args.eval_data, images=args.images,
-                             max_frames=args.max_frames, model_id=args.model_id, dataset_id=args.dataset_id,
-                             reference_onnx=args.reference_onnx, share=tuple(args.share), timeout_s=args.timeout,
-                             poll_s=args.poll, force=args.force, out_dir=args.out, threads=args.threads)
-                   for artifact in args.artifacts]
-        client = client or HubClient()
+        configs = _configs(args)
+        client = HubClient()
         results = []
         for config in configs:
             out = config.destination
             results.append(run_hub(config, client, log))
-    except HubJobFailedError as err:
-        print(f"{STAGE}: JOB FAILED: {err}", file=sys.stderr)
-        return EXIT_JOB_FAILED
-    except HubTimeoutError as err:
-        print(f"{STAGE}: TIMED OUT: {err}", file=sys.stderr)
-        return EXIT_TIMEOUT
     except (LpcvError, KeyboardInterrupt) as err:
-        where = f" in {os.path.relpath(out / STATE_NAME)}" if out is not None else ""
-        return exit_status(STAGE, err, f"submitted job ids are recorded{where}: rerun the same command to resume")
+        return _exit_status(err, out)
     log.info(f"next: {next_command(results)}")
-    return 0
+    return ExitCode.OK
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _run_one(config: HubConfig, log: StageLog | None = None) -> HubResult:
+    """The stage as `lpcv-depth run` calls it: one artifact, the real client."""
+    return run_hub(config, log=log)
+
+
+def _next_hint(result: HubResult) -> str:
+    return next_command([result])
+
+
+DEFINITION = StageDefinition(name=STAGE, config=HubConfig, run=_run_one, description=__doc__, next_hint=_next_hint,
+                             extra_arguments=_artifact_arguments, before_run=_run_artifacts)
