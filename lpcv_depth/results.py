@@ -327,6 +327,9 @@ class EvaluateGroup:
     # Empty when no frame of the group could be scored.
     metrics: Metrics
     mean_points: float
+    # Mean share of invalid GT pixels, and mean F@0.1 of the GT itself (holes filled): the ceiling.
+    invalid_share: float | None = None
+    ceiling_fscore: float | None = None
 
 
 @dataclass(frozen=True)
@@ -352,6 +355,8 @@ class EvaluateResults:
     sets: dict[str, EvaluateGroup]
     skipped: list[SkippedFrame]
     metric_time_s: MetricTime
+    median: str = "all"
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

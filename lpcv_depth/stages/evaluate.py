@@ -39,15 +39,20 @@ from lpcv_depth.rgbd import DatasetError, Frame, FrameError, GroundTruth, datase
 from lpcv_depth.schema import to_json
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
 from lpcv_depth.stages.export import ONNX_NAME, parse_weights
-from lpcv_depth.track3_metric import (DEPTH_METRICS, F_THRESHOLDS_M, FSCORE, GRIDS, OFFICIAL_K, POINT_METRICS,
-                                      evaluation_masks, fscore_key, mean_metrics, score_frame)
+from lpcv_depth.track3_metric import (DEPTH_METRICS, F_THRESHOLDS_M, FSCORE, GRIDS, MEDIAN_MODES, OFFICIAL_K,
+                                      POINT_METRICS, ceiling_fscore, evaluation_masks, fscore_key, mean_metrics,
+                                      score_frame)
 from lpcv_depth.workspace import build_dir
 
 __all__ = ["EvaluateConfig", "EvaluateResult", "run_evaluate", "summarize", "DEFINITION"]
 
 STAGE = "evaluate"
 INTRINSICS = ("official", "dataset")
-CSV_COLUMNS = ("set", "frame", *DEPTH_METRICS, *POINT_METRICS, "n_points", "median_scale", "score_s", "status")
+CEILING = f"ceiling_{FSCORE}"
+CSV_COLUMNS = ("set", "frame", *DEPTH_METRICS, *POINT_METRICS, "n_points", "median_scale", "invalid_share", CEILING,
+               "share_of_ceiling", "score_s", "status")
+# Below this mean ceiling (F@0.1 of the GT itself) a set's scores say more about its holes than the model.
+CEILING_WARNING = 95.0
 # summary.md columns: header, metric key, format.
 MARKDOWN_COLUMNS = (("F@0.1", FSCORE, "{:.2f}"), ("F@0.2", fscore_key(0.2), "{:.2f}"),
                     ("abs_rel", "abs_rel", "{:.3f}"), ("rmse (m)", "rmse", "{:.3f}"), ("δ<1.25", "delta1", "{:.3f}"))
@@ -74,6 +79,11 @@ class EvaluateConfig:
     intrinsics: str = option("official", choices=INTRINSICS,
                              help="official (default): the organizers' fixed K as-is on 640x480; "
                                   "dataset: each set's own K from meta.json, scaled to 640x480")
+    median: str = option("all", choices=MEDIAN_MODES,
+                         help="all (default): the organizers' median scaling over every pixel, holes included; "
+                              "valid: both medians over the pixels with valid ground truth (docs/evaluate.md)")
+    ceiling: bool = option(True, help="also score each frame's ground truth, holes filled, as its ceiling")
+    holes_warning: float = option(0.1, help="warn when a set's mean share of invalid GT pixels is above this")
     out: Path | None = option(None, help="output folder (default: build/eval/<source name> in the workspace)")
     num_vis: int = option(4, help="frames drawn as side-by-side PNGs")
     # Off by default: sampling changes the score.
@@ -96,6 +106,8 @@ class EvaluateConfig:
         if self.max_points is not None and self.max_points < 1:
             raise ConfigError(f"max_points must be >= 1, got {self.max_points}",
                               hint="leave --max-points out to score every point")
+        if not 0 <= self.holes_warning <= 1:
+            raise ConfigError(f"holes_warning must be a share in [0, 1], got {self.holes_warning}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}",
                               hint="leave --threads out to use every core")
@@ -267,7 +279,7 @@ def run_evaluate(config: EvaluateConfig, log: StageLog | None = None) -> Evaluat
     source = _load_source(config, log)
     with StagingDir(config.destination, stage=STAGE, inputs=config.inputs) as staging:
         rows, skipped, panels = _score(frames, source, config, staging, log)
-        results = summarize(rows, skipped, sets)
+        results = summarize(rows, skipped, sets, config)
         summary = {"source": source.inputs, "config": config.as_dict(), **to_json(results)}
         reports = _write_reports(staging, rows, summary, results, config, log)
         manifest_path = write_manifest(
@@ -364,10 +376,16 @@ def _vis_indices(count: int, num_vis: int) -> set[int]:
 
 def _score_one(pred: np.ndarray, gt: GroundTruth, config: EvaluateConfig) -> dict[str, float]:
     K = OFFICIAL_K if config.intrinsics == "official" else gt.intrinsics
+    options = dict(K=K, grid=config.grid, max_points=config.max_points, seed=config.seed,
+                   workers=config.threads or -1, median=config.median)
     start = time.perf_counter()
-    scores = score_frame(pred, gt.depth, gt.conf, K=K, grid=config.grid, max_points=config.max_points,
-                         seed=config.seed, workers=config.threads or -1)
-    return {**scores, "score_s": time.perf_counter() - start}
+    scores = score_frame(pred, gt.depth, gt.conf, **options)
+    scores["score_s"] = time.perf_counter() - start
+    scores["invalid_share"] = float(np.mean(gt.depth <= 0))
+    if config.ceiling:
+        scores[CEILING] = ceiling_fscore(gt.depth, gt.conf, **options)
+        scores["share_of_ceiling"] = 100.0 * scores[FSCORE] / scores[CEILING] if scores[CEILING] > 0 else None
+    return scores
 
 
 def _save_panel(frame: Frame, gt: GroundTruth, scaled_pred: np.ndarray, staging: StagingDir) -> Path:
@@ -383,19 +401,40 @@ def _save_panel(frame: Frame, gt: GroundTruth, scaled_pred: np.ndarray, staging:
 
 def _group(rows: list[dict]) -> EvaluateGroup:
     scored = [row for row in rows if row["status"] == "ok"]
+    ceilings = [row[CEILING] for row in scored if CEILING in row]
     return EvaluateGroup(frames=len(rows), scored=len(scored), skipped=len(rows) - len(scored),
                          metrics=mean_metrics(scored),
-                         mean_points=float(np.mean([row["n_points"] for row in scored])) if scored else 0.0)
+                         mean_points=float(np.mean([row["n_points"] for row in scored])) if scored else 0.0,
+                         invalid_share=float(np.mean([row["invalid_share"] for row in scored])) if scored else None,
+                         ceiling_fscore=float(np.mean(ceilings)) if ceilings else None)
 
 
-def summarize(rows: list[dict], skipped: list[SkippedFrame], sets: list[str]) -> EvaluateResults:
+def summarize(rows: list[dict], skipped: list[SkippedFrame], sets: list[str],
+              config: EvaluateConfig) -> EvaluateResults:
     """Means per set and overall; every frame counts once, whichever set it is in (the organizers'
     dataset score)."""
     times = [row["score_s"] for row in rows if row["status"] == "ok"]
-    return EvaluateResults(overall=_group(rows), sets={name: _group([row for row in rows if row["set"] == name])
-                                                       for name in sets},
-                           skipped=list(skipped), metric_time_s=MetricTime(mean=float(np.mean(times)),
-                                                                           max=float(np.max(times))))
+    groups = {name: _group([row for row in rows if row["set"] == name]) for name in sets}
+    return EvaluateResults(overall=_group(rows), sets=groups, skipped=list(skipped),
+                           metric_time_s=MetricTime(mean=float(np.mean(times)), max=float(np.max(times))),
+                           median=config.median, warnings=hole_warnings(groups, config))
+
+
+def hole_warnings(groups: dict[str, EvaluateGroup], config: EvaluateConfig) -> list[str]:
+    """One warning per set whose ground-truth holes bias the median scale (or make it unsure)."""
+    warnings = []
+    for name, group in groups.items():
+        if not group.scored:
+            continue
+        low_ceiling = group.ceiling_fscore is not None and group.ceiling_fscore < CEILING_WARNING
+        if group.invalid_share > config.holes_warning or low_ceiling:
+            ceiling = f"{group.ceiling_fscore:.1f}" if group.ceiling_fscore is not None else "not measured"
+            alternative = (" --median valid scores against the valid pixels only." if config.median == "all"
+                           else "")
+            warnings.append(f"set {name}: {100 * group.invalid_share:.0f}% of GT pixels are invalid; the ground truth "
+                            f"itself (holes filled) scores F@0.1 {ceiling} under --median {config.median}, so "
+                            f"its F-scores are bounded by its holes.{alternative}")
+    return warnings
 
 
 def _write_reports(staging: StagingDir, rows: list[dict], summary: dict, results: EvaluateResults,
@@ -423,9 +462,13 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
 def _markdown(results: EvaluateResults, config: EvaluateConfig) -> str:
     sampled = f", sampled to {config.max_points} points" if config.max_points else ""
     lines = [f"# Track 3 evaluation: {config.source_name}", "",
-             f"grid `{config.grid}`, intrinsics `{config.intrinsics}`, data `{config.data}`{sampled}. "
-             "F@0.1 is the leaderboard score; every number is a mean over frames.", "",
+             f"grid `{config.grid}`, intrinsics `{config.intrinsics}`, median `{config.median}`, "
+             f"data `{config.data}`{sampled}. "
+             "F@0.1 is the leaderboard score; every number is a mean over frames. The ceiling is the F@0.1 of "
+             "the ground truth itself, holes filled, under the same settings.", "",
              _scores_table(results).rstrip("\n")]
+    if results.warnings:
+        lines += ["", *(f"**Warning:** {warning}" for warning in results.warnings)]
     if results.skipped:
         lines += ["", f"Skipped {len(results.skipped)} frame(s):"]
         lines += [f"- {item.set}/{item.frame}: {item.reason}" for item in results.skipped]
@@ -435,13 +478,17 @@ def _markdown(results: EvaluateResults, config: EvaluateConfig) -> str:
 def _scores_table(results: EvaluateResults) -> str:
     groups = [*results.sets.items(), ("**all**", results.overall)]
     rows = [[name, str(group.frames), str(group.scored),
-             *(cell(group.metrics.get(key) if group.scored else None, fmt) for _, key, fmt in MARKDOWN_COLUMNS)]
+             *(cell(group.metrics.get(key) if group.scored else None, fmt) for _, key, fmt in MARKDOWN_COLUMNS),
+             cell(group.invalid_share * 100 if group.invalid_share is not None else None, "{:.0f}%"),
+             cell(group.ceiling_fscore, "{:.1f}")]
             for name, group in groups]
-    return markdown_table(["set", "frames", "scored", *(header for header, _, _ in MARKDOWN_COLUMNS)], rows,
-                          align="lrr" + "r" * len(MARKDOWN_COLUMNS))
+    headers = ["set", "frames", "scored", *(header for header, _, _ in MARKDOWN_COLUMNS), "GT invalid", "ceiling"]
+    return markdown_table(headers, rows, align="lrr" + "r" * (len(MARKDOWN_COLUMNS) + 2))
 
 
 def _log_score(results: EvaluateResults, destination: Path, log: StageLog) -> None:
+    for warning in results.warnings:
+        log.warn(warning)
     overall = results.overall
     log.info(f"F@0.1 {overall.metrics[FSCORE]:.2f}, abs_rel {overall.metrics['abs_rel']:.3f} over "
              f"{overall.scored} frames ({overall.skipped} skipped); table: "
