@@ -40,11 +40,6 @@ RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: weights=None was requested, so the mo
                           "Its outputs are meaningless; use it only to test the pipeline.")
 
 
-def parse_weights_arg(text: str) -> str | None:
-    """A CLI --weights value: the word None (any case) asks for random init, anything else passes through."""
-    return None if text.lower() == "none" else text
-
-
 def resolve_weights(spec: ModelSpec, weights: str | os.PathLike | None) -> tuple[Path | None, WeightsInfo]:
     """Turn the user's `weights=` value into a local file (or None for random init)."""
     if weights is None:
