@@ -433,3 +433,11 @@ def test_the_models_own_compile_options_are_added_and_recorded(fp32_export, tmp_
     assert manifest["config"]["model_compile_options"] == "--truncate_64bit_io"
     assert result.results.compile.model_options == "--truncate_64bit_io"
     assert manifest["results"]["compile"]["options"] == options
+
+
+def test_docs_flag_table_lists_every_option():
+    from lpcv_depth.options import cli_fields, flag_name
+
+    table = (REPO / "docs" / "hub.md").read_text().split("## Options", 1)[1]
+    missing = [flag_name(f.name) for f, _ in cli_fields(HubConfig) if f"`{flag_name(f.name)}" not in table]
+    assert missing == []
