@@ -5,8 +5,8 @@
 
 Before anything touches the network, `preflight()` fails fast and clearly when the package is
 missing, no API token is configured, or the hub cannot be reached: qai_hub itself retries a dead
-connection with back-off for tens of seconds per request, and its job waits have no client-side
-limit unless asked for one.
+connection with back-off, and its job waits have no client-side limit unless asked for one (how
+long that takes: docs/hub.md, Preflight).
 """
 
 from __future__ import annotations
