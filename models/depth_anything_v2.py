@@ -5,12 +5,18 @@ they load with strict=True, and the forward pass follows the official computatio
 (pre-norm blocks with LayerScale, four normalised intermediate layers, DPT reassembly and fusion,
 bilinear align_corners=True upsampling, final ReLU). The model predicts relative *disparity*.
 
+The metric models (the official metric_depth/ code, fine-tuned on Hypersim or Virtual KITTI 2) are
+the same network with two changes in the head: a Sigmoid instead of the last ReLU, and the output
+multiplied by `max_depth` (20 m indoor, 80 m outdoor). Their state dicts have the same keys and
+shapes, so only the checkpoint's file name tells a metric checkpoint from a relative one.
+
 Deployment choices that differ from the training code are explicit and opt-in elsewhere
 (`set_gelu_approximation`): the module itself reproduces the official outputs.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +28,8 @@ from torch import nn
 
 from lpcv_depth.models.registry import HubWeights, ModelSpec, register_model
 from lpcv_depth.models.weights import load_state_dict_strict, load_torch_checkpoint
+
+log = logging.getLogger("lpcv_depth.models")
 
 PATCH_SIZE = 14
 NATIVE_SIZE = 518  # the 37x37 patch grid the positional embedding was trained at
@@ -195,7 +203,7 @@ class FusionBlock(nn.Module):
 
 
 class DPTHead(nn.Module):
-    def __init__(self, in_dim: int, features: int, channels: tuple[int, int, int, int]):
+    def __init__(self, in_dim: int, features: int, channels: tuple[int, int, int, int], metric: bool = False):
         super().__init__()
         self.projects = nn.ModuleList(nn.Conv2d(in_dim, c, 1) for c in channels)
         self.resize_layers = nn.ModuleList([
@@ -212,10 +220,11 @@ class DPTHead(nn.Module):
         self.scratch.output_conv1 = nn.Conv2d(features, features // 2, 3, padding=1)
         self.scratch.output_conv2 = nn.Sequential(
             nn.Conv2d(features // 2, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 1, 1), nn.ReLU(), nn.Identity())
-        # A positive start keeps a randomly initialised model's final ReLU alive, so pipeline tests
-        # on random weights see a real, varying map instead of all zeros.
-        nn.init.constant_(self.scratch.output_conv2[2].bias, 0.1)
+            nn.Conv2d(32, 1, 1), nn.Sigmoid() if metric else nn.ReLU(), nn.Identity())
+        if not metric:
+            # A positive start keeps a randomly initialised model's final ReLU alive, so pipeline tests
+            # on random weights see a real, varying map instead of all zeros.
+            nn.init.constant_(self.scratch.output_conv2[2].bias, 0.1)
 
     def forward(self, features: list[torch.Tensor], grid_h: int, grid_w: int) -> torch.Tensor:
         s = self.scratch
@@ -235,26 +244,61 @@ class DPTHead(nn.Module):
 
 
 class DepthAnythingV2(nn.Module):
-    """(B,3,H,W) ImageNet-normalised, H and W multiples of 14 -> (B,1,H,W) relative disparity."""
+    """(B,3,H,W) ImageNet-normalised, H and W multiples of 14 -> (B,1,H,W) relative disparity, or
+    with `max_depth` metric depth in metres in (0, max_depth)."""
 
-    def __init__(self, encoder: str = "vits"):
+    def __init__(self, encoder: str = "vits", max_depth: float | None = None):
         super().__init__()
         cfg = VIT_CONFIGS[encoder]
         self.encoder = encoder
+        self.max_depth = max_depth
         self.pretrained = DinoV2Encoder(cfg)
-        self.depth_head = DPTHead(cfg.embed_dim, cfg.head_features, cfg.head_channels)
+        self.depth_head = DPTHead(cfg.embed_dim, cfg.head_features, cfg.head_channels, metric=max_depth is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = patch_grid(x)
-        return F.relu(self.depth_head(self.pretrained(x), grid[0], grid[1]))
+        out = self.depth_head(self.pretrained(x), grid[0], grid[1])
+        return F.relu(out) if self.max_depth is None else out * self.max_depth
 
 
-def load_depth_anything_checkpoint(model: nn.Module, path: Path) -> None:
-    load_state_dict_strict(model, load_torch_checkpoint(path), source=str(path))
-
-
-_HF_REPOS = {"vits": "Depth-Anything-V2-Small", "vitb": "Depth-Anything-V2-Base", "vitl": "Depth-Anything-V2-Large"}
+_SIZES = {"vits": "Small", "vitb": "Base", "vitl": "Large"}
 _LICENSES = {"vits": "Apache-2.0", "vitb": "CC-BY-NC-4.0", "vitl": "CC-BY-NC-4.0"}
+# dataset key: (Hugging Face name part, max_depth in metres, scenes) of the official metric models.
+METRIC_DATASETS = {"hypersim": ("Hypersim", 20.0, "indoor"), "vkitti": ("VKITTI", 80.0, "outdoor")}
+
+
+def official_filename(encoder: str, dataset: str | None = None) -> str:
+    """The official checkpoint's file name: depth_anything_v2_vits.pth, depth_anything_v2_metric_hypersim_vits.pth."""
+    return f"depth_anything_v2_{encoder}.pth" if dataset is None else f"depth_anything_v2_metric_{dataset}_{encoder}.pth"
+
+
+def official_repo(encoder: str, dataset: str | None = None) -> str:
+    if dataset is None:
+        return f"depth-anything/Depth-Anything-V2-{_SIZES[encoder]}"
+    return f"depth-anything/Depth-Anything-V2-Metric-{METRIC_DATASETS[dataset][0]}-{_SIZES[encoder]}"
+
+
+_OFFICIAL_FILES = {official_filename(e, d): (e, d) for e in VIT_CONFIGS for d in (None, *METRIC_DATASETS)}
+
+
+def checkpoint_loader(encoder: str, dataset: str | None = None):
+    """Strict loading, plus a loud warning when the file is another official checkpoint: relative and
+    metric (or Hypersim and VKITTI) checkpoints share every key and shape, so only the name tells."""
+    expected = official_filename(encoder, dataset)
+
+    def load(model: nn.Module, path: Path) -> None:
+        found = _OFFICIAL_FILES.get(Path(path).name)
+        if found is not None and found != (encoder, dataset):
+            log.warning("%s is the official checkpoint of another model (%s), not of this one: it loads, but "
+                        "the output will be wrong. Use %s from https://huggingface.co/%s, or --weights hf.",
+                        Path(path).name, _describe(*found), expected, official_repo(encoder, dataset))
+        load_state_dict_strict(model, load_torch_checkpoint(path), source=str(path))
+
+    return load
+
+
+def _describe(encoder: str, dataset: str | None) -> str:
+    return f"relative {encoder}" if dataset is None else f"metric {METRIC_DATASETS[dataset][0]} {encoder}"
 
 
 def prepare_for_quantization(model: nn.Module) -> dict:
@@ -285,20 +329,28 @@ def fold_layer_scales(model: nn.Module) -> int:
     return folded
 
 
-for _encoder, _repo in _HF_REPOS.items():
-    register_model(ModelSpec(
-        name=f"depth_anything_v2_{_encoder}",
-        build=partial(DepthAnythingV2, _encoder),
-        load_weights=load_depth_anything_checkpoint,
-        native_input_size=(NATIVE_SIZE, NATIVE_SIZE),
-        patch_multiple=PATCH_SIZE,
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-        native_output="disparity",
-        license=_LICENSES[_encoder],
-        weight_source=f"https://huggingface.co/depth-anything/{_repo} (depth_anything_v2_{_encoder}.pth)",
-        hub_weights=HubWeights(repo_id=f"depth-anything/{_repo}", filename=f"depth_anything_v2_{_encoder}.pth"),
-        default_weights="hf",
-        description=f"Depth-Anything-V2 {_encoder.upper()} (DINOv2 + DPT), relative disparity",
+def _spec(encoder: str, dataset: str | None = None) -> ModelSpec:
+    name = f"depth_anything_v2_{encoder}" if dataset is None else f"depth_anything_v2_metric_{dataset}_{encoder}"
+    filename = official_filename(encoder, dataset)
+    repo = official_repo(encoder, dataset)
+    if dataset is None:
+        max_depth, semantics = None, "relative disparity"
+        description = f"Depth-Anything-V2 {encoder.upper()} (DINOv2 + DPT), relative disparity"
+    else:
+        label, max_depth, scenes = METRIC_DATASETS[dataset]
+        semantics = f"metric depth in metres, 0..{max_depth:g}"
+        description = f"Depth-Anything-V2 {encoder.upper()} fine-tuned on {label} ({scenes}), {semantics}"
+    return ModelSpec(
+        name=name, build=partial(DepthAnythingV2, encoder, max_depth), load_weights=checkpoint_loader(encoder, dataset),
+        native_input_size=(NATIVE_SIZE, NATIVE_SIZE), patch_multiple=PATCH_SIZE,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        native_output="disparity" if dataset is None else "depth", max_depth=max_depth, output_semantics=semantics,
+        license=_LICENSES[encoder], weight_source=f"https://huggingface.co/{repo} ({filename})",
+        hub_weights=HubWeights(repo_id=repo, filename=filename), default_weights="hf", description=description,
         prepare_for_quantization=prepare_for_quantization,
-    ))
+    )
+
+
+for _encoder in VIT_CONFIGS:
+    for _dataset in (None, *METRIC_DATASETS):
+        register_model(_spec(_encoder, _dataset))

@@ -52,6 +52,10 @@ class ModelSpec:
     hub_weights: HubWeights | None = None
     default_weights: str | None = "hf"
     description: str = ""
+    # A metric model's output ceiling in metres (DA-V2 metric heads: sigmoid * max_depth), else None.
+    max_depth: float | None = None
+    # What the backbone's output means, in words: "relative disparity", "metric depth in metres, 0..20".
+    output_semantics: str = ""
     prepare_for_quantization: Callable[[nn.Module], dict] | None = None
     hub_compile_options: str = ""
     extra: dict = field(default_factory=dict)
@@ -86,6 +90,8 @@ class ModelSpec:
             "hub_weights": self.hub_weights.url if self.hub_weights else None,
             "default_weights": self.default_weights,
             "description": self.description,
+            "max_depth": self.max_depth,
+            "output_semantics": self.output_semantics or self.native_output,
             "hub_compile_options": self.hub_compile_options,
         }
 

@@ -91,7 +91,10 @@ class Track3Wrapper(nn.Module):
 
     def describe(self) -> dict:
         return {"model": self.spec.name, "output": self.output_mode, "input_size": list(self.input_size),
-                "disparity_floor": self.disparity_floor if self.spec.native_output == "disparity" else None}
+                "disparity_floor": self.disparity_floor if self.spec.native_output == "disparity" else None,
+                "native_output": self.spec.native_output,
+                "output_semantics": self.spec.output_semantics or self.spec.native_output,
+                "max_depth": self.spec.max_depth}
 
 
 

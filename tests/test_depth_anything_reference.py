@@ -110,7 +110,7 @@ OFFICIAL = {
 }
 
 
-def transformers_model(encoder: str):
+def transformers_model(encoder: str, estimation: str = "relative", max_depth: float = 1):
     dim, depth, heads, blocks, features, channels = OFFICIAL[encoder]
     backbone = transformers.Dinov2Config(
         hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads,
@@ -125,15 +125,15 @@ def transformers_model(encoder: str):
         backbone_config=backbone, patch_size=PATCH, reassemble_hidden_size=dim,
         reassemble_factors=[4, 2, 1, 0.5], neck_hidden_sizes=list(channels),
         fusion_hidden_size=features, head_in_index=-1, head_hidden_size=32,
-        depth_estimation_type="relative", max_depth=1,
+        depth_estimation_type=estimation, max_depth=max_depth,
     )
     config._attn_implementation = "eager"  # the only one DepthAnything supports; pinned for clarity
     return transformers.DepthAnythingForDepthEstimation(config).eval()
 
 
-def our_model(encoder: str, seed: int = 0):
+def our_model(encoder: str, seed: int = 0, name: str | None = None):
     torch.manual_seed(seed)
-    model = get_spec(f"depth_anything_v2_{encoder}").build().eval()
+    model = get_spec(name or f"depth_anything_v2_{encoder}").build().eval()
     gen = torch.Generator().manual_seed(seed + 1)
 
     def randn(shape):

@@ -228,7 +228,9 @@ def _onnx_metadata(config: ExportConfig, model, weights: dict) -> dict[str, str]
     """The contract and the model's identity, stored in the ONNX itself."""
     return {**TRACK3.metadata_props(), "lpcv.model": config.model, "lpcv.output_mode": config.output,
             "lpcv.weights_source": weights["source"], "lpcv.weights_sha256": weights.get("sha256") or "",
-            "lpcv.gelu": config.gelu, "lpcv.backbone_input_size": "x".join(map(str, model.input_size))}
+            "lpcv.gelu": config.gelu, "lpcv.backbone_input_size": "x".join(map(str, model.input_size)),
+            "lpcv.native_output": model.spec.output_semantics or model.spec.native_output,
+            "lpcv.max_depth": "" if model.spec.max_depth is None else f"{model.spec.max_depth:g}"}
 
 
 def _check_contract(config: ExportConfig, onnx_path: Path, images: np.ndarray, log: StageLog):
