@@ -266,3 +266,23 @@ def test_vitl_matches_with_official_position_resampling(pair_cache):
     ours, theirs = pair_cache("vitl")
     x = torch.randn(1, 3, 196, 252, generator=torch.Generator().manual_seed(4))
     _compare(ours, theirs, x, official_pos=True)
+
+
+@pytest.mark.parametrize("name,max_depth", [("depth_anything_v2_metric_hypersim_vits", 20.0),
+                                            ("depth_anything_v2_metric_vkitti_vits", 80.0)])
+def test_metric_head_matches_transformers_metric_estimation(name, max_depth):
+    """transformers' DepthAnythingForDepthEstimation with depth_estimation_type="metric": a Sigmoid
+    head scaled by max_depth, the same weights mapped across, at the native 518x518."""
+    ours = our_model("vits", name=name)
+    with torch.device("meta"):
+        theirs = transformers_model("vits", estimation="metric", max_depth=int(max_depth))  # its config takes an int
+    state = to_transformers_state_dict(ours.state_dict(), OFFICIAL["vits"][0])
+    theirs.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
+    x = torch.randn(1, 3, 518, 518, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours_out = ours(x)[:, 0]
+        theirs_out = theirs(pixel_values=x).predicted_depth
+    assert isinstance(theirs.head.activation2, torch.nn.Sigmoid)
+    # A metric map that varies, strictly inside (0, max_depth): the sigmoid is exercised, not saturated.
+    assert 0 < ours_out.min() and ours_out.max() < max_depth and ours_out.std() > 0.05 * max_depth
+    _assert_close(ours_out, theirs_out, "predicted metric depth")
