@@ -1,138 +1,360 @@
-"""fp32 against int8, side by side: phone latency and FPS against 30, memory, NPU/CPU layers, host
-latency, size, and accuracy, from the manifests of the export, ptq and hub stages.
+"""fp32 against int8, side by side: phone latency and FPS against the target, memory, NPU/CPU layers,
+host latency, sizes, accuracy and the local HTP check, from the export, ptq, htp-check and hub folders.
 
-    python evaluation/compare.py --fp32 build/fastdepth/export --int8 build/fastdepth/ptq-w8a8
-    python evaluation/compare.py --fp32 build/fastdepth/export --int8 build/fastdepth/ptq-w8a8 \\
+    lpcv-depth compare --fp32 build/fastdepth/export --int8 build/fastdepth/ptq-w8a8
+    lpcv-depth compare --fp32 build/fastdepth/export --int8 build/fastdepth/ptq-w8a8 \\
         --fp32-hub build/fastdepth/hub-export-tflite --int8-hub build/fastdepth/hub-ptq-w8a8-tflite
 
 Hub runs default to the hub-*/ folders beside the two inputs whose manifest names them as their
-input (qnn_context_binary first, else the newest). With no hub run the report holds the host
-figures only and says so. Writes OUT/compare.md, compare.json, compare.png and manifest.json
-(default OUT: build/<model>/compare).
+input (qnn_context_binary first, else the newest); the HTP check defaults to <int8>/htp-check.
+The report shows what exists: without a hub run it holds the host figures (and the HTP check's
+emulation figures, when there is one) and says so. Writes OUT/compare.md, compare.json,
+compare.png and manifest.json (default OUT: the compare/ folder beside --fp32).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
-import sys
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lpcv_depth.errors import ConfigError, LpcvError
-from lpcv_depth.stage import StageLog, StagingDir, exit_status
-from lpcv_depth.manifest import MANIFEST_NAME, config_as_dict, read_manifest, sha256_file, write_manifest
+from lpcv_depth.manifest import MANIFEST_NAME, Manifest, config_as_dict, read_manifest, sha256_file, write_manifest
+from lpcv_depth.options import option
+from lpcv_depth.report import cell, markdown_table
+from lpcv_depth.results import (CompareColumn, CompareFidelity, ComparePanel, CompareResults, ExportResults,
+                                HtpCheckResults, HubResults, PtqResults)
+from lpcv_depth.schema import to_json
+from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, display_path
 from lpcv_depth.track3_metric import FSCORE
 from lpcv_depth.verify import sqnr_db
+
+__all__ = ["CompareConfig", "CompareInputs", "CompareResult", "run_compare", "read_inputs", "find_hub_run",
+           "chart_panels", "HTP_NOTE"]
 
 STAGE = "compare"
 PRECISIONS = ("fp32", "int8")
 PREFERRED_RUNTIME = "qnn_context_binary"
-
-
-def _require_stage(folder: Path, stage: str, flag: str, hint: str) -> None:
-    if not (Path(folder) / MANIFEST_NAME).is_file():
-        raise ConfigError(f"{flag} {folder} is not a stage output (no {MANIFEST_NAME})", hint=hint)
-    found = read_manifest(folder).get("stage")
-    if found != stage:
-        raise ConfigError(f"{flag} {folder} holds a {found!r} stage output, not {stage!r}", hint=hint)
+FP32_ONNX = "model.onnx"
+INT8_ONNX = "model_qdq.onnx"
+HTP_CHECK_FOLDER = "htp-check"
+HTP_NOTE = "HTP emulation (host), not device latency"
+REPORT_FILES = ("compare.md", "compare.json", "compare.png")
 
 
 @dataclass(frozen=True)
 class CompareConfig:
-    fp32: Path
-    int8: Path
-    fp32_hub: Path | None = None
-    int8_hub: Path | None = None
-    out_dir: Path | None = None
-    target_fps: float = 30.0
+    fp32: Path = option(help="export stage folder (fp32 model.onnx)")
+    int8: Path = option(help="ptq stage folder (int8 model_qdq.onnx)")
+    fp32_hub: Path | None = option(None, help="hub stage folder of the fp32 model (default: found beside --fp32)")
+    int8_hub: Path | None = option(None, help="hub stage folder of the int8 model (default: found beside --int8)")
+    htp_check: Path | None = option(None, help="htp-check stage folder of the int8 model (default: <int8>/htp-check "
+                                               "when it exists)")
+    out: Path | None = option(None, help="output folder (default: the compare/ folder beside --fp32)")
+    target_fps: float = option(30.0, help="the FPS the device latency is held against")
 
     def __post_init__(self):
-        _require_stage(self.fp32, "export", "--fp32", "pass the export stage's folder, e.g. build/fastdepth/export")
-        _require_stage(self.int8, "ptq", "--int8", "pass the ptq stage's folder, e.g. build/fastdepth/ptq-w8a8")
-        for flag, folder in (("--fp32-hub", self.fp32_hub), ("--int8-hub", self.int8_hub)):
-            if folder is not None:
-                _require_stage(folder, "hub", flag, "pass a folder written by python export/aihub.py")
         if not self.target_fps > 0:
-            raise ConfigError(f"target_fps must be > 0, got {self.target_fps}")
+            raise ConfigError(f"target_fps must be > 0, got {self.target_fps}", hint="e.g. --target-fps 30")
+        read_inputs(self, verify=False)  # stages, model pairing and hub/HTP runs, before anything runs
 
     @property
     def destination(self) -> Path:
-        return Path(self.out_dir) if self.out_dir is not None else Path(self.fp32).parent / "compare"
+        return Path(self.out) if self.out is not None else Path(self.fp32).parent / "compare"
+
+    @property
+    def htp_check_dir(self) -> Path | None:
+        if self.htp_check is not None:
+            return Path(self.htp_check)
+        default = Path(self.int8) / HTP_CHECK_FOLDER
+        return default if (default / MANIFEST_NAME).is_file() else None
 
     def as_dict(self) -> dict:
         return config_as_dict(self)
 
 
 @dataclass(frozen=True)
+class StageRun:
+    """Another stage's output folder and its typed results."""
+
+    folder: Path
+    manifest: Manifest
+    results: object
+
+
+@dataclass(frozen=True)
+class CompareInputs:
+    export: StageRun
+    ptq: StageRun
+    hubs: dict[str, StageRun | None]
+    htp: StageRun | None
+    # The ptq stage measured exactly this export's model.onnx (so its fp32 figures belong to the fp32 column).
+    ptq_fp32_matches: bool
+    # The HTP check's fp32 reference is this export's model.onnx.
+    htp_fp32_matches: bool
+
+    @property
+    def model(self) -> str:
+        return self.ptq.results.model
+
+    def folders(self) -> dict[str, Path]:
+        found = {"fp32": self.export.folder, "int8": self.ptq.folder}
+        found.update({f"{key}_hub": run.folder for key, run in self.hubs.items() if run is not None})
+        if self.htp is not None:
+            found["htp_check"] = self.htp.folder
+        return found
+
+
+@dataclass(frozen=True)
 class CompareResult:
     out_dir: Path
-    report: dict
+    manifest_path: Path
+    results: CompareResults
     manifest: dict
+
+    @property
+    def report(self) -> dict:
+        """The results as compare.json holds them."""
+        return to_json(self.results)
+
+
+def run_compare(config: CompareConfig, log: StageLog | None = None) -> CompareResult:
+    """Gather both models' figures, write the table, the JSON, the chart and the manifest."""
+    log = log or StageLog(STAGE)
+    inputs = _read_inputs_step(config, log)
+    columns = _columns_step(config, inputs, log)
+    fidelity = _fidelity_step(inputs, columns, log)
+    results = _results(config, inputs, columns, fidelity)
+    with StagingDir(config.destination, stage=STAGE, inputs=list(inputs.folders().values())) as staging:
+        outputs = _write_report_step(staging.path, results, log)
+        manifest_path = write_manifest(staging.path, stage=STAGE, config=config.as_dict(),
+                                       inputs=_inputs_record(inputs), outputs=outputs, timings=log.timings,
+                                       results=results)
+    destination = config.destination
+    log.info(f"ok {log.total_seconds:.1f}s -> {display_path(destination)}")
+    return CompareResult(destination, destination / manifest_path.name, results, read_manifest(destination))
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+def read_inputs(config: CompareConfig, verify: bool = True) -> CompareInputs:
+    """Every input folder through its manifest and typed results; refuses folders of different models."""
+    export = _read(config.fp32, "export", "--fp32", ExportResults, verify)
+    ptq = _read(config.int8, "ptq", "--int8", PtqResults, verify)
+    ptq_fp32_matches = _check_pair(config, export, ptq)
+    hubs = {precision: _hub_run(config, precision, ptq.results.model, verify) for precision in PRECISIONS}
+    htp = None
+    if config.htp_check_dir is not None:
+        htp = _read(config.htp_check_dir, "htp-check", "--htp-check", HtpCheckResults, verify)
+        _check_htp(config, htp, ptq)
+    export_sha = export.manifest.output_sha256(FP32_ONNX)
+    htp_fp32_matches = htp is not None and recorded_sha256(htp.manifest, "fp32_onnx") == export_sha
+    return CompareInputs(export, ptq, hubs, htp, ptq_fp32_matches, htp_fp32_matches)
+
+
+def _read(folder: Path, stage: str, flag: str, results_type: type, verify: bool) -> StageRun:
+    manifest = Manifest.read(folder, stage=stage, flag=flag, verify=verify)
+    return StageRun(Path(folder), manifest, manifest.results_as(results_type))
+
+
+def recorded_sha256(manifest: Manifest, name: str) -> str | None:
+    """The sha256 a stage recorded for one of its input files (its manifest's `inputs`)."""
+    record = manifest.inputs.get(name)
+    return record.get("sha256") if isinstance(record, dict) else None
+
+
+def _recorded_path(manifest: Manifest, name: str) -> str | None:
+    record = manifest.inputs.get(name)
+    return record.get("path") if isinstance(record, dict) else None
+
+
+def _export_model_name(export: StageRun) -> str:
+    return export.results.model["model"]
+
+
+def _check_pair(config: CompareConfig, export: StageRun, ptq: StageRun) -> bool:
+    """The ptq folder must have quantized this very export; returns whether its fp32 record says so."""
+    export_sha = export.manifest.output_sha256(FP32_ONNX)
+    ptq_fp32_sha = recorded_sha256(ptq.manifest, "fp32_onnx")
+    names = (_export_model_name(export), ptq.results.model)
+    if names[0] == names[1] and ptq_fp32_sha in (None, export_sha):
+        return ptq_fp32_sha is not None
+    quantized = _recorded_path(ptq.manifest, "fp32_onnx")
+    raise ConfigError(
+        f"--int8 {config.int8} was not quantized from --fp32 {config.fp32}: the ptq stage read a {names[1]} model "
+        f"(sha256 {str(ptq_fp32_sha)[:12]}), the export holds {names[0]} (sha256 {str(export_sha)[:12]})",
+        hint=(f"pass the export folder the ptq stage read ({Path(quantized).parent})" if quantized else
+              "pass the export folder the ptq stage read") + ", or rerun lpcv-depth ptq with this --fp32")
+
+
+def _check_htp(config: CompareConfig, htp: StageRun, ptq: StageRun) -> None:
+    checked, quantized = recorded_sha256(htp.manifest, "qdq_onnx"), ptq.manifest.output_sha256(INT8_ONNX)
+    if checked != quantized:
+        raise ConfigError(f"--htp-check {htp.folder} checked another int8 model than --int8 {config.int8}'s "
+                          f"{INT8_ONNX} (sha256 {str(checked)[:12]} vs {str(quantized)[:12]})",
+                          hint=f"rerun lpcv-depth htp-check --ptq {config.int8}, or pass that int8 model's "
+                               f"htp-check folder with --htp-check")
+
+
+def _hub_run(config: CompareConfig, precision: str, model: str, verify: bool) -> StageRun | None:
+    flag = f"--{precision}-hub"
+    folder = getattr(config, f"{precision}_hub") or find_hub_run(getattr(config, precision))
+    if folder is None:
+        return None
+    run = _read(folder, "hub", flag, HubResults, verify)
+    uploaded = run.results.input
+    if uploaded.precision not in (precision, "unknown") or uploaded.model_name not in (None, model):
+        raise ConfigError(f"{flag} {folder} ran a {uploaded.precision} {uploaded.model_name} model, not the "
+                          f"{precision} {model} of --{precision}",
+                          hint=f"pass the hub run of --{precision} {getattr(config, precision)}, or leave {flag} out")
+    return run
 
 
 def find_hub_run(stage_dir: Path) -> Path | None:
     """The hub stage output beside `stage_dir` that took it as input (qnn_context_binary first, else newest)."""
     target = Path(stage_dir).resolve()
     found = []
-    for folder in Path(stage_dir).resolve().parent.glob("hub-*"):
-        if not (folder / MANIFEST_NAME).is_file():
-            continue
-        manifest = read_manifest(folder)
-        source = manifest.get("results", {}).get("input", {}).get("source_dir")
-        if manifest.get("stage") == "hub" and source and Path(source).resolve() == target:
-            found.append((manifest["results"].get("runtime") == PREFERRED_RUNTIME, manifest["created"], folder))
+    for folder in sorted(target.parent.glob("hub-*")):
+        try:
+            manifest = Manifest.read(folder, stage="hub", verify=False)
+            uploaded = manifest.results_as(HubResults)
+        except LpcvError:
+            continue  # not a hub run this version reads: only an explicit --*-hub may name it
+        source = uploaded.input.source_dir
+        if source and Path(source).resolve() == target:
+            found.append((uploaded.runtime == PREFERRED_RUNTIME, manifest.created, folder))
     return max(found)[2] if found else None
 
 
-def _get(data: dict | None, *keys):
-    for key in keys:
-        if not isinstance(data, dict) or key not in data:
-            return None
-        data = data[key]
-    return data
+def _read_inputs_step(config: CompareConfig, log: StageLog) -> CompareInputs:
+    with log.step("read-inputs") as step:
+        inputs = read_inputs(config)
+        found = [f"{key} hub run: {display_path(run.folder) if run else 'none'}" for key, run in inputs.hubs.items()]
+        found.append(f"HTP check: {display_path(inputs.htp.folder) if inputs.htp else 'none'}")
+        step.detail = ", ".join(found)
+    missing = [key for key, run in inputs.hubs.items() if run is None]
+    if missing:
+        log.warn(f"no AI Hub run for {' and '.join(missing)}: its device figures are left out (host figures "
+                 f"only). Run lpcv-depth hub on it first.")
+    if not inputs.ptq_fp32_matches:
+        log.warn(f"the ptq manifest of {config.int8} records no fp32 model hash: its fp32 figures are left out")
+    return inputs
 
 
-def _column(precision: str, stage: dict, ptq: dict, hub: dict | None, hub_dir: Path | None) -> dict:
-    """One model's figures; None wherever a stage did not measure it."""
-    ptq_results = ptq["results"]
+# ---------------------------------------------------------------------------------------- columns
+
+def _columns_step(config: CompareConfig, inputs: CompareInputs, log: StageLog) -> dict[str, CompareColumn]:
+    with log.step("columns") as step:
+        columns = {precision: _column(precision, config, inputs) for precision in PRECISIONS}
+        step.detail = ", ".join(f"{key}: {sum(v is not None for v in to_json(column).values())} figures"
+                                for key, column in columns.items())
+    return columns
+
+
+def _column(precision: str, config: CompareConfig, inputs: CompareInputs) -> CompareColumn:
+    """One model's figures, each from that model's own folders; None wherever nothing measured it."""
+    own = inputs.export if precision == "fp32" else inputs.ptq
+    hub = inputs.hubs[precision]
+    figures = {**_host_figures(precision, inputs), **_hub_figures(hub, config.target_fps),
+               **_htp_figures(precision, inputs)}
+    return CompareColumn(source=os.fspath(own.folder), hub_run=os.fspath(hub.folder) if hub else None, **figures)
+
+
+def _host_figures(precision: str, inputs: CompareInputs) -> dict:
+    """ONNX size from the model's own folder; host latency and GT scores from the ptq stage, which
+    measured both models (its fp32 only counts when it is this export's model.onnx)."""
+    ptq: PtqResults = inputs.ptq.results
     int8 = precision == "int8"
-    profile = _get(hub, "results", "profile")
-    inference = _get(hub, "results", "inference")
-    units = _get(profile, "compute_units") or {}
-    peak = _get(profile, "peak_memory_bytes")
-    column = {
-        "source": os.fspath(stage["config"].get("destination", "")),
-        "hub_run": os.fspath(hub_dir) if hub_dir else None,
-        "runtime": _get(hub, "results", "runtime"),
-        "compile_job_id": _get(hub, "results", "compile", "job_id"),
-        "profile_job_id": _get(profile, "job_id"),
-        "device_latency_ms": _get(profile, "estimated_inference_time_ms"),
-        "fps": _get(profile, "fps"),
-        "peak_memory_mb": [v / 1e6 for v in peak] if peak else None,
-        "layers": _get(profile, "layers"),
-        "npu_layers": units.get("NPU") if profile else None,
-        "gpu_layers": units.get("GPU") if profile else None,
-        "cpu_layers": units.get("CPU") if profile else None,
-        "cpu_fallback": _get(profile, "cpu_fallback"),
-        "host_latency_ms": _get(ptq_results, "host_latency_ms", "int8_qdq" if int8 else "fp32"),
-        "onnx_bytes": _get(ptq_results, "sizes_bytes", "qdq_onnx" if int8 else "fp32_onnx")
-        or (None if int8 else _get(stage, "results", "onnx_bytes")),
-        "compiled_bytes": _get(hub, "results", "compile", "bytes"),
-        "fscore_gt_host": _get(ptq_results, "ground_truth", precision, FSCORE),
-        "abs_rel_gt_host": _get(ptq_results, "ground_truth", precision, "abs_rel"),
-        "fscore_gt_device": _get(inference, "ground_truth", "device", FSCORE),
-        "abs_rel_gt_device": _get(inference, "ground_truth", "device", "abs_rel"),
-        "gt_frames_device": _get(inference, "ground_truth", "frames"),
-        "device_vs_host_sqnr_db": _get(inference, "vs_host", "sqnr_db"),
-    }
     if int8:
-        column["aimet_bytes"] = (_get(ptq_results, "sizes_bytes", "aimet_onnx") or 0) + \
-                                (_get(ptq_results, "sizes_bytes", "aimet_encodings") or 0) or None
-    return column
+        figures = {"onnx_bytes": ptq.sizes_bytes.qdq_onnx,
+                   "aimet_bytes": ptq.sizes_bytes.aimet_onnx + ptq.sizes_bytes.aimet_encodings}
+    else:
+        figures = {"onnx_bytes": inputs.export.results.onnx_bytes}
+    if not int8 and not inputs.ptq_fp32_matches:
+        return figures
+    latency, truth = ptq.host_latency_ms, ptq.ground_truth
+    metrics = (truth.int8 if int8 else truth.fp32) if truth else {}
+    figures.update(host_latency_ms=(latency.int8_qdq if int8 else latency.fp32) if latency else None,
+                   fscore_gt_host=metrics.get(FSCORE), abs_rel_gt_host=metrics.get("abs_rel"))
+    return figures
+
+
+def _hub_figures(hub: StageRun | None, target_fps: float) -> dict:
+    if hub is None:
+        return {}
+    results: HubResults = hub.results
+    figures = {"runtime": results.runtime}
+    if results.compile is not None:
+        figures.update(compile_job_id=results.compile.job_id, compiled_bytes=results.compile.bytes)
+    profile = results.profile
+    if profile is not None:
+        units = profile.compute_units
+        peak = profile.peak_memory_bytes
+        figures.update(profile_job_id=profile.job_id, device_latency_ms=profile.estimated_inference_time_ms,
+                       fps=profile.fps, meets_target_fps=profile.fps >= target_fps, layers=profile.layers,
+                       npu_layers=units.get("NPU"), gpu_layers=units.get("GPU"), cpu_layers=units.get("CPU"),
+                       peak_memory_mb=[v / 1e6 for v in peak] if peak else None, cpu_fallback=profile.cpu_fallback)
+    inference = results.inference
+    if inference is not None and inference.ground_truth is not None:
+        truth = inference.ground_truth
+        figures.update(fscore_gt_device=truth.device.get(FSCORE), abs_rel_gt_device=truth.device.get("abs_rel"),
+                       gt_frames_device=truth.frames)
+    if inference is not None and inference.vs_host is not None:
+        figures["device_vs_host_sqnr_db"] = inference.vs_host.sqnr_db
+    return figures
+
+
+def _htp_figures(precision: str, inputs: CompareInputs) -> dict:
+    """The local HTP check: the int8 model's coverage, scores and context binary; the fp32 model's
+    fp16 coverage and CPU score, when the check's fp32 reference is this export's model."""
+    if inputs.htp is None:
+        return {}
+    htp: HtpCheckResults = inputs.htp.results
+    truth = htp.ground_truth
+    if precision == "fp32":
+        if not inputs.htp_fp32_matches:
+            return {}
+        fp32_gt = truth.overall.get("fp32", {}).get(FSCORE) if truth else None
+        return {"htp_full": htp.fp16_baseline.full_htp if htp.fp16_baseline else None, "htp_fscore_gt": fp32_gt,
+                "htp_gt_frames": truth.frames if fp32_gt is not None else None}
+    vs_fp32 = htp.numerics.get("htp_vs_fp32") if inputs.htp_fp32_matches else None
+    return {"htp_full": htp.coverage.full_htp, "htp_nodes": htp.coverage.htp_nodes,
+            "htp_cpu_nodes": htp.coverage.cpu_nodes,
+            "htp_fscore_gt": truth.overall.get("int8_htp", {}).get(FSCORE) if truth else None,
+            "htp_gt_frames": truth.frames if truth else None,
+            "htp_fscore_vs_fp32": vs_fp32.fscore if vs_fp32 else None,
+            "context_binary_bytes": htp.context_binary.bytes if htp.context_binary else None}
+
+
+# ------------------------------------------------------------------------------- int8 against fp32
+
+def _fidelity_step(inputs: CompareInputs, columns: dict[str, CompareColumn], log: StageLog) -> CompareFidelity:
+    with log.step("int8-vs-fp32") as step:
+        fidelity = _fidelity(inputs, columns)
+        step.detail = (f"host SQNR {fidelity.host_sqnr_db:.1f} dB (scale-aligned "
+                       f"{cell(fidelity.host_sqnr_db_scale_aligned)} dB)")
+        if fidelity.device:
+            step.detail += (f", on-device SQNR {fidelity.device['sqnr_db']:.1f} dB over "
+                            f"{fidelity.device['frames']} frames")
+    return fidelity
+
+
+def _fidelity(inputs: CompareInputs, columns: dict[str, CompareColumn]) -> CompareFidelity:
+    host = inputs.ptq.results.int8_vs_fp32
+    hubs = inputs.hubs
+    device = _device_int8_vs_fp32(*(hubs[p].folder if hubs[p] else None for p in PRECISIONS))
+    fp32_ms, int8_ms = columns["fp32"].device_latency_ms, columns["int8"].device_latency_ms
+    htp_vs_fp32 = inputs.htp.results.numerics.get("htp_vs_fp32") if inputs.htp_fp32_matches else None
+    return CompareFidelity(host_sqnr_db=host.sqnr_db, host_sqnr_db_scale_aligned=host.sqnr_db_scale_aligned,
+                           host_fscore_vs_fp32=host.fscore_vs_fp32, host_holdout_images=host.holdout_images,
+                           device=device, device_speedup=fp32_ms / int8_ms if fp32_ms and int8_ms else None,
+                           htp_sqnr_db=htp_vs_fp32.sqnr_db if htp_vs_fp32 else None,
+                           htp_fscore_vs_fp32=htp_vs_fp32.fscore if htp_vs_fp32 else None)
 
 
 def _device_int8_vs_fp32(fp32_hub: Path | None, int8_hub: Path | None) -> dict | None:
@@ -152,197 +374,253 @@ def _device_int8_vs_fp32(fp32_hub: Path | None, int8_hub: Path | None) -> dict |
             "frames": len(common)}
 
 
-def compare(config: CompareConfig, log: StageLog | None = None) -> CompareResult:
-    """Gather both models' figures, write the table, the JSON, the chart and the manifest."""
-    log = log or StageLog(STAGE)
-    with log.step("read-manifests") as step:
-        export, ptq = read_manifest(config.fp32), read_manifest(config.int8)
-        hub_dirs = {"fp32": config.fp32_hub or find_hub_run(config.fp32),
-                    "int8": config.int8_hub or find_hub_run(config.int8)}
-        hubs = {key: read_manifest(folder) if folder else None for key, folder in hub_dirs.items()}
-        step.detail = ", ".join(f"{key} hub run: {os.path.relpath(folder) if folder else 'none'}"
-                                for key, folder in hub_dirs.items())
-    columns = {"fp32": _column("fp32", export, ptq, hubs["fp32"], hub_dirs["fp32"]),
-               "int8": _column("int8", ptq, ptq, hubs["int8"], hub_dirs["int8"])}
-    missing = [key for key, hub in hubs.items() if hub is None]
-    if missing:
-        log.warn(f"no AI Hub run for {' and '.join(missing)}: its device figures are empty (host figures only). "
-                 f"Run python export/aihub.py on it first.")
-    with log.step("int8-vs-fp32") as step:
-        device = _device_int8_vs_fp32(hub_dirs["fp32"], hub_dirs["int8"])
-        host_sqnr = _get(ptq, "results", "int8_vs_fp32", "sqnr_db")
-        step.detail = f"host SQNR {host_sqnr:.1f} dB" if host_sqnr is not None else "no host SQNR in the ptq manifest"
-        if device:
-            step.detail += f", on-device SQNR {device['sqnr_db']:.1f} dB over {device['frames']} frames"
-    fp32_ms, int8_ms = columns["fp32"]["device_latency_ms"], columns["int8"]["device_latency_ms"]
-    report = {
-        "model": export["config"].get("model"),
-        "target_fps": config.target_fps,
-        "host_only": not any(hubs.values()),
-        "missing_hub_runs": missing,
-        "models": columns,
-        "int8_vs_fp32": {"host_sqnr_db": host_sqnr, "host_holdout_images": _get(ptq, "results", "int8_vs_fp32",
-                                                                                  "holdout_images"),
-                         "device": device,
-                         "device_speedup": fp32_ms / int8_ms if fp32_ms and int8_ms else None},
-    }
-    for column in columns.values():
-        if column["fps"] is not None:
-            column["meets_target_fps"] = column["fps"] >= config.target_fps
-
-    with StagingDir(config.destination, stage=STAGE) as staging:
-        with log.step("write") as step:
-            json_path = staging / "compare.json"
-            json_path.write_text(json.dumps(report, indent=2) + "\n")
-            md_path = staging / "compare.md"
-            md_path.write_text(_markdown(report, config))
-            png_path = staging / "compare.png"
-            _chart(report).save(png_path)
-            step.detail = "compare.md, compare.json, compare.png"
-        sources = {"fp32": config.fp32, "int8": config.int8,
-                   **{f"{key}_hub": folder for key, folder in hub_dirs.items() if folder}}
-        inputs = {key: {"path": os.fspath(folder), "manifest_sha256": sha256_file(Path(folder) / MANIFEST_NAME)}
-                  for key, folder in sources.items()}
-        write_manifest(staging.path, stage=STAGE, config=config.as_dict(), inputs=inputs,
-                       outputs=[md_path, json_path, png_path], timings=log.timings, results=report)
-    log.info(f"ok {log.total_seconds:.1f}s -> {config.destination}")
-    return CompareResult(config.destination, report, read_manifest(config.destination))
+def _results(config: CompareConfig, inputs: CompareInputs, columns: dict[str, CompareColumn],
+             fidelity: CompareFidelity) -> CompareResults:
+    missing = [key for key, run in inputs.hubs.items() if run is None]
+    results = CompareResults(model=inputs.model, target_fps=config.target_fps, host_only=len(missing) == 2,
+                             missing_hub_runs=missing, models=columns, int8_vs_fp32=fidelity,
+                             htp_check=os.fspath(inputs.htp.folder) if inputs.htp else None,
+                             htp_check_note=HTP_NOTE if inputs.htp else None)
+    return dataclasses.replace(results, chart=chart_panels(results))
 
 
-def _fmt(value, pattern: str = "{:.1f}") -> str:
-    return "–" if value is None else pattern.format(value)
+# ----------------------------------------------------------------------------------------- report
+
+def _write_report_step(folder: Path, results: CompareResults, log: StageLog) -> list[Path]:
+    from lpcv_depth.visualize import bar_chart
+
+    with log.step("write") as step:
+        paths = [folder / name for name in REPORT_FILES]
+        paths[0].write_text(compare_markdown(results))
+        paths[1].write_text(json.dumps(to_json(results), indent=2, allow_nan=False) + "\n")
+        drawn = bar_chart(_bar_panels(results.chart), paths[2], title=_chart_title(results))
+        step.detail = f"{', '.join(REPORT_FILES)} ({drawn} panels)"
+    return paths
 
 
-def _markdown(report: dict, config: CompareConfig) -> str:
-    fp32, int8 = report["models"]["fp32"], report["models"]["int8"]
-    target_ms = 1000.0 / report["target_fps"]
-
-    def fps_cell(column):
-        if column["fps"] is None:
-            return "–"
-        return f"{column['fps']:.1f} {'✓' if column['fps'] >= report['target_fps'] else '✗ below target'}"
-
-    def layers(column):
-        if column["npu_layers"] is None:
-            return "–"
-        text = f"{column['npu_layers']} / {column['gpu_layers']} / {column['cpu_layers']}"
-        return text + (" ⚠ CPU fallback" if column["cpu_fallback"] else "")
-
-    def memory(column):
-        peak = column["peak_memory_mb"]
-        return "–" if not peak else f"{peak[0]:.1f} – {peak[1]:.1f}"
-
-    def size_ratio(a, b):
-        return f"{a / b:.1f}x smaller" if a and b else ""
-
-    device = report["int8_vs_fp32"]["device"]
-    rows = [
-        ("device latency, S24 (ms)", _fmt(fp32["device_latency_ms"], "{:.2f}"), _fmt(int8["device_latency_ms"], "{:.2f}"),
-         f"{report['int8_vs_fp32']['device_speedup']:.2f}x faster" if report["int8_vs_fp32"]["device_speedup"] else ""),
-        (f"device FPS (target {report['target_fps']:g} = {target_ms:.1f} ms)", fps_cell(fp32), fps_cell(int8), ""),
-        ("peak memory, inference (MB)", memory(fp32), memory(int8), ""),
-        ("layers NPU / GPU / CPU", layers(fp32), layers(int8), ""),
-        ("host ORT latency, x86 (ms)", _fmt(fp32["host_latency_ms"]), _fmt(int8["host_latency_ms"]), ""),
-        ("ONNX size (MB; int8: QDQ)", _fmt(fp32["onnx_bytes"] and fp32["onnx_bytes"] / 1e6, "{:.2f}"),
-         _fmt(int8["onnx_bytes"] and int8["onnx_bytes"] / 1e6, "{:.2f}"), size_ratio(fp32["onnx_bytes"], int8["onnx_bytes"])),
-        ("compiled model (MB)", _fmt(fp32["compiled_bytes"] and fp32["compiled_bytes"] / 1e6, "{:.2f}"),
-         _fmt(int8["compiled_bytes"] and int8["compiled_bytes"] / 1e6, "{:.2f}"),
-         size_ratio(fp32["compiled_bytes"], int8["compiled_bytes"])),
-        ("F-score@0.1 vs GT, host", _fmt(fp32["fscore_gt_host"], "{:.2f}"), _fmt(int8["fscore_gt_host"], "{:.2f}"),
-         _delta(fp32["fscore_gt_host"], int8["fscore_gt_host"])),
-        ("abs_rel vs GT, host", _fmt(fp32["abs_rel_gt_host"], "{:.4f}"), _fmt(int8["abs_rel_gt_host"], "{:.4f}"), ""),
-        ("F-score@0.1 vs GT, on device", _fmt(fp32["fscore_gt_device"], "{:.2f}"),
-         _fmt(int8["fscore_gt_device"], "{:.2f}"), _delta(fp32["fscore_gt_device"], int8["fscore_gt_device"])),
-        ("abs_rel vs GT, on device", _fmt(fp32["abs_rel_gt_device"], "{:.4f}"),
-         _fmt(int8["abs_rel_gt_device"], "{:.4f}"), ""),
-        ("device vs host SQNR (dB)", _fmt(fp32["device_vs_host_sqnr_db"]), _fmt(int8["device_vs_host_sqnr_db"]), ""),
-        ("int8 vs fp32 SQNR, host (dB)", "", "", _fmt(report["int8_vs_fp32"]["host_sqnr_db"], "{:.2f}")),
-        ("int8 vs fp32 SQNR, on device (dB)", "", "", _fmt(device and device["sqnr_db"], "{:.2f}")
-         + (f" ({device['frames']} frames)" if device else "")),
-    ]
-    lines = [f"# fp32 vs int8: {report['model']}", ""]
-    if report["host_only"]:
-        lines += ["**Host figures only: no AI Hub run was found for either model**, so the device rows are empty. "
-                  "Run `python export/aihub.py` on both folders, then this command again.", ""]
-    elif report["missing_hub_runs"]:
-        lines += [f"**No AI Hub run for {' and '.join(report['missing_hub_runs'])}**: its device column is empty.", ""]
-    lines += ["| | fp32 | int8 | int8 vs fp32 |", "|---|---:|---:|---|"]
-    lines += [f"| {name} | {a} | {b} | {c} |" for name, a, b, c in rows]
-    lines += ["", "Device figures come from AI Hub profile jobs on the Samsung Galaxy S24 (Family)"
-              " (--max_profiler_iterations 20, as the organizers profile); host latency is ONNX Runtime on x86, a"
-              " sanity figure only. Host accuracy is the ptq stage's --eval-data scoring, device accuracy the hub"
-              " stage's; the two may cover different frames.", ""]
-    for name, column in report["models"].items():
-        if column["cpu_fallback"]:
-            lines.append(f"- ⚠ **{name}: {column['cpu_layers']} layers fall back to the CPU** "
-                         f"(see {column['hub_run']}/profile.json).")
-        if column["compile_job_id"]:
-            lines.append(f"- {name}: compile job `{column['compile_job_id']}` ({column['runtime']}), "
-                         f"profile job `{column['profile_job_id']}`; hub run `{column['hub_run']}`.")
-    lines += ["", "![fp32 vs int8](compare.png)", ""]
-    return "\n".join(lines)
+def _inputs_record(inputs: CompareInputs) -> dict:
+    return {key: {"path": os.fspath(folder), "manifest_sha256": sha256_file(Path(folder) / MANIFEST_NAME)}
+            for key, folder in inputs.folders().items()}
 
 
-def _delta(fp32, int8) -> str:
+def _mb(value: int | None) -> float | None:
+    return None if value is None else value / 1e6
+
+
+def _row(label: str, fp32, int8, pattern: str = "{:.1f}", versus: str = "") -> tuple | None:
+    """A table row, or None when neither model has the figure (the row is left out)."""
+    if fp32 is None and int8 is None:
+        return (label, "", "", versus) if versus else None
+    return label, cell(fp32, pattern), cell(int8, pattern), versus
+
+
+def _delta(fp32: float | None, int8: float | None) -> str:
     return "" if fp32 is None or int8 is None else f"{int8 - fp32:+.2f}"
 
 
-def _chart(report: dict):
-    from lpcv_depth.visualize import BarPanel, bar_chart
+def _ratio(fp32: float | None, int8: float | None, word: str) -> str:
+    return f"{fp32 / int8:.1f}x {word}" if fp32 and int8 else ""
 
-    fp32, int8 = report["models"]["fp32"], report["models"]["int8"]
 
-    def pair(key, scale=1.0):
-        return [(name, None if column[key] is None else column[key] * scale)
-                for name, column in (("fp32", fp32), ("int8", int8))]
+def _fps_cell(column: CompareColumn, target: float) -> str | None:
+    if column.fps is None:
+        return None
+    return f"{column.fps:.1f} {'✓' if column.fps >= target else '✗ below target'}"
 
-    def peak(column):
-        return column["peak_memory_mb"][1] if column["peak_memory_mb"] else None
 
-    target_ms = 1000.0 / report["target_fps"]
-    panels = [
-        BarPanel("device latency, S24 (ms)", pair("device_latency_ms"), (target_ms, f"{report['target_fps']:g} FPS"),
-                 "{:.2f}"),
-        BarPanel("device FPS", pair("fps"), (report["target_fps"], f"{report['target_fps']:g} FPS"), "{:.0f}"),
-        BarPanel("peak memory, upper (MB)", [("fp32", peak(fp32)), ("int8", peak(int8))]),
-        BarPanel("layers: NPU and CPU", [("fp32 NPU", fp32["npu_layers"]), ("fp32 CPU", fp32["cpu_layers"]),
-                                         ("int8 NPU", int8["npu_layers"]), ("int8 CPU", int8["cpu_layers"])], fmt="{:.0f}",
-                 colours=(0, 0, 1, 1)),
-        BarPanel("host ORT latency, x86 (ms)", pair("host_latency_ms")),
-        BarPanel("ONNX size (MB)", pair("onnx_bytes", 1e-6), fmt="{:.2f}"),
-        BarPanel("F-score@0.1 vs GT, host", pair("fscore_gt_host"), fmt="{:.2f}"),
-        BarPanel("F-score@0.1 vs GT, device", pair("fscore_gt_device"), fmt="{:.2f}"),
+def _layers_cell(column: CompareColumn) -> str | None:
+    if column.npu_layers is None:
+        return None
+    text = f"{column.npu_layers} / {cell(column.gpu_layers, '{}')} / {cell(column.cpu_layers, '{}')}"
+    return text + (" ⚠ CPU fallback" if column.cpu_fallback else "")
+
+
+def _memory_cell(column: CompareColumn) -> str | None:
+    peak = column.peak_memory_mb
+    return f"{peak[0]:.1f} – {peak[1]:.1f}" if peak else None
+
+
+def _device_rows(results: CompareResults) -> list:
+    fp32, int8 = results.models["fp32"], results.models["int8"]
+    speedup = results.int8_vs_fp32.device_speedup
+    target = results.target_fps
+    return [
+        _row("device latency, S24 (ms)", fp32.device_latency_ms, int8.device_latency_ms, "{:.2f}",
+             f"{speedup:.2f}x faster" if speedup else ""),
+        _row(f"device FPS (target {target:g} = {1000.0 / target:.1f} ms)", _fps_cell(fp32, target),
+             _fps_cell(int8, target)),
+        _row("peak memory, inference (MB)", _memory_cell(fp32), _memory_cell(int8)),
+        _row("layers NPU / GPU / CPU", _layers_cell(fp32), _layers_cell(int8)),
     ]
-    title = f"fp32 vs int8: {report['model']}" + ("  (host figures only: no AI Hub run)" if report["host_only"] else "")
-    return bar_chart(panels, title, columns=4)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python evaluation/compare.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fp32", type=Path, required=True, help="export stage folder (fp32 model.onnx)")
-    parser.add_argument("--int8", type=Path, required=True, help="ptq stage folder")
-    parser.add_argument("--fp32-hub", type=Path, default=None, help="hub stage folder of the fp32 model "
-                        "(default: found beside --fp32)")
-    parser.add_argument("--int8-hub", type=Path, default=None, help="hub stage folder of the int8 model "
-                        "(default: found beside --int8)")
-    parser.add_argument("--target-fps", type=float, default=30.0)
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default <fp32>/../compare)")
-    return parser
+def _host_rows(results: CompareResults) -> list:
+    fp32, int8 = results.models["fp32"], results.models["int8"]
+    return [
+        _row("host ORT latency, x86 (ms)", fp32.host_latency_ms, int8.host_latency_ms),
+        _row("ONNX size (MB; int8: QDQ)", _mb(fp32.onnx_bytes), _mb(int8.onnx_bytes), "{:.2f}",
+             _ratio(fp32.onnx_bytes, int8.onnx_bytes, "smaller")),
+        _row("compiled model (MB)", _mb(fp32.compiled_bytes), _mb(int8.compiled_bytes), "{:.2f}",
+             _ratio(fp32.compiled_bytes, int8.compiled_bytes, "smaller")),
+        _row("F-score@0.1 vs GT, host", fp32.fscore_gt_host, int8.fscore_gt_host, "{:.2f}",
+             _delta(fp32.fscore_gt_host, int8.fscore_gt_host)),
+        _row("abs_rel vs GT, host", fp32.abs_rel_gt_host, int8.abs_rel_gt_host, "{:.4f}"),
+        _row("F-score@0.1 vs GT, on device", fp32.fscore_gt_device, int8.fscore_gt_device, "{:.2f}",
+             _delta(fp32.fscore_gt_device, int8.fscore_gt_device)),
+        _row("abs_rel vs GT, on device", fp32.abs_rel_gt_device, int8.abs_rel_gt_device, "{:.4f}"),
+        _row("device vs host SQNR (dB)", fp32.device_vs_host_sqnr_db, int8.device_vs_host_sqnr_db),
+    ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    log = StageLog(STAGE)
-    try:
-        config = CompareConfig(fp32=args.fp32, int8=args.int8, fp32_hub=args.fp32_hub, int8_hub=args.int8_hub,
-                               out_dir=args.out, target_fps=args.target_fps)
-        result = compare(config, log)
-    except (LpcvError, KeyboardInterrupt) as err:
-        return exit_status(STAGE, err)
-    log.info(f"next: cat {os.path.relpath(result.out_dir / 'compare.md')}")
-    return 0
+def _fidelity_rows(results: CompareResults) -> list:
+    fidelity = results.int8_vs_fp32
+    device = fidelity.device
+    host = f"{cell(fidelity.host_sqnr_db, '{:.2f}')} (scale-aligned {cell(fidelity.host_sqnr_db_scale_aligned, '{:.2f}')})"
+    rows = [_row("int8 vs fp32 SQNR, host (dB)", None, None, versus=host)]
+    if fidelity.host_fscore_vs_fp32 is not None:
+        rows.append(_row("int8 F-score@0.1 with fp32 as GT, host", None, None,
+                         versus=f"{fidelity.host_fscore_vs_fp32:.2f}"))
+    if device:
+        rows.append(_row("int8 vs fp32 SQNR, on device (dB)", None, None,
+                         versus=f"{device['sqnr_db']:.2f} ({device['frames']} frames)"))
+    return rows
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _htp_rows(results: CompareResults) -> list:
+    fp32, int8 = results.models["fp32"], results.models["int8"]
+    fidelity = results.int8_vs_fp32
+    frames = int8.htp_gt_frames or fp32.htp_gt_frames
+
+    def coverage(column: CompareColumn) -> str | None:
+        if column.htp_full is None:
+            return None
+        if column.htp_nodes is None:
+            return "full (fp16)" if column.htp_full else "not full (fp16)"
+        return "full" if column.htp_full else f"not full: {column.htp_cpu_nodes} nodes on the CPU"
+
+    return [
+        _row("NPU coverage (fp32: in fp16)", coverage(fp32), coverage(int8)),
+        _row("nodes on the HTP / on the CPU", None,
+             None if int8.htp_nodes is None else f"{int8.htp_nodes} / {int8.htp_cpu_nodes}"),
+        _row(f"F-score@0.1 vs GT, {frames} frames (fp32: ORT CPU, int8: HTP)", fp32.htp_fscore_gt,
+             int8.htp_fscore_gt, "{:.2f}", _delta(fp32.htp_fscore_gt, int8.htp_fscore_gt)),
+        _row("int8 on the HTP vs fp32: SQNR (dB), F-score@0.1 with fp32 as GT", None, None,
+             versus="" if fidelity.htp_sqnr_db is None else
+             f"{fidelity.htp_sqnr_db:.2f} dB, F-score {cell(fidelity.htp_fscore_vs_fp32, '{:.2f}')}"),
+        _row("QNN context binary, built on the host (MB)", None, _mb(int8.context_binary_bytes), "{:.2f}"),
+    ]
+
+
+def _table(rows: list) -> str:
+    rows = [row for row in rows if row is not None]
+    return markdown_table(["", "fp32", "int8", "int8 vs fp32"], rows, align="lrrl") if rows else ""
+
+
+def compare_markdown(results: CompareResults) -> str:
+    """compare.md: one table of what was measured (rows nothing measured are left out), then the HTP check."""
+    lines = [f"# fp32 vs int8: {results.model}", ""]
+    if results.host_only:
+        lines += ["**Host figures only: no AI Hub run was found for either model**, so there are no device rows. "
+                  "Run `lpcv-depth hub` on both folders, then this command again.", ""]
+    elif results.missing_hub_runs:
+        lines += [f"**No AI Hub run for {' and '.join(results.missing_hub_runs)}**: its device cells are empty.", ""]
+    lines += [_table(_device_rows(results) + _host_rows(results) + _fidelity_rows(results)), _notes(results)]
+    if results.htp_check is not None:
+        lines += [f"## {HTP_NOTE}", "", _table(_htp_rows(results)),
+                  f"From the local HTP check `{results.htp_check}`: the QNN HTP backend for x86 runs the int8 model "
+                  "with the NPU's own arithmetic on this host. It measures coverage and numerics, never speed: only "
+                  "an AI Hub profile job measures the phone.", ""]
+    lines += ["![fp32 vs int8](compare.png)", ""]
+    return "\n".join(lines)
+
+
+def _notes(results: CompareResults) -> str:
+    text = "Host latency is ONNX Runtime on x86, a sanity figure only. Host accuracy is the ptq stage's --eval-data scoring."
+    if not results.host_only:
+        text = ("Device figures come from AI Hub profile jobs on the Samsung Galaxy S24 (Family) "
+                "(--max_profiler_iterations 20, as the organizers profile); " + text[0].lower() + text[1:-1]
+                + ", device accuracy the hub stage's; the two may cover different frames.")
+    lines = [text, ""]
+    for name, column in results.models.items():
+        if column.cpu_fallback:
+            lines.append(f"- ⚠ **{name}: {column.cpu_layers} layers fall back to the CPU** "
+                         f"(see {column.hub_run}/profile.json).")
+        if column.compile_job_id:
+            lines.append(f"- {name}: compile job `{column.compile_job_id}` ({column.runtime}), "
+                         f"profile job `{column.profile_job_id}`; hub run `{column.hub_run}`.")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# ------------------------------------------------------------------------------------------ chart
+
+def _panel(title: str, bars: list[tuple[str, float | None]], fmt: str = "{:.1f}",
+           line: tuple[float, str] | None = None) -> ComparePanel | None:
+    """A chart panel of the measured bars only; None when nothing was measured (the panel is left out)."""
+    measured = {label: float(value) for label, value in bars if value is not None}
+    if not measured:
+        return None
+    return ComparePanel(title, measured, fmt, *(line or (None, None)))
+
+
+def chart_panels(results: CompareResults) -> list[ComparePanel]:
+    """What compare.png draws: one panel per figure that at least one model has."""
+    fp32, int8 = results.models["fp32"], results.models["int8"]
+    fidelity = results.int8_vs_fp32
+    target, target_label = results.target_fps, f"{results.target_fps:g} FPS"
+
+    def pair(key: str, scale: float = 1.0):
+        return [(name, None if getattr(c, key) is None else getattr(c, key) * scale)
+                for name, c in (("fp32", fp32), ("int8", int8))]
+
+    def peak(column: CompareColumn):
+        return column.peak_memory_mb[1] if column.peak_memory_mb else None
+
+    htp = f"\n{HTP_NOTE}"
+    panels = [
+        _panel("device latency, S24 (ms)", pair("device_latency_ms"), "{:.2f}", (1000.0 / target, target_label)),
+        _panel("device FPS", pair("fps"), "{:.0f}", (target, target_label)),
+        _panel("peak memory, upper (MB)", [("fp32", peak(fp32)), ("int8", peak(int8))]),
+        _panel("layers: NPU and CPU", [("fp32 NPU", fp32.npu_layers), ("fp32 CPU", fp32.cpu_layers),
+                                       ("int8 NPU", int8.npu_layers), ("int8 CPU", int8.cpu_layers)], "{:.0f}"),
+        _panel("host ORT latency, x86 (ms)", pair("host_latency_ms")),
+        _panel("ONNX size (MB)", pair("onnx_bytes", 1e-6), "{:.2f}"),
+        _panel("F-score@0.1 vs GT, host", pair("fscore_gt_host"), "{:.2f}"),
+        _panel("F-score@0.1 vs GT, device", pair("fscore_gt_device"), "{:.2f}"),
+        _panel("int8 vs fp32 SQNR (dB)" + (htp if fidelity.htp_sqnr_db is not None else ""),
+               [("host", fidelity.host_sqnr_db), ("host, scale-aligned", fidelity.host_sqnr_db_scale_aligned),
+                ("device", fidelity.device and fidelity.device["sqnr_db"]), ("HTP emulation", fidelity.htp_sqnr_db)]),
+        _panel("int8 F-score@0.1, fp32 as GT" + (htp if fidelity.htp_fscore_vs_fp32 is not None else ""),
+               [("host QDQ", fidelity.host_fscore_vs_fp32), ("HTP emulation", fidelity.htp_fscore_vs_fp32)], "{:.2f}"),
+        _panel("int8 nodes on the HTP / CPU" + htp, [("HTP", int8.htp_nodes), ("CPU", int8.htp_cpu_nodes)], "{:.0f}"),
+        _panel("F-score@0.1 vs GT, HTP check frames" + htp, [("fp32 CPU", fp32.htp_fscore_gt),
+                                                             ("int8 HTP", int8.htp_fscore_gt)], "{:.2f}"),
+        _panel("QNN context binary (MB)" + htp, [("int8", _mb(int8.context_binary_bytes))], "{:.2f}"),
+    ]
+    return [panel for panel in panels if panel is not None]
+
+
+def _colour(label: str, position: int) -> int:
+    """fp32 bars blue, int8 bars orange in every panel; other series by position from green on."""
+    word = label.split()[0]
+    return {"fp32": 0, "int8": 1}.get(word, 2 + position % 2)
+
+
+def _bar_panels(panels: list[ComparePanel]):
+    from lpcv_depth.visualize import BarPanel
+
+    return [BarPanel(panel.title, list(panel.bars.items()),
+                     None if panel.line is None else (panel.line, panel.line_label or ""), panel.fmt,
+                     tuple(_colour(label, i) for i, label in enumerate(panel.bars)))
+            for panel in panels]
+
+
+def _chart_title(results: CompareResults) -> str:
+    return f"fp32 vs int8: {results.model}" + ("  (host figures only: no AI Hub run)" if results.host_only else "")
+
+
+def _next_hint(result: CompareResult) -> str:
+    return f"cat {shlex.quote(display_path(result.out_dir / 'compare.md'))}"
+
+
+DEFINITION = StageDefinition(name=STAGE, config=CompareConfig, run=run_compare, description=__doc__,
+                             next_hint=_next_hint)
