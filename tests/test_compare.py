@@ -257,3 +257,11 @@ def test_bar_chart_leaves_out_panels_and_bars_without_values(tmp_path):
     assert bar_chart(panels, tmp_path / "chart.png", title="t") == 2
     with Image.open(tmp_path / "chart.png") as image:
         assert image.format == "PNG" and image.size[0] > image.size[1]
+
+
+def test_docs_flag_table_matches_the_config():
+    from lpcv_depth.options import cli_fields, flag_name
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "compare.md").read_text()
+    table = {line.split("|")[1].strip().strip("`") for line in text.splitlines() if line.startswith("| `--")}
+    assert {flag_name(field.name) for field, _ in cli_fields(CompareConfig)} == table
