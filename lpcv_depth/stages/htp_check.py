@@ -45,6 +45,7 @@ from lpcv_depth.results import (ContextBinary, Coverage, EmulationTime, Evaluate
                                 HtpCheckResults, HtpGroundTruth, OutputComparison, PtqResults)
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
 from lpcv_depth.stages.htp_report import op_summary
+from lpcv_depth.stages.ptq import HOLDOUT_OUTPUTS, QDQ_ONNX
 from lpcv_depth.verify import ParityThresholds, sqnr_db
 from lpcv_depth.workspace import in_workspace
 
@@ -52,7 +53,6 @@ __all__ = ["HtpCheckConfig", "HtpCheckResult", "run_htp_check", "HtpRefusedError
 
 STAGE = "htp-check"
 CONTEXT_ONNX = "model_ctx.onnx"
-PTQ_QDQ_ONNX = "model_qdq.onnx"
 CONTEXT_IO = "float32 image in, float32 depth out (input quantization and output dequantization inside the graph)"
 CONTEXT_BUILD_NOTE = "build_s is the host compile (HTP graph prepare) time, not device latency"
 HUB_CONTEXT_NOTE = ("qai-hub 0.56 takes a QNN context binary for profile/inference jobs as a .bin file "
@@ -62,6 +62,9 @@ HUB_CONTEXT_NOTE = ("qai-hub 0.56 takes a QNN context binary for profile/inferen
                     "(qnn_sdk_version here): pick a matching --qairt_version on AI Hub.")
 CPU_ISLAND_COST = ("On the phone every HTP/CPU boundary costs a round trip off the NPU, far slower than a model "
                    "fully on the NPU (measured: see docs/htp-check.md).")
+# How much closer to fp32 the HTP must be than ONNX Runtime's CPU QDQ before the CPU is blamed for a
+# parity miss: a margin above run-to-run noise, not a measurement.
+CPU_SUSPECT_MARGIN_DB = 3.0
 GATE_HINT = "the report was written; see its coverage section (ops the HTP refuses) and numerics"
 
 
@@ -125,8 +128,8 @@ class HtpCheckConfig:
                                   hint=f"pass the folder {command_line('ptq')} wrote, or a QDQ .onnx file")
             # The stage and the schema now; the outputs' hashes when the run reads them.
             Manifest.read(ptq, stage="ptq", flag="--ptq", verify=False)
-            if not (ptq / PTQ_QDQ_ONNX).is_file():
-                raise ConfigError(f"{ptq} has no {PTQ_QDQ_ONNX}", hint=f"rerun {command_line('ptq')}")
+            if not (ptq / QDQ_ONNX).is_file():
+                raise ConfigError(f"{ptq} has no {QDQ_ONNX}", hint=f"rerun {command_line('ptq')}")
         elif ptq.is_file():
             if ptq.suffix != ".onnx":
                 raise ConfigError(f"--ptq {ptq} is neither a ptq folder nor an .onnx file")
@@ -159,7 +162,7 @@ class HtpCheckConfig:
 
     @property
     def qdq_onnx(self) -> Path:
-        return self.ptq_dir / PTQ_QDQ_ONNX if self.ptq_dir else self.ptq
+        return self.ptq_dir / QDQ_ONNX if self.ptq_dir else self.ptq
 
     @property
     def destination(self) -> Path:
@@ -271,8 +274,7 @@ def _load_inputs(config: HtpCheckConfig, log: StageLog) -> _Inputs:
 
     with log.step("inputs") as step:
         ptq = Manifest.read(config.ptq_dir, stage="ptq", flag="--ptq") if config.ptq_dir else None
-        if ptq is not None:
-            ptq.results_as(PtqResults)  # a ptq output this version can read
+        ptq_results = ptq.results_as(PtqResults) if ptq is not None else None
         fp32_onnx = Path(config.fp32) if config.fp32 else _ptq_fp32_model(ptq)
         root, files, source = _image_files(config, ptq)
         count = min(len(files), config.max_frames or len(files))
@@ -285,8 +287,9 @@ def _load_inputs(config: HtpCheckConfig, log: StageLog) -> _Inputs:
                   "images": description}
         if fp32_onnx is not None:
             record["fp32_onnx"] = {"path": os.fspath(fp32_onnx), "sha256": sha256_file(fp32_onnx)}
-        if ptq is not None:
-            record["ptq_manifest"] = {"path": os.fspath(config.ptq_dir / MANIFEST_NAME)}
+        if ptq_results is not None:
+            record["ptq_manifest"] = {"path": os.fspath(config.ptq_dir / MANIFEST_NAME), "model": ptq_results.model,
+                                      "preset": ptq_results.preset}
         step.detail = f"{len(images)} image(s) ({source})"
     return _Inputs(images, fp32_onnx, reference, record)
 
@@ -328,8 +331,6 @@ def _image_files(config: HtpCheckConfig, ptq: Manifest | None) -> tuple[Path, li
 
 def _saved_outputs(ptq: Manifest, count: int) -> dict:
     """fp32 / AIMET-sim / QDQ outputs the ptq stage saved on its held-out images (hash-checked)."""
-    from lpcv_depth.stages.ptq import HOLDOUT_OUTPUTS
-
     saved = ptq.folder / HOLDOUT_OUTPUTS
     if not saved.is_file():
         return {}
@@ -457,9 +458,20 @@ def _numerics(config: HtpCheckConfig, htp_int8: np.ndarray, references: dict[str
     if parity.sqnr_db < limits.min_sqnr_db or parity.max_abs_diff > limits.max_abs_diff:
         _warn(log, warnings, f"HTP int8 differs from ONNX Runtime's CPU QDQ by more than the HTP's own rounding: "
                              f"SQNR {parity.sqnr_db:.1f} dB (expected >= {limits.min_sqnr_db:g}), max abs "
-                             f"{parity.max_abs_diff:.3f} (expected <= {limits.max_abs_diff:g}); an op computes "
-                             "differently on the NPU")
+                             f"{parity.max_abs_diff:.3f} (expected <= {limits.max_abs_diff:g}); "
+                             + _parity_suspect(numerics))
     return numerics
+
+
+def _parity_suspect(numerics: dict[str, OutputComparison]) -> str:
+    """Which side of a parity miss to suspect: the NPU, unless the CPU is the one further from fp32
+    (ONNX Runtime's u8s8 kernels saturate on x86 CPUs without VNNI)."""
+    htp, cpu = numerics.get("htp_vs_fp32"), numerics.get("int8_cpu_vs_fp32")
+    if htp is not None and cpu is not None and htp.sqnr_db > cpu.sqnr_db + CPU_SUSPECT_MARGIN_DB:
+        return (f"the CPU reference is the one further from fp32 ({cpu.sqnr_db:.1f} dB against the HTP's "
+                f"{htp.sqnr_db:.1f} dB): ONNX Runtime's own int8 kernels are suspect on this host (x86 without VNNI "
+                "saturates u8s8 sums; see docs/htp-check.md)")
+    return "an op computes differently on the NPU"
 
 
 def _fp16_baseline(config: HtpCheckConfig, backend: QnnBackend, inputs: _Inputs, fp32: np.ndarray | None,

@@ -26,10 +26,10 @@ def write_report(folder: Path, config, results) -> list[Path]:
     json_path.write_text(json.dumps({"config": config.as_dict(), **to_json(results)}, indent=2, allow_nan=False)
                          + "\n")
     md_path = folder / "report.md"
-    md_path.write_text("\n".join([_header(config, results), _coverage(results.coverage),
-                                  _context_binary(results.context_binary), _numerics(results.numerics),
-                                  _fp16_baseline(results.fp16_baseline), _ground_truth(results.ground_truth),
-                                  _emulation_time(config, results.emulation_time)]))
+    sections = [_header(config, results), _coverage(results.coverage), _context_binary(results.context_binary),
+                _numerics(results.numerics), _fp16_baseline(results.fp16_baseline), _ground_truth(results.ground_truth),
+                _emulation_time(config, results.emulation_time)]
+    md_path.write_text("\n".join(section.strip() + "\n" for section in sections if section))
     return [json_path, md_path]
 
 
