@@ -8,6 +8,7 @@ drawing never depends on, or changes, a process-wide backend.
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +19,9 @@ __all__ = ["colorize", "depth_comparison_panel", "BarPanel", "bar_chart", "COLOR
 # against the black of invalid pixels.
 COLORMAP = "turbo"
 _INVALID = (0, 0, 0)
-# Series colours (matplotlib's tab10 blue, orange, green, red), indexed by BarPanel.colours.
-_BAR_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+# Series colours (matplotlib's tab10), indexed by BarPanel.colours.
+_BAR_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+_LABEL_WIDTH = 12  # characters per line of a bar label; longer ones wrap instead of overlapping
 _DPI = 100
 
 
@@ -126,7 +128,7 @@ def _draw_bar_panel(axes, panel: BarPanel) -> None:
     drawn = axes.bar(positions, [max(value, 0.0) for _, value, _ in bars],
                      color=[_BAR_COLOURS[colour % len(_BAR_COLOURS)] for _, _, colour in bars], width=0.6)
     axes.bar_label(drawn, labels=[panel.fmt.format(value) for _, value, _ in bars], fontsize=7)
-    axes.set_xticks(list(positions), [label for label, _, _ in bars], fontsize=7)
+    axes.set_xticks(list(positions), [textwrap.fill(label, _LABEL_WIDTH) for label, _, _ in bars], fontsize=7)
     axes.set_title(panel.title, fontsize=8)
     axes.tick_params(axis="y", labelsize=7)
     axes.margins(y=0.2)

@@ -602,7 +602,7 @@ def chart_panels(results: CompareResults) -> list[ComparePanel]:
 def _colour(label: str, position: int) -> int:
     """fp32 bars blue, int8 bars orange in every panel; other series by position from green on."""
     word = label.split()[0]
-    return {"fp32": 0, "int8": 1}.get(word, 2 + position % 2)
+    return {"fp32": 0, "int8": 1}.get(word, 2 + position)
 
 
 def _bar_panels(panels: list[ComparePanel]):
