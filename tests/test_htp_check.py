@@ -244,6 +244,30 @@ def test_other_platforms_are_told_why(monkeypatch):
     assert "darwin/arm64" in str(err.value) and "aihub" in str(err.value)
 
 
+def test_docs_flag_table_lists_every_option():
+    from lpcv_depth.options import cli_fields, flag_name
+
+    table = DOCS.read_text().split("## Options", 1)[1].split("\n## ", 1)[0]
+    flags = {line.split("|")[1].strip().strip("`").split(" / ")[0] for line in table.splitlines()
+             if line.startswith("| `--")}
+    assert {flag_name(field.name) for field, _ in cli_fields(HtpCheckConfig)} <= flags
+
+
+def test_out_may_not_replace_the_ptq_folder(tiny, tmp_path):
+    """The default output lives inside the ptq folder, but --out can never be the ptq folder or hold it."""
+    from lpcv_depth.errors import OutputDirError
+
+    qdq = tmp_path / "model" / "qdq.onnx"
+    qdq.parent.mkdir()
+    shutil.copy(tiny["qdq"], qdq)
+    config = HtpCheckConfig(ptq=qdq, images=tiny["images"])
+    assert config.destination == qdq.parent / "htp-check"
+    for out in (qdq.parent, tmp_path):
+        with pytest.raises(OutputDirError, match="input"):
+            run_htp_check(HtpCheckConfig(ptq=qdq, images=tiny["images"], max_frames=1, fp16_baseline=False, out=out))
+    assert qdq.is_file()
+
+
 # ---------------------------------------------------------------------------------------------
 # FastDepth, real weights, real AIMET w8a8
 
@@ -280,7 +304,7 @@ def test_fastdepth_w8a8_on_the_htp_one_set(fastdepth_ptq_dir, rgbd_dir):
 def test_fastdepth_w8a8_on_the_htp_all_rgbd_sets(fastdepth_ptq_dir, rgbd_dir):
     """Every shared RGB-D frame (28) and the fp16 baseline (its run time: docs/htp-check.md)."""
     report = run_htp_check(HtpCheckConfig(ptq=fastdepth_ptq_dir, eval_data=rgbd_dir,
-                                      out=fastdepth_ptq_dir.parent / "htp-all")).results
+                                      out=fastdepth_ptq_dir / "htp-all")).results
     _fastdepth_assertions(report)
     assert report.ground_truth.frames == 28 and len(report.ground_truth.sets) == 4
     assert report.fp16_baseline.full_htp and report.fp16_baseline.vs_fp32.sqnr_db > 40

@@ -29,7 +29,8 @@ import numpy as np
 from lpcv_depth.errors import ContractError, MissingDependencyError
 
 __all__ = ["QNN_EP", "QNN_INSTALL", "SOC_MODELS", "SM8650", "HTP_ARCHS", "QDQ_OPS", "EMULATION_NOTE",
-           "FALLBACK_REFUSED", "HtpRefusedError", "HtpTarget", "QnnBackend", "import_qnn", "HtpSession",
+           "FALLBACK_REFUSED", "HtpRefusedError", "HtpTarget", "QnnBackend", "import_qnn", "unavailable_reason",
+           "HtpSession",
            "native_stderr", "parse_refusals", "inspect_qdq_model", "partition_from_context", "explain_refusals",
            "Compiled", "compile_for_htp", "compile_fp16", "KeptContext", "keep_context"]
 
@@ -112,6 +113,15 @@ def import_qnn() -> QnnBackend:
                          qnn_sdk_version=getattr(info, "qnn_version", "unknown"))
     _REGISTERED[QNN_EP] = backend
     return backend
+
+
+def unavailable_reason() -> str | None:
+    """Why the local HTP check cannot run here (the first line of the error), or None when it can."""
+    try:
+        import_qnn()
+    except MissingDependencyError as err:
+        return str(err).splitlines()[0]
+    return None
 
 
 def _require_linux_x86() -> None:

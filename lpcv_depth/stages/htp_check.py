@@ -8,7 +8,7 @@
 onnxruntime-qnn's Linux x86_64 wheel carries the QNN HTP backend built for x86 (libQnnHtp.so): it
 partitions an ONNX model the way the phone's QNN execution provider does, computes with the HTP's
 quantized kernels, and compiles a QNN context binary for a given HTP architecture. Reads the ptq
-stage's folder and writes to OUT (default: htp-check-<ptq folder name>, beside the ptq folder):
+stage's folder and writes to OUT (default <ptq>/htp-check):
   model_ctx.onnx + model_ctx_qnn.bin   the QNN context binary for HTP v75, built here (the hub stage can profile it)
   report.json, report.md, manifest.json
   eval/<model>/                        with --eval-data: the evaluate stage's scores of fp32, int8 CPU, int8 HTP
@@ -99,8 +99,7 @@ class HtpCheckConfig:
     max_fscore_drop: float | None = option(None, help="gate: exit 3 if the HTP int8 F-score drops more than this "
                                                       "vs fp32")
     min_sqnr: float | None = option(None, help="gate: exit 3 if HTP int8 vs fp32 SQNR is lower, dB")
-    out: Path | None = option(None, help="output folder (default: htp-check-<ptq folder name> beside the ptq "
-                                         "folder or the .onnx)")
+    out: Path | None = option(None, help="output folder (default: <ptq>/htp-check, or htp-check/ beside the .onnx)")
 
     def __post_init__(self):
         object.__setattr__(self, "ptq", Path(self.ptq))
@@ -168,14 +167,16 @@ class HtpCheckConfig:
     def destination(self) -> Path:
         if self.out is not None:
             return Path(self.out)
-        # Beside the ptq folder, never inside it: a rerun of ptq replaces its whole folder.
-        name = self.ptq.name if self.ptq_dir else self.ptq.stem
-        return self.ptq.parent / f"htp-check-{name}"
+        # Inside the ptq folder: a rerun of ptq replaces its folder, and the check of the old model with it.
+        return (self.ptq_dir or self.ptq.parent) / "htp-check"
 
     @property
     def read_paths(self) -> list[Path | None]:
-        """Everything the run reads (--out can never replace it)."""
-        return [self.ptq, self.images, self.fp32, self.eval_data]
+        """What the run reads that --out must never replace: the ptq folder's files rather than the
+        folder, so that the default output may live inside it (but --out cannot be the ptq folder)."""
+        ptq = ([self.qdq_onnx, self.ptq_dir / MANIFEST_NAME, self.ptq_dir / HOLDOUT_OUTPUTS] if self.ptq_dir
+               else [self.ptq])
+        return [*ptq, self.images, self.fp32, self.eval_data]
 
     def as_dict(self) -> dict:
         return config_as_dict(self)
@@ -199,6 +200,11 @@ class _Inputs:
     reference: dict  # name -> outputs on `images` (fp32, aimet_sim, int8_qdq) when the ptq stage saved them
     record: dict  # the manifest's `inputs`
 
+    @property
+    def paths(self) -> list[Path | None]:
+        """Read paths found through the ptq manifest: the fp32 model and the images' folder."""
+        return [self.fp32_onnx, Path(self.record["images"]["root"])]
+
 
 # ---------------------------------------------------------------------------------------------
 # The stage
@@ -213,7 +219,8 @@ def run_htp_check(config: HtpCheckConfig, log: StageLog | None = None) -> HtpChe
         backend = _load_qnn(config, log)
         model = _inspect(config.qdq_onnx, log)
         inputs = _load_inputs(config, log)
-        with StagingDir(config.destination, stage=STAGE, inputs=config.read_paths, scratch=True) as staging:
+        with StagingDir(config.destination, stage=STAGE, inputs=[*config.read_paths, *inputs.paths],
+                        scratch=True) as staging:
             compiled, coverage = _compile(config, backend, model, staging.scratch / CONTEXT_ONNX, log, warnings)
             context = _keep_context(config, backend, compiled, staging, log) if config.context_binary else None
             htp_int8, int8_time = _run_int8(compiled.session, inputs.images, log)
