@@ -119,7 +119,7 @@ def _fake_htp_check(ptq: Path, export: Path, *, full: bool = True, qdq_sha256: s
     inputs = {"qdq_onnx": {"path": str(ptq / "model_qdq.onnx"),
                            "sha256": qdq_sha256 or sha256_file(ptq / "model_qdq.onnx")},
               "fp32_onnx": {"path": str(export / "model.onnx"), "sha256": sha256_file(export / "model.onnx")}}
-    write_manifest(folder, stage="htp-check", config={}, inputs=inputs, outputs=[binary], timings={}, results=results)
+    write_manifest(folder, stage="htp-check", config={"ptq": str(ptq)}, inputs=inputs, outputs=[binary], timings={}, results=results)
     return folder
 
 
@@ -265,3 +265,15 @@ def test_docs_flag_table_matches_the_config():
     text = (Path(__file__).resolve().parents[1] / "docs" / "compare.md").read_text()
     table = {line.split("|")[1].strip().strip("`") for line in text.splitlines() if line.startswith("| `--")}
     assert {flag_name(field.name) for field, _ in cli_fields(CompareConfig)} == table
+
+
+def test_the_int8_hub_run_of_the_htp_checks_context_binary_is_found(host_only, tmp_path, rgbd_dir):
+    root = _copy_models(host_only / "export", host_only / "ptq-w8a8", tmp_path)
+    htp = _fake_htp_check(root / "ptq-w8a8", root / "export")
+    client = HubClient(FakeQaiHub(), preflight=False)
+    hub = run_hub(HubConfig(artifact=htp, eval_data=rgbd_dir, max_frames=1, poll=0.001, threads=1), client).out_dir
+    assert find_hub_run(root / "ptq-w8a8", htp) == hub and find_hub_run(root / "ptq-w8a8") is None
+    result = run_compare(CompareConfig(fp32=root / "export", int8=root / "ptq-w8a8"))
+    assert result.report["missing_hub_runs"] == ["fp32"] and result.report["models"]["int8"]["hub_run"] == str(hub)
+    assert result.report["models"]["int8"]["runtime"] == "qnn_context_binary"
+    assert "**No AI Hub run for fp32**" in (result.out_dir / "compare.md").read_text()

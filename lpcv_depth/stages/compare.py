@@ -5,8 +5,9 @@ host latency, sizes, accuracy and the local HTP check, from the export, ptq, htp
     lpcv-depth compare --fp32 build/fastdepth/export --int8 build/fastdepth/ptq-w8a8 \\
         --fp32-hub build/fastdepth/hub-export-tflite --int8-hub build/fastdepth/hub-ptq-w8a8-tflite
 
-Hub runs default to the hub-*/ folders beside the two inputs whose manifest names them as their
-input (qnn_context_binary first, else the newest); the HTP check defaults to <int8>/htp-check.
+Hub runs default to the hub-*/ folders whose manifest names an input as theirs (the int8 one: the
+ptq folder or its HTP check's context binary; qnn_context_binary first, else the newest); the HTP
+check defaults to <int8>/htp-check.
 The report shows what exists: without a hub run it holds the host figures (and the HTP check's
 emulation figures, when there is one) and says so. Writes OUT/compare.md, compare.json,
 compare.png and manifest.json (default OUT: the compare/ folder beside --fp32).
@@ -203,7 +204,9 @@ def _check_htp(config: CompareConfig, htp: StageRun, ptq: StageRun) -> None:
 
 def _hub_run(config: CompareConfig, precision: str, model: str, verify: bool) -> StageRun | None:
     flag = f"--{precision}-hub"
-    folder = getattr(config, f"{precision}_hub") or find_hub_run(getattr(config, precision))
+    # The int8 model also reaches the phone as the context binary its HTP check built.
+    sources = (config.fp32,) if precision == "fp32" else (config.int8, config.htp_check_dir)
+    folder = getattr(config, f"{precision}_hub") or find_hub_run(*sources)
     if folder is None:
         return None
     run = _read(folder, "hub", flag, HubResults, verify)
@@ -215,18 +218,20 @@ def _hub_run(config: CompareConfig, precision: str, model: str, verify: bool) ->
     return run
 
 
-def find_hub_run(stage_dir: Path) -> Path | None:
-    """The hub stage output beside `stage_dir` that took it as input (qnn_context_binary first, else newest)."""
-    target = Path(stage_dir).resolve()
+def find_hub_run(*sources: Path | None) -> Path | None:
+    """The hub stage output that took one of `sources` as input, from the hub-*/ folders beside them
+    (where the hub stage writes): qnn_context_binary first, else the newest."""
+    targets = {Path(source).resolve() for source in sources if source is not None}
+    candidates = sorted({folder for target in targets for folder in target.parent.glob("hub-*")})
     found = []
-    for folder in sorted(target.parent.glob("hub-*")):
+    for folder in candidates:
         try:
             manifest = Manifest.read(folder, stage="hub", verify=False)
             uploaded = manifest.results_as(HubResults)
         except LpcvError:
             continue  # not a hub run this version reads: only an explicit --*-hub may name it
         source = uploaded.input.source_dir
-        if source and Path(source).resolve() == target:
+        if source and Path(source).resolve() in targets:
             found.append((uploaded.runtime == PREFERRED_RUNTIME, manifest.created, folder))
     return max(found)[2] if found else None
 
