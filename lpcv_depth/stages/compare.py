@@ -31,7 +31,7 @@ from lpcv_depth.report import cell, markdown_table
 from lpcv_depth.results import (CompareColumn, CompareFidelity, ComparePanel, CompareResults, ExportResults,
                                 HtpCheckResults, HubResults, PtqResults)
 from lpcv_depth.schema import to_json
-from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, display_path
+from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
 from lpcv_depth.track3_metric import FSCORE
 from lpcv_depth.verify import sqnr_db
 
@@ -190,7 +190,7 @@ def _check_pair(config: CompareConfig, export: StageRun, ptq: StageRun) -> bool:
         f"--int8 {config.int8} was not quantized from --fp32 {config.fp32}: the ptq stage read a {names[1]} model "
         f"(sha256 {str(ptq_fp32_sha)[:12]}), the export holds {names[0]} (sha256 {str(export_sha)[:12]})",
         hint=(f"pass the export folder the ptq stage read ({Path(quantized).parent})" if quantized else
-              "pass the export folder the ptq stage read") + ", or rerun lpcv-depth ptq with this --fp32")
+              "pass the export folder the ptq stage read") + f", or rerun {command_line('ptq', '--fp32', config.fp32)}")
 
 
 def _check_htp(config: CompareConfig, htp: StageRun, ptq: StageRun) -> None:
@@ -198,8 +198,8 @@ def _check_htp(config: CompareConfig, htp: StageRun, ptq: StageRun) -> None:
     if checked != quantized:
         raise ConfigError(f"--htp-check {htp.folder} checked another int8 model than --int8 {config.int8}'s "
                           f"{INT8_ONNX} (sha256 {str(checked)[:12]} vs {str(quantized)[:12]})",
-                          hint=f"rerun lpcv-depth htp-check --ptq {config.int8}, or pass that int8 model's "
-                               f"htp-check folder with --htp-check")
+                          hint=f"rerun {command_line('htp-check', '--ptq', config.int8)}, or pass that int8 "
+                               f"model's htp-check folder with --htp-check")
 
 
 def _hub_run(config: CompareConfig, precision: str, model: str, verify: bool) -> StageRun | None:
@@ -245,7 +245,7 @@ def _read_inputs_step(config: CompareConfig, log: StageLog) -> CompareInputs:
     missing = [key for key, run in inputs.hubs.items() if run is None]
     if missing:
         log.warn(f"no AI Hub run for {' and '.join(missing)}: its device figures are left out (host figures "
-                 f"only). Run lpcv-depth hub on it first.")
+                 f"only). Run {command_line('hub')} on it first.")
     if not inputs.ptq_fp32_matches:
         log.warn(f"the ptq manifest of {config.int8} records no fp32 model hash: its fp32 figures are left out")
     return inputs
