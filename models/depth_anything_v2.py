@@ -221,9 +221,12 @@ class DPTHead(nn.Module):
         self.scratch.output_conv2 = nn.Sequential(
             nn.Conv2d(features // 2, 32, 3, padding=1), nn.ReLU(),
             nn.Conv2d(32, 1, 1), nn.Sigmoid() if metric else nn.ReLU(), nn.Identity())
-        if not metric:
-            # A positive start keeps a randomly initialised model's final ReLU alive, so pipeline tests
-            # on random weights see a real, varying map instead of all zeros.
+        # Random initialisation only (checkpoints overwrite it): pipeline tests on random weights need a
+        # real, varying map. A positive bias keeps the relative head's final ReLU alive; a wider last
+        # conv spreads the metric head's sigmoid, which default init leaves within 2% of one value.
+        if metric:
+            nn.init.normal_(self.scratch.output_conv2[2].weight, std=1.0)
+        else:
             nn.init.constant_(self.scratch.output_conv2[2].bias, 0.1)
 
     def forward(self, features: list[torch.Tensor], grid_h: int, grid_w: int) -> torch.Tensor:

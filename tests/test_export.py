@@ -20,14 +20,14 @@ from lpcv_depth.images import list_images, load_contract_batch
 from lpcv_depth.verify import OrtRunner, ParityThresholds
 from lpcv_depth.models import create_model, list_models
 from tests.conftest import REPO_ROOT
-from tests.test_wrapper import FAST_INPUT_SIZE
+from tests.test_wrapper import FAST_INPUT_SIZE, registered_models
 
 
 def _leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if ".partial-" in p.name or ".previous-" in p.name]
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", registered_models())
 def test_every_model_exports_and_round_trips(name, tmp_path, calibration_dir):
     config = ExportConfig(model=name, weights=None, input_size=FAST_INPUT_SIZE.get(name), out=tmp_path / "out",
                           check_images=calibration_dir, num_check_images=2)

@@ -12,8 +12,15 @@ from lpcv_depth.images import list_images, load_contract_batch
 from lpcv_depth.models import ModelSpec, Track3Wrapper, create_model, get_spec, list_models
 
 # Small backbone sizes keep the forward passes of the big ViTs quick; the contract does not care.
-FAST_INPUT_SIZE = {"depth_anything_v2_vits": (196, 252), "depth_anything_v2_vitb": (196, 252),
-                   "depth_anything_v2_vitl": (140, 182)}
+_ENCODER_SIZES = {"vits": (196, 252), "vitb": (196, 252), "vitl": (140, 182)}
+FAST_INPUT_SIZE = {name: _ENCODER_SIZES[name[-4:]] for name in list_models() if name.startswith("depth_anything")}
+
+
+def registered_models() -> list:
+    """Every registered model; the metric ViT-B/L differ from ViT-S metric only in the shared encoder,
+    so they run with -m slow to keep the default suite short."""
+    heavy = {f"depth_anything_v2_metric_{d}_{e}" for d in ("hypersim", "vkitti") for e in ("vitb", "vitl")}
+    return [pytest.param(name, marks=pytest.mark.slow) if name in heavy else name for name in list_models()]
 
 
 def _random_model(name: str, output: str = "depth"):
@@ -25,7 +32,7 @@ def real_images(calibration_dir):
     return torch.from_numpy(load_contract_batch(list_images(calibration_dir)[:2]))
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", registered_models())
 def test_contract_shapes_and_range(name, real_images):
     model = _random_model(name)
     with torch.no_grad():
@@ -36,7 +43,7 @@ def test_contract_shapes_and_range(name, real_images):
     assert torch.allclose(out.amax(dim=(1, 2, 3)), torch.ones(2), atol=1e-4)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", registered_models())
 @pytest.mark.parametrize("output", ["depth", "disparity"])
 def test_normalisation_is_per_sample(name, output, real_images):
     # The published sample solution normalised over the whole batch, so an image's output changed
