@@ -35,7 +35,7 @@ def load_contract_image(path: str | os.PathLike) -> np.ndarray:
     """
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB")
+            rgb = _as_rgb8(img, path)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"cannot read image {path}: {err}",
                              hint="remove or replace the file; only readable JPG/PNG files are accepted") from err
@@ -43,6 +43,23 @@ def load_contract_image(path: str | os.PathLike) -> np.ndarray:
     if rgb.size != size:
         rgb = rgb.resize(size, Image.BILINEAR)
     return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1).copy()
+
+
+# 16-bit single-channel PNG modes: Pillow's convert("RGB") clips them at 255 (an almost white image).
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def _as_rgb8(img: Image.Image, path) -> Image.Image:
+    """8-bit RGB with the full range kept: 16-bit grey is scaled by 255/65535, not clipped. (Pillow
+    reads 16-bit RGB PNGs as 8-bit RGB already.) Integer or float images of unknown range are refused."""
+    if img.mode in _SIXTEEN_BIT:
+        grey = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
+        return Image.fromarray(np.round(grey).astype(np.uint8)).convert("RGB")
+    if img.mode in ("I", "F"):
+        raise ImageReadError(f"image {path} has {img.mode} pixels (32-bit {'float' if img.mode == 'F' else 'integer'})"
+                             ", whose range is unknown",
+                             hint="save it as an 8-bit (or 16-bit) RGB or greyscale PNG/JPG")
+    return img.convert("RGB")
 
 
 def load_contract_batch(paths: list[Path]) -> np.ndarray:
