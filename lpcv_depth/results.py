@@ -330,6 +330,8 @@ class EvaluateGroup:
     # Mean share of invalid GT pixels, and mean F@0.1 of the GT itself (holes filled): the ceiling.
     invalid_share: float | None = None
     ceiling_fscore: float | None = None
+    # Scored frames whose prediction breaks the output contract (outside [0, 1], constant).
+    out_of_contract: int = 0
 
 
 @dataclass(frozen=True)
@@ -357,6 +359,7 @@ class EvaluateResults:
     metric_time_s: MetricTime
     median: str = "all"
     warnings: list[str] = field(default_factory=list)
+    out_of_contract: list[SkippedFrame] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

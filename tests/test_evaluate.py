@@ -232,3 +232,32 @@ def test_docs_flag_table_matches_the_config():
     text = (REPO_ROOT / "docs" / "evaluate.md").read_text()
     table = {line.split("|")[1].strip().strip("`") for line in text.splitlines() if line.startswith("| `--")}
     assert {flag_name(field.name) for field, _ in cli_fields(EvaluateConfig)} | {"--workspace"} == table
+
+
+@pytest.mark.parametrize("kind,reason", [("zeros", "constant map"), ("negative", "values outside [0, 1]"),
+                                         ("mixed", "values outside [0, 1]")])
+def test_out_of_contract_predictions_are_reported_and_gated(kind, reason, rgbd_dir, tmp_path):
+    from lpcv_depth.errors import GateError
+
+    predictions = tmp_path / "pred"
+    predictions.mkdir()
+    ramp = np.linspace(0.1, 1.0, 480 * 640, dtype=np.float32).reshape(1, 1, 480, 640)
+    maps = {"zeros": np.zeros_like(ramp), "negative": -ramp, "mixed": ramp - 0.5}
+    for frame in ("desk_1", "desk_2"):
+        np.save(predictions / f"{frame}.npy", maps[kind])
+    data = rgbd_dir / "tum_desk"
+    result = run_evaluate(EvaluateConfig(data=data, predictions=predictions, out=tmp_path / "out", num_vis=0,
+                                         ceiling=False))
+    assert [(item.frame, item.reason.split(":")[0].split(" (")[0]) for item in result.results.out_of_contract] == \
+        [("desk_1", reason.split(":")[0]), ("desk_2", reason.split(":")[0])]
+    assert result.results.overall.out_of_contract == 2
+    text = (tmp_path / "out" / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text)
+    assert "break the output contract" in (tmp_path / "out" / "summary.md").read_text()
+    rows = list(csv.DictReader((tmp_path / "out" / "frames.csv").open()))
+    assert all(row["contract"].startswith(reason.split(":")[0]) for row in rows)
+    with pytest.raises(GateError, match="--require-contract"):
+        run_evaluate(EvaluateConfig(data=data, predictions=predictions, out=tmp_path / "gated", num_vis=0,
+                                    ceiling=False, require_contract=True))
+    assert (tmp_path / "gated" / "summary.json").is_file(), "a missed gate still writes the reports"

@@ -37,6 +37,7 @@ from lpcv_depth.report import cell, markdown_table
 from lpcv_depth.results import EvaluateGroup, EvaluateResults, MetricTime, SkippedFrame
 from lpcv_depth.rgbd import DatasetError, Frame, FrameError, GroundTruth, dataset_files, load_rgbd_dataset
 from lpcv_depth.schema import to_json
+from lpcv_depth.gates import Gate, enforce_gates
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
 from lpcv_depth.stages.export import ONNX_NAME, parse_weights
 from lpcv_depth.track3_metric import (DEPTH_METRICS, F_THRESHOLDS_M, FSCORE, GRIDS, MEDIAN_MODES, OFFICIAL_K,
@@ -50,7 +51,7 @@ STAGE = "evaluate"
 INTRINSICS = ("official", "dataset")
 CEILING = f"ceiling_{FSCORE}"
 CSV_COLUMNS = ("set", "frame", *DEPTH_METRICS, *POINT_METRICS, "n_points", "median_scale", "invalid_share", CEILING,
-               "share_of_ceiling", "score_s", "status")
+               "share_of_ceiling", "contract", "score_s", "status")
 # Below this mean ceiling (F@0.1 of the GT itself) a set's scores say more about its holes than the model.
 CEILING_WARNING = 95.0
 # summary.md columns: header, metric key, format.
@@ -84,6 +85,8 @@ class EvaluateConfig:
                               "valid: both medians over the pixels with valid ground truth (docs/evaluate.md)")
     ceiling: bool = option(True, help="also score each frame's ground truth, holes filled, as its ceiling")
     holes_warning: float = option(0.1, help="warn when a set's mean share of invalid GT pixels is above this")
+    require_contract: bool = option(False, help="gate: exit 3 when a prediction breaks the Track 3 output contract "
+                                                "(values outside [0,1], a constant map); the reports are written")
     out: Path | None = option(None, help="output folder (default: build/eval/<source name> in the workspace)")
     num_vis: int = option(4, help="frames drawn as side-by-side PNGs")
     # Off by default: sampling changes the score.
@@ -288,6 +291,11 @@ def run_evaluate(config: EvaluateConfig, log: StageLog | None = None) -> Evaluat
             outputs=[*reports, *panels], timings=log.timings, results=results)
     destination = config.destination
     _log_score(results, destination, log)
+    enforce_gates([Gate("--require-contract", f"{len(results.out_of_contract)} prediction(s) break the output contract",
+                        not results.out_of_contract, config.require_contract, kind="true")],
+                  subject="the predictions",
+                  hint="make the model output depth in [0, 1], scaled per sample (docs/export.md, the contract); "
+                       "the reports list the frames")
     return EvaluateResult(destination, results, summary, destination / manifest_path.name,
                           read_manifest(destination), config)
 
@@ -363,10 +371,23 @@ def _score_frames(frames: list[Frame], source, config: EvaluateConfig,
             rows.append({**row, "status": f"skipped: {skip.reason}"})
             continue
         scores = _score_one(pred, gt, config)
-        rows.append({**row, **scores, "status": "ok"})
+        rows.append({**row, **scores, "contract": contract_violation(pred) or "ok", "status": "ok"})
         if index in drawn:
             panels.append(_save_panel(frame, gt, pred * scores["median_scale"], staging))
     return rows, skipped, panels
+
+
+def contract_violation(pred: np.ndarray, tolerance: float = 1e-3) -> str | None:
+    """Why a prediction breaks the output contract (depth in [0, 1], scaled per sample), or None.
+
+    The scorer takes any map, but a map outside [0, 1] or a constant one is not what a submission
+    must produce, and its F-score means little (an all-zero map still scores)."""
+    low, high = float(pred.min()), float(pred.max())
+    if high - low <= 0:
+        return f"constant map ({low:g} everywhere)"
+    if low < -tolerance or high > 1 + tolerance:
+        return f"values outside [0, 1]: min {low:.4g}, max {high:.4g}"
+    return None
 
 
 def _vis_indices(count: int, num_vis: int) -> set[int]:
@@ -406,6 +427,7 @@ def _group(rows: list[dict]) -> EvaluateGroup:
                          metrics=mean_metrics(scored),
                          mean_points=float(np.mean([row["n_points"] for row in scored])) if scored else 0.0,
                          invalid_share=float(np.mean([row["invalid_share"] for row in scored])) if scored else None,
+                         out_of_contract=sum(row["contract"] != "ok" for row in scored),
                          ceiling_fscore=float(np.mean(ceilings)) if ceilings else None)
 
 
@@ -417,7 +439,9 @@ def summarize(rows: list[dict], skipped: list[SkippedFrame], sets: list[str],
     groups = {name: _group([row for row in rows if row["set"] == name]) for name in sets}
     return EvaluateResults(overall=_group(rows), sets=groups, skipped=list(skipped),
                            metric_time_s=MetricTime(mean=float(np.mean(times)), max=float(np.max(times))),
-                           median=config.median, warnings=hole_warnings(groups, config))
+                           median=config.median, warnings=hole_warnings(groups, config),
+                           out_of_contract=[SkippedFrame(row["set"], row["frame"], row["contract"]) for row in rows
+                                            if row["status"] == "ok" and row["contract"] != "ok"])
 
 
 def hole_warnings(groups: dict[str, EvaluateGroup], config: EvaluateConfig) -> list[str]:
@@ -469,6 +493,10 @@ def _markdown(results: EvaluateResults, config: EvaluateConfig) -> str:
              _scores_table(results).rstrip("\n")]
     if results.warnings:
         lines += ["", *(f"**Warning:** {warning}" for warning in results.warnings)]
+    if results.out_of_contract:
+        lines += ["", f"**{len(results.out_of_contract)} prediction(s) break the output contract** (depth in [0, 1], "
+                      "scaled per sample); their scores are in the table but mean little:"]
+        lines += [f"- {item.set}/{item.frame}: {item.reason}" for item in results.out_of_contract]
     if results.skipped:
         lines += ["", f"Skipped {len(results.skipped)} frame(s):"]
         lines += [f"- {item.set}/{item.frame}: {item.reason}" for item in results.skipped]
@@ -489,6 +517,10 @@ def _scores_table(results: EvaluateResults) -> str:
 def _log_score(results: EvaluateResults, destination: Path, log: StageLog) -> None:
     for warning in results.warnings:
         log.warn(warning)
+    for item in results.out_of_contract[:_MAX_WARNINGS]:
+        log.warn(f"{item.set}/{item.frame} breaks the output contract: {item.reason}")
+    if len(results.out_of_contract) > _MAX_WARNINGS:
+        log.warn(f"... {len(results.out_of_contract)} frames break the output contract in all (summary.json)")
     overall = results.overall
     log.info(f"F@0.1 {overall.metrics[FSCORE]:.2f}, abs_rel {overall.metrics['abs_rel']:.3f} over "
              f"{overall.scored} frames ({overall.skipped} skipped); table: "
