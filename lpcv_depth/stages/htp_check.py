@@ -40,10 +40,11 @@ from lpcv_depth.backends.qnn import (EMULATION_NOTE, HTP_ARCHS, QDQ_OPS, SM8650,
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.gates import Gate, enforce_gates
 from lpcv_depth.manifest import MANIFEST_NAME, Manifest, config_as_dict, read_manifest, sha256_file, write_manifest
-from lpcv_depth.options import option
+from lpcv_depth.options import inherit, option
 from lpcv_depth.results import (ContextBinary, Coverage, EmulationTime, EvaluateResults, Fp16Baseline,
                                 HtpCheckResults, HtpGroundTruth, OutputComparison, PtqResults)
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
+from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.htp_report import op_summary
 from lpcv_depth.stages.ptq import HOLDOUT_OUTPUTS, QDQ_ONNX
 from lpcv_depth.verify import ParityThresholds, sqnr_db
@@ -84,6 +85,7 @@ class HtpCheckConfig:
     fp32: Path | None = option(None, help="fp32 ONNX file for the fp32 references and the fp16 baseline "
                                           "(default: the ptq stage's)")
     eval_data: Path | None = option(None, help="RGB-D set(s): F-score against ground truth")
+    median: str = inherit(EvaluateConfig, "median")
     max_frames: int | None = option(None, help="at most N held-out images and N RGB-D frames (spread over the sets); "
                                                "the emulation takes seconds (FastDepth) to minutes (ViT) per frame")
     fp16_baseline: bool = option(True, help="the fp32 model on the HTP in fp16, the NPU's float baseline")
@@ -555,10 +557,11 @@ def _save_predictions(config: HtpCheckConfig, frames: list, runners: dict[str, C
 
 
 def _evaluate(config: HtpCheckConfig, predictions: Path, out: Path) -> EvaluateResults:
-    from lpcv_depth.stages.evaluate import EvaluateConfig, run_evaluate
+    from lpcv_depth.stages.evaluate import run_evaluate
 
     quiet = StageLog(f"{STAGE}/evaluate-{predictions.name}", stream=io.StringIO())
-    return run_evaluate(EvaluateConfig(data=Path(config.eval_data), predictions=predictions, out=out, num_vis=0),
+    return run_evaluate(EvaluateConfig(data=Path(config.eval_data), predictions=predictions, out=out, num_vis=0,
+                                       median=config.median),
                         quiet).results
 
 

@@ -46,10 +46,11 @@ from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import ConfigError, ExitCode, LpcvError, OutputDirError, UnknownModelError
 from lpcv_depth.manifest import (MANIFEST_NAME, Manifest, config_as_dict, read_manifest, sha256_file,
                                  sha256_of_files, write_manifest)
-from lpcv_depth.options import config_from_args, option
+from lpcv_depth.options import config_from_args, inherit, option
 from lpcv_depth.results import (EvaluateGroup, EvaluateResults, HtpCheckResults, HubCompile, HubGroundTruth,
                                 HubHostFidelity, HubInference, HubInput, HubJobRecord, HubProfile, HubResults, HubShare)
 from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path, exit_status
+from lpcv_depth.stages.evaluate import EvaluateConfig
 
 __all__ = ["HubConfig", "HubResult", "HubArtifact", "HubState", "run_hub", "resolve_artifact", "summarize_profile",
            "next_command", "STATE_NAME", "RUNTIMES", "DEFINITION"]
@@ -240,6 +241,7 @@ class HubConfig:
     profile: bool = option(True, help="submit a profile job")
     inference: bool = option(True, help="run --eval-data or --images on the device")
     eval_data: Path | None = option(None, help="RGB-D set(s) to run on the device and score against ground truth")
+    median: str = inherit(EvaluateConfig, "median")
     images: Path | None = option(None, help="plain photos to run on the device (no scoring)")
     max_frames: int | None = option(None, help="send only the first N frames (default: all)")
     model_id: str | None = option(None, help="reuse a model already uploaded to AI Hub (skips the upload)")
@@ -944,11 +946,11 @@ def _link_frames(frames: list, folder: Path) -> None:
 
 def _evaluate(run: _Run, data: Path, label: str) -> EvaluateGroup:
     """The evaluate stage on <label>_outputs/, into eval/<label>/; its overall scores."""
-    from lpcv_depth.stages.evaluate import EvaluateConfig, run_evaluate
+    from lpcv_depth.stages.evaluate import run_evaluate
 
     folder = run.out / "eval" / label
     run_evaluate(EvaluateConfig(data=data, predictions=run.out / f"{label}_outputs", out=folder, num_vis=2,
-                                threads=run.config.threads), StageLog(f"{STAGE}/evaluate-{label}"))
+                                threads=run.config.threads, median=run.config.median), StageLog(f"{STAGE}/evaluate-{label}"))
     manifest = Manifest.read(folder, stage="evaluate")
     run.outputs += [folder / MANIFEST_NAME, *(folder / output.path for output in manifest.outputs)]
     return manifest.results_as(EvaluateResults).overall
