@@ -9,6 +9,7 @@ tables) stays a plain `dict` field. docs/results.md describes every field; bump
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 __all__ = ["Metrics", "ExportResults", "Fidelity", "GroundTruthPair", "HostLatency", "PtqSizes", "PtqResults", "Coverage",
@@ -438,3 +439,57 @@ class CompareResults:
     chart: list[ComparePanel] = field(default_factory=list)
     htp_check: str | None = None
     htp_check_note: str | None = None
+
+
+def schema_markdown() -> str:
+    """docs/results.md: every results dataclass with its fields (`python -m lpcv_depth.results`)."""
+    import dataclasses
+    import inspect
+    import typing
+
+    from lpcv_depth.manifest import SCHEMA_VERSION
+
+    lines = ["# Stage results: the manifest schema", "",
+             f"Schema version **{SCHEMA_VERSION}**. Every stage folder ends with a `manifest.json`:", "",
+             "| key | what |", "|---|---|",
+             "| `stage`, `schema_version`, `created` | which stage wrote it, under which schema, when (UTC) |",
+             "| `config` | the stage's config: every option under its flag's name, plus `destination` |",
+             "| `inputs` | what the stage read, with sha256 hashes |",
+             "| `tool_versions` | python, torch, onnx, onnxruntime, aimet-torch, qai-hub, ... and the git commit |",
+             "| `timings_s` | seconds per step |",
+             "| `outputs` | every output file: `path`, `bytes`, `sha256` (checked by the next stage) |",
+             "| `results` | the stage's typed results, below |",
+             "| `source` | the lpcv_depth folder and git commit that ran |", "",
+             "A stage reads another stage's folder with `Manifest.read(folder, stage=...)` (stage, schema "
+             "version and output hashes checked) and its results with `.results_as(Type)`. A missing number "
+             "is `null`. This page is generated from `lpcv_depth/results.py` "
+             "(`python -m lpcv_depth.results > docs/results.md`); a test keeps them equal.", ""]
+    stage_of = {"ExportResults": "export", "EvaluateResults": "evaluate", "PtqResults": "ptq",
+                "HtpCheckResults": "htp-check", "HubResults": "hub", "CompareResults": "compare"}
+    module = sys.modules[__name__]
+    for name in sorted((n for n in dir(module) if dataclasses.is_dataclass(getattr(module, n))
+                        and getattr(module, n).__module__ == __name__),
+                       key=lambda n: (n not in stage_of, list(stage_of).index(n) if n in stage_of else 0, n)):
+        cls = getattr(module, name)
+        title = f"## {name}" + (f" (`{stage_of[name]}` stage)" if name in stage_of else "")
+        doc = inspect.getdoc(cls) or ""
+        lines += [title, ""]
+        if doc and not doc.startswith(f"{name}("):
+            lines += [doc, ""]
+        lines += ["| field | type | default |", "|---|---|---|"]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = ("" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                       else repr(f.default) if f.default is not dataclasses.MISSING else "empty")
+            kind = typing.Any if hints[f.name] is typing.Any else hints[f.name]
+            shown = getattr(kind, "__name__", None) if not typing.get_args(kind) else None
+            text = shown or str(kind)
+            for prefix in ("typing.", f"{__name__}.", "__main__."):
+                text = text.replace(prefix, "")
+            lines.append(f"| `{f.name}` | `{text}` | {default} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(schema_markdown(), end="")

@@ -108,3 +108,43 @@ def test_exit_codes_are_distinct():
     values = [code.value for code in ExitCode]
     assert len(values) == len(set(values))
     assert ExitCode.GATE_FAILED != ExitCode.HUB_JOB_FAILED != ExitCode.HUB_TIMEOUT
+
+
+def test_results_doc_is_generated_from_the_dataclasses():
+    from lpcv_depth.results import schema_markdown
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+    assert page.read_text() == schema_markdown(), "regenerate: python -m lpcv_depth.results > docs/results.md"
+
+
+def test_typed_results_round_trip_through_manifest_json(tmp_path):
+    from lpcv_depth import results as r
+    from lpcv_depth.manifest import Manifest, write_manifest
+    from lpcv_depth.schema import SchemaError, from_json, to_json
+
+    ptq = r.PtqResults(
+        model="fastdepth", preset="w8a8", techniques={"bn_fold": {"folded_pairs": 3}}, fp32_contract={},
+        calibration_analyzers={"tf-enhanced": 54, "min-max": 19}, preparation={"traced": True},
+        qdq_vs_aimet_sim={"sqnr_db": 31.0},
+        int8_vs_fp32=r.Fidelity(sqnr_db=21.5, sqnr_db_scale_aligned=30.25, max_abs_diff=0.1, fscore_vs_fp32=99.5,
+                                fscore_vs_fp32_per_image=[99.0, 100.0], holdout_images=2),
+        sizes_bytes=r.PtqSizes(fp32_onnx=10, qdq_onnx=5, aimet_onnx=9, aimet_encodings=1),
+        host_latency_ms=r.HostLatency(fp32=40.0, int8_qdq=60.0, runs=2, note="host"),
+        ground_truth=r.GroundTruthPair(fp32={"fscore@0.1": 70.0}, int8={"fscore@0.1": float("nan")}, frames=5,
+                                       skipped=0, fscore_drop=1.5))
+    (tmp_path / "a.bin").write_bytes(b"x")
+    write_manifest(tmp_path, stage="ptq", config={}, inputs={}, outputs=[tmp_path / "a.bin"], timings={},
+                   results=ptq)
+    back = Manifest.read(tmp_path, stage="ptq").results_as(r.PtqResults)
+    assert back.int8_vs_fp32 == ptq.int8_vs_fp32 and back.sizes_bytes == ptq.sizes_bytes
+    assert back.host_latency_ms == ptq.host_latency_ms and back.calibration_analyzers == ptq.calibration_analyzers
+    import json
+    import math
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    assert raw["results"]["ground_truth"]["int8"]["fscore@0.1"] is None  # NaN is written as null...
+    assert math.isnan(back.ground_truth.int8["fscore@0.1"])  # ...and read back as a missing number
+    assert to_json(back)["int8_vs_fp32"] == to_json(ptq)["int8_vs_fp32"]
+    with pytest.raises(SchemaError, match="unknown field"):
+        from_json(r.PtqSizes, {**to_json(ptq.sizes_bytes), "extra": 1})
+    with pytest.raises(SchemaError, match="expected int"):
+        from_json(r.PtqSizes, {**to_json(ptq.sizes_bytes), "qdq_onnx": "5"})
