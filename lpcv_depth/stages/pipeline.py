@@ -29,7 +29,9 @@ from lpcv_depth.options import add_config_arguments, config_from_args, inherit, 
 from lpcv_depth.report import markdown_table
 from lpcv_depth.schema import to_json
 from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path
+from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import ExportConfig
+from lpcv_depth.stages.ptq import PtqConfig
 from lpcv_depth.workspace import build_dir, in_workspace
 
 __all__ = ["RunConfig", "RunResult", "StageOutcome", "run_pipeline", "PIPELINE_STAGES"]
@@ -50,9 +52,11 @@ class RunConfig:
     model: str = inherit(ExportConfig, "model")
     weights: str | None = inherit(ExportConfig, "weights")
     input_size: tuple[int, int] | None = inherit(ExportConfig, "input_size")
-    calib: Path = option(Path("calibration_data"), help="calibration photos for ptq (and the export's checks)")
-    preset: str = option("w8a8", help="ptq preset (w8a8, w8a16, mixed)")
-    eval_data: Path | None = option(None, help="RGB-D set(s): F-score against ground truth in ptq, htp-check, hub")
+    calib: Path = inherit(PtqConfig, "calib")
+    preset: str = inherit(PtqConfig, "preset")
+    eval_data: Path | None = inherit(PtqConfig, "eval_data",
+                                     help="RGB-D set(s): F-scores against ground truth in ptq, htp-check and hub")
+    median: str = inherit(EvaluateConfig, "median")
     htp_check: str = option("auto", choices=AUTO_ON_OFF,
                             help="run the local HTP check: auto = where the qnn extra is installed")
     hub: str = option("auto", choices=AUTO_ON_OFF, help="run on AI Hub: auto = where an API token is configured")
@@ -75,11 +79,12 @@ class RunConfig:
             raise ConfigError(f"--eval-data folder not found: {self.eval_data}")
         if self.max_frames is not None and self.max_frames < 1:
             raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}")
-        for name in ("export_args", "ptq_args", "htp_check_args", "hub_args"):
+        for stage in ("export", "ptq", "htp-check", "hub"):
+            name = f"{stage.replace('-', '_')}_args"
             try:
-                shlex.split(getattr(self, name))
+                parse_stage_args(stage, getattr(self, name))  # bad flags fail here, before any stage runs
             except ValueError as err:
-                raise ConfigError(f"--{name.replace('_', '-')} cannot be split into arguments: {err}") from None
+                raise ConfigError(f"--{stage}-args cannot be split into arguments: {err}") from None
 
     @property
     def destination(self) -> Path:
@@ -158,24 +163,42 @@ def _always(pipe: _Pipeline) -> str | None:
     return None
 
 
+# The options `run` sets on each stage itself, to chain their folders and pass its own options on.
+WIRED = {"export": ("model", "weights", "input_size", "check_images", "out"),
+         "ptq": ("calib", "fp32", "preset", "eval_data", "median", "out"),
+         "htp-check": ("ptq", "eval_data", "median", "max_frames", "out"),
+         "hub": ("artifact", "eval_data", "median", "max_frames", "out"),
+         "compare": ("fp32", "int8", "htp_check", "int8_hub", "out")}
+
+
+def parse_stage_args(stage: str, extra_args: str) -> dict:
+    """The flags given in --<stage>-args, checked against the stage's own options."""
+    from lpcv_depth.cli import stage_definition
+
+    parser = argparse.ArgumentParser(prog=f"--{stage}-args", add_help=False, exit_on_error=False)
+    add_config_arguments(parser, stage_definition(stage).config, given_only=True)
+    flag = f"--{stage}-args"
+    try:
+        given, unknown = parser.parse_known_args(shlex.split(extra_args))
+    except argparse.ArgumentError as err:
+        raise ConfigError(f"{flag} {extra_args!r}: {err}", hint=f"use the flags of lpcv-depth {stage} --help") from None
+    if unknown:
+        raise ConfigError(f"{flag} {extra_args!r}: lpcv-depth {stage} has no option {' '.join(unknown)}",
+                          hint=f"use the flags of lpcv-depth {stage} --help")
+    clash = sorted(set(vars(given)) & set(WIRED[stage]))
+    if clash:
+        raise ConfigError(f"{flag} sets {', '.join('--' + c.replace('_', '-') for c in clash)}, which "
+                          f"`lpcv-depth run` wires itself", hint="pass those through run's own options instead")
+    return vars(given)
+
+
 def _stage_config(stage: str, extra_args: str, wiring: dict) -> Any:
     """The stage's config from the pipeline's wiring plus the user's --<stage>-args."""
     from lpcv_depth.cli import stage_definition
 
     config_type = stage_definition(stage).config
-    parser = argparse.ArgumentParser(prog=f"--{stage}-args", add_help=False, exit_on_error=False)
-    add_config_arguments(parser, config_type, given_only=True)
-    try:
-        given = vars(parser.parse_args(shlex.split(extra_args)))
-    except (argparse.ArgumentError, SystemExit) as err:
-        raise ConfigError(f"--{stage}-args {extra_args!r}: {err}",
-                          hint=f"use the flags of lpcv-depth {stage} --help") from None
-    clash = sorted(set(given) & set(wiring))
-    if clash:
-        raise ConfigError(f"--{stage}-args sets {', '.join('--' + c.replace('_', '-') for c in clash)}, which "
-                          f"`lpcv-depth run` wires itself", hint="pass those through run's own options instead")
     namespace = argparse.Namespace(**{f.name: _default(f) for f in _fields(config_type)})
-    for key, value in {**wiring, **given}.items():
+    for key, value in {**wiring, **parse_stage_args(stage, extra_args)}.items():
         setattr(namespace, key, value)
     return config_from_args(config_type, namespace)
 
@@ -207,21 +230,22 @@ def _ptq_config(pipe: _Pipeline):
     c = pipe.config
     return _stage_config("ptq", c.ptq_args, {
         "calib": in_workspace(c.calib), "fp32": pipe.folders["export"], "preset": c.preset,
-        "eval_data": in_workspace(c.eval_data) if c.eval_data else None, "out": c.destination / f"ptq-{c.preset}"})
+        "eval_data": in_workspace(c.eval_data) if c.eval_data else None, "median": c.median,
+        "out": c.destination / f"ptq-{c.preset}"})
 
 
 def _htp_check_config(pipe: _Pipeline):
     c = pipe.config
     return _stage_config("htp-check", c.htp_check_args, {
         "ptq": pipe.folders["ptq"], "eval_data": in_workspace(c.eval_data) if c.eval_data else None,
-        "max_frames": c.max_frames, "out": pipe.folders["ptq"] / "htp-check"})
+        "median": c.median, "max_frames": c.max_frames, "out": pipe.folders["ptq"] / "htp-check"})
 
 
 def _hub_configs(pipe: _Pipeline):
     c = pipe.config
     return _stage_config("hub", c.hub_args, {
         "artifact": pipe.folders["ptq"], "eval_data": in_workspace(c.eval_data) if c.eval_data else None,
-        "max_frames": c.max_frames, "out": c.destination / f"hub-ptq-{c.preset}"})
+        "median": c.median, "max_frames": c.max_frames, "out": c.destination / f"hub-ptq-{c.preset}"})
 
 
 def _compare_config(pipe: _Pipeline):
@@ -291,17 +315,19 @@ def _fingerprint(stage: str, stage_config: Any, pipe: _Pipeline) -> str:
     for name in ("calib", "check_images"):
         folder = getattr(stage_config, name, None)
         if folder is not None and Path(folder).is_dir():
-            material[f"{name}_sha256"] = _images_hash(Path(folder))
+            # export reads only the first few photos: other changes to the folder do not concern it.
+            limit = getattr(stage_config, "num_check_images", None) if name == "check_images" else None
+            material[f"{name}_sha256"] = _images_hash(Path(folder), limit)
     data = getattr(stage_config, "eval_data", None)
     if data is not None:
         material["eval_data"] = _tree_stamp(Path(data))
     return hashlib.sha256(json.dumps(to_json(material), sort_keys=True).encode()).hexdigest()
 
 
-def _images_hash(folder: Path) -> str:
+def _images_hash(folder: Path, limit: int | None = None) -> str:
     from lpcv_depth.images import list_images
 
-    return sha256_of_files(list_images(folder), folder)
+    return sha256_of_files(list_images(folder)[:limit], folder)
 
 
 def _tree_stamp(folder: Path) -> str:
