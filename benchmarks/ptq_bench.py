@@ -1,10 +1,11 @@
-"""PTQ benchmark: wall time and peak memory of `quantize/ptq.py`, and int8 fidelity.
+"""PTQ benchmark: wall time and peak memory of `lpcv-depth ptq` (run as `quantize/ptq.py`), and int8 fidelity.
 
     python benchmarks/ptq_bench.py fastdepth     # real weights: F-score drop w8a8 vs fp32 on every shared RGB-D set
     python benchmarks/ptq_bench.py fastdepth --ptq-args "--calibration-scheme tf-enhanced" --out build/bench/tfe
     python benchmarks/ptq_bench.py vits          # DA-V2 ViT-S, random weights, full size, 64 calibration images
 
-Each stage runs in its own process, so its peak RSS is its own (os.wait4).
+Each stage runs in its own process, so its peak RSS is its own (os.wait4). The figures measured
+with it are in docs/ptq.md.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def bench_vits(out: Path, num_calib: int) -> dict:
 
 
 def bench_fastdepth(out: Path, ptq_args: list[str]) -> dict:
-    from lpcv_depth.stages.evaluate import EvaluateConfig, run_evaluate
+    from lpcv_depth.stages.ptq import score_against_ground_truth
 
     export_dir, ptq_dir = out / "fastdepth-export", out / "fastdepth-ptq"
     run_stage(["export/to_onnx.py", "--model", "fastdepth", "--weights", "default", "--out", str(export_dir),
@@ -73,16 +74,13 @@ def bench_fastdepth(out: Path, ptq_args: list[str]) -> dict:
                            "--out", str(ptq_dir), *ptq_args])
     per_set = {}
     for dataset in sorted(p for p in RGBD.iterdir() if p.is_dir()):
-        scores = {}
-        for label, onnx_path in (("fp32", export_dir / "model.onnx"), ("int8", ptq_dir / "model_qdq.onnx")):
-            summary = run_evaluate(EvaluateConfig(data=dataset, onnx=onnx_path, out=out / "eval" / f"{dataset.name}-{label}",
-                                              num_vis=0)).summary
-            scores[label] = summary["overall"]["metrics"]
-        per_set[dataset.name] = {"fp32_fscore": round(scores["fp32"]["fscore@0.1"], 2),
-                                 "int8_fscore": round(scores["int8"]["fscore@0.1"], 2),
-                                 "drop": round(scores["fp32"]["fscore@0.1"] - scores["int8"]["fscore@0.1"], 2),
-                                 "fp32_abs_rel": round(scores["fp32"]["abs_rel"], 4),
-                                 "int8_abs_rel": round(scores["int8"]["abs_rel"], 4)}
+        # The same scoring as `ptq --eval-data`: both models through the evaluate stage.
+        gt = score_against_ground_truth(dataset, export_dir / "model.onnx", ptq_dir / "model_qdq.onnx",
+                                        out / "eval" / dataset.name)
+        per_set[dataset.name] = {"fp32_fscore": round(gt.fp32["fscore@0.1"], 2),
+                                 "int8_fscore": round(gt.int8["fscore@0.1"], 2), "drop": round(gt.fscore_drop, 2),
+                                 "fp32_abs_rel": round(gt.fp32["abs_rel"], 4),
+                                 "int8_abs_rel": round(gt.int8["abs_rel"], 4)}
     report = json.loads((ptq_dir / "report.json").read_text())
     return {"model": "fastdepth (real weights)", "ptq_args": ptq_args, "ptq_wall_s": round(wall, 1), "ptq_peak_rss_gib": round(rss, 2),
             "int8_vs_fp32_sqnr_db": round(report["int8_vs_fp32"]["sqnr_db"], 2), "per_set": per_set}

@@ -31,10 +31,11 @@ from lpcv_depth.errors import ConfigError, ContractError, GateError
 from lpcv_depth.gates import Gate, enforce_gates
 from lpcv_depth.manifest import (MANIFEST_NAME, ArtifactMismatchError, Manifest, config_as_dict, read_manifest,
                                  sha256_file, write_manifest)
-from lpcv_depth.options import option
+from lpcv_depth.options import inherit, option
 from lpcv_depth.results import ExportResults, Fidelity, GroundTruthPair, HostLatency, PtqResults, PtqSizes
 from lpcv_depth.schema import SchemaError, from_json
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
+from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.verify import (OrtRunner, ParityThresholds, check_output_range, compare_outputs,
                                scale_aligned_sqnr_db, sqnr_db)
 from lpcv_depth.workspace import build_dir, in_workspace
@@ -102,13 +103,14 @@ class PtqConfig:
                                              "SQNR than this, dB")
     mixed_images: int = option(2, help="mixed preset: held-out images the per-layer sensitivity is measured on")
     eval_data: Path | None = option(None, help="RGB-D set(s): fp32 and int8 F-score and abs_rel against ground truth")
+    median: str = inherit(EvaluateConfig, "median")
     min_sqnr: float | None = option(None, help="gate: exit 3 if the int8 vs fp32 SQNR is lower, dB")
     max_fscore_drop: float | None = option(None, help="gate: exit 3 if the F-score drops more (vs ground truth with "
                                                       "--eval-data, else vs fp32)")
     # ORT's QDQ kernels against AIMET's simulation of the same encodings: a mismatch means a broken export.
     # Rounding ties break differently and the per-sample max normalisation spreads one step of the max
     # over the whole map, so single pixels may differ by a few steps; SQNR is the real check.
-    sim_max_abs_diff: float = option(0.5, help="QDQ ONNX vs AIMET QuantSim: largest |difference| allowed")
+    sim_max_abs_diff: float = option(0.5, help="QDQ ONNX vs AIMET QuantSim: largest absolute difference allowed")
     sim_min_sqnr: float = option(25.0, help="QDQ ONNX vs AIMET QuantSim: lowest SQNR allowed, dB")
     latency_runs: int = option(10, help="host ONNX Runtime latency: runs per model (median)")
     out: Path | None = option(None, help="output folder (default: <fp32>/../ptq-<preset>)")
@@ -569,7 +571,8 @@ def _verify(config: PtqConfig, fp32: _Fp32, qdq: Path, sim_holdout: np.ndarray, 
     ground_truth = None
     if config.eval_data is not None:
         with log.step("ground-truth") as step:
-            ground_truth = score_against_ground_truth(Path(config.eval_data), fp32.onnx, qdq, qdq.parent / "eval")
+            ground_truth = score_against_ground_truth(Path(config.eval_data), fp32.onnx, qdq, qdq.parent / "eval",
+                                                      median=config.median)
             step.detail = (f"F-score fp32 {ground_truth.fp32['fscore@0.1']:.2f} / int8 "
                            f"{ground_truth.int8['fscore@0.1']:.2f}, drop {ground_truth.fscore_drop:.2f}")
     with log.step("host-latency") as step:
@@ -592,15 +595,16 @@ def int8_fidelity(fp32: np.ndarray, int8: np.ndarray) -> Fidelity:
                     fscore_vs_fp32_per_image=per_image, holdout_images=len(int8))
 
 
-def score_against_ground_truth(data: Path, fp32_onnx: Path, qdq: Path, folder: Path) -> GroundTruthPair:
+def score_against_ground_truth(data: Path, fp32_onnx: Path, qdq: Path, folder: Path, *,
+                               median: str = "all") -> GroundTruthPair:
     """Both ONNX models through the evaluate stage, so PTQ scores frames exactly as `lpcv-depth evaluate`
     does (same metric, same skipping of bad frames); each one's outputs land in `folder`/fp32|int8."""
-    from lpcv_depth.stages.evaluate import EvaluateConfig, run_evaluate
+    from lpcv_depth.stages.evaluate import run_evaluate
 
     metrics = {}
     for label, onnx_path in (("fp32", fp32_onnx), ("int8", qdq)):
-        overall = run_evaluate(EvaluateConfig(data=data, onnx=onnx_path, out=folder / label, num_vis=0),
-                               StageLog(f"{STAGE}/evaluate-{label}")).results.overall
+        evaluate = EvaluateConfig(data=data, onnx=onnx_path, out=folder / label, num_vis=0, median=median)
+        overall = run_evaluate(evaluate, StageLog(f"{STAGE}/evaluate-{label}")).results.overall
         if not overall.scored:
             raise ConfigError(f"no usable RGB-D frames in --eval-data {data} ({overall.skipped} skipped)",
                               hint="pass an RGB-D set whose frames have valid depth")
