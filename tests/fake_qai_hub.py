@@ -1,4 +1,10 @@
-"""An in-memory stand-in for the `qai_hub` module (0.56 surface), for tests that must not touch a network.
+"""An in-memory stand-in for the `qai_hub` module (0.56 surface), friendlier than the real client.
+
+The hub stage's own tests (tests/test_aihub.py) no longer use it: they run the real qai-hub client
+against tests/hub_rest_double.py, which reproduces what this fake leaves out (empty specs right after
+an upload, "" status messages, 429 retry loops, S3 failures, dtype checks, expiring datasets, older
+profile schemas). It stays for tests of other stages that only need a hub run's outputs quickly
+(tests/test_compare.py), and for the helpers at the end (ptq-like and htp-check-like folders, client.ini).
 
 It implements what lpcv_depth/backends/ai_hub.py uses, with the real module's names and behaviour:
 jobs move through the real states one status poll at a time (CREATED -> OPTIMIZING_MODEL for a
@@ -50,6 +56,26 @@ class UserError(Error):
 
 class InternalError(Error):
     pass
+
+
+class RateLimitedError(Error):
+    pass
+
+
+class _Status(Exception):
+    """What the real client's errors are raised from: an APIException with an HTTP status."""
+
+    def __init__(self, status_code: int):
+        super().__init__(f"status {status_code}")
+        self.status_code = status_code
+
+
+def _raise(error: Exception, cause: Exception):
+    """Raise `error` with `cause` as its hidden context, as qai-hub does (`raise ... from None`)."""
+    try:
+        raise cause
+    except Exception:
+        raise error from None
 
 
 class TensorSpec(NamedTuple):
@@ -226,6 +252,7 @@ class FakeQaiHub:
     Error = Error
     UserError = UserError
     InternalError = InternalError
+    RateLimitedError = RateLimitedError
     Device = Device
     __version__ = "0.56.0-fake"
 
@@ -247,7 +274,10 @@ class FakeQaiHub:
         self._rng = random.Random(seed)
         self._sessions: dict[Path, object] = {}
 
-    # The module's functions
+    # The module's functions (a qai_hub.Client has the same methods: this object plays both)
+
+    def Client(self) -> "FakeQaiHub":  # noqa: N802 - qai_hub.Client
+        return self
 
     def upload_model(self, model, name: str | None = None, project=None) -> Model:
         self._api()
@@ -271,7 +301,7 @@ class FakeQaiHub:
     def get_model(self, model_id: str) -> Model:
         self._api()
         if model_id not in self.models:
-            raise UserError(f"Model ID '{model_id}' could not be found.")
+            _raise(UserError(f"Model ID '{model_id}' could not be found."), _Status(404))
         return self.models[model_id]
 
     def upload_dataset(self, data, name: str | None = None, project=None) -> Dataset:
@@ -286,7 +316,7 @@ class FakeQaiHub:
     def get_dataset(self, dataset_id: str) -> Dataset:
         self._api()
         if dataset_id not in self.datasets:
-            raise UserError(f"Dataset ID '{dataset_id}' could not be found.")
+            _raise(UserError(f"Dataset ID '{dataset_id}' could not be found."), _Status(404))
         return self.datasets[dataset_id]
 
     def submit_compile_job(self, model, device, name=None, input_specs=None, options="", single_compile=True,
@@ -323,8 +353,8 @@ class FakeQaiHub:
     def get_job(self, job_id: str) -> Job:
         self._api()
         if job_id not in self.jobs:
-            raise UserError(f"Job ID '{job_id}' could not be found. It may not exist or you may not have "
-                            "permission to view it.")
+            _raise(UserError(f"Job ID '{job_id}' could not be found. It may not exist or you may not have "
+                             "permission to view it."), _Status(404))
         return self.jobs[job_id]
 
     # Internals
@@ -332,9 +362,11 @@ class FakeQaiHub:
     def _api(self) -> None:
         """What every request meets first in the real client: the config file, then the network."""
         if not self.token:
-            raise UserError("Failed to load client configuration file.\n| ~/.qai_hub/client.ini not found. |")
+            _raise(UserError("Failed to load client configuration file.\n| ~/.qai_hub/client.ini not found. |"),
+                   FileNotFoundError("~/.qai_hub/client.ini not found"))
         if not self.network:
-            raise InternalError("Internal API failure.\n| Could not connect to Qualcomm AI Hub. |")
+            _raise(InternalError("Internal API failure.\n| Could not connect to Qualcomm AI Hub. |"),
+                   ConnectionRefusedError("Connection refused"))
 
     def _check_device(self, device) -> None:
         devices = device if isinstance(device, list) else [device]
@@ -469,21 +501,27 @@ def make_ptq_folder(export_dir: Path, out: Path, calibration: list[Path], *, eva
     return out
 
 
-def make_htp_check_folder(ptq_dir: Path, out: Path, binary: bytes = b"QNN context binary" * 100) -> Path:
+def make_htp_check_folder(ptq_dir: Path, out: Path, binary: bytes = b"QNN context binary" * 100, *,
+                          qnn_sdk_version: str = "2.51.0", companion_io: tuple | None = None) -> Path:
     """A folder laid out like the htp-check stage's, without onnxruntime-qnn: a stand-in context binary
     and a manifest whose typed results (HtpCheckResults) describe it. The binary is not listed among
-    the manifest's outputs, so a test may delete it and see the hub stage's own check."""
+    the manifest's outputs, so a test may delete it and see the hub stage's own check.
+
+    companion_io: ((input name, dtype), (output name, dtype)) writes model_ctx.onnx, the EPContext
+    model htp-check keeps beside the binary, whose graph declares the binary's I/O."""
     from lpcv_depth.manifest import sha256_file, write_manifest
     from lpcv_depth.results import ContextBinary, Coverage, HtpCheckResults
 
     out.mkdir(parents=True)
     path = out / "model_ctx_qnn.bin"
     path.write_bytes(binary)
+    if companion_io is not None:
+        _write_context_onnx(out / "model_ctx.onnx", path.name, *companion_io)
     coverage = Coverage(full_htp=True, htp_partitions=1, htp_nodes=1, htp_op_types={"Conv": 1}, cpu_nodes=0,
                         cpu_op_types={}, cpu_node_names=[], refused=[], no_fallback_error=None, build_s=0.0)
     context = ContextBinary(onnx="model_ctx.onnx", path=path.name, bytes=path.stat().st_size, onnx_bytes=0,
                             sha256=sha256_file(path), build_s=0.0, reload_s=0.0, htp_arch="75", soc_model="57",
-                            qnn_sdk_version="fake", full_htp=True, htp_partitions=1, io="float32 in, float32 out",
+                            qnn_sdk_version=qnn_sdk_version, full_htp=True, htp_partitions=1, io="float32 in, float32 out",
                             build_note="fake", ai_hub="fake")
     results = HtpCheckResults(target={"htp_arch": "75", "soc_model": "57"}, emulation_note="fake", warnings=[],
                               qnn={}, model={}, coverage=coverage, emulation_time={}, numerics={},
@@ -491,3 +529,18 @@ def make_htp_check_folder(ptq_dir: Path, out: Path, binary: bytes = b"QNN contex
     write_manifest(out, stage="htp-check", config={"ptq": os.fspath(ptq_dir), "destination": os.fspath(out)},
                    inputs={}, outputs=[], timings={}, results=results)
     return out
+
+
+def _write_context_onnx(path: Path, binary: str, image: tuple[str, str], depth: tuple[str, str]) -> None:
+    """An EPContext wrapper like onnxruntime-qnn writes: one node pointing at the context binary; its
+    graph inputs and outputs are the binary's."""
+    import onnx
+    from onnx import helper
+
+    types = {"float32": onnx.TensorProto.FLOAT, "uint8": onnx.TensorProto.UINT8}
+    node = helper.make_node("EPContext", [image[0]], [depth[0]], domain="com.microsoft", embed_mode=0,
+                            ep_cache_context=binary, source="QNN")
+    graph = helper.make_graph([node], "ctx", [helper.make_tensor_value_info(image[0], types[image[1]], [1, 3, 480, 640])],
+                              [helper.make_tensor_value_info(depth[0], types[depth[1]], [1, 1, 480, 640])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)]), path)
