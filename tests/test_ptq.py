@@ -257,3 +257,16 @@ def test_the_model_rewrite_is_recorded_and_reported(w8a8):
     assert techniques == {"layer_scale_fold": {"folded": 24}}
     results = dataclasses.replace(w8a8.results, techniques={**techniques, **w8a8.results.techniques})
     assert "LayerScale fold: 24 folded into Linear layers" in markdown(PtqConfig(), results)
+
+
+def test_docs_flag_table_matches_the_config():
+    import re
+
+    from lpcv_depth.options import cli_fields, flag_name
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "ptq.md").read_text()
+    text = page.split("## Options", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| `--")]
+    flags = {flag for row in rows for flag in re.findall(r"--[a-z0-9-]+", row[1]) if not flag.startswith("--no-")}
+    assert {flag_name(field.name) for field, _ in cli_fields(PtqConfig)} | {"--workspace"} == flags
+    assert {row[2].strip().strip("`") for row in rows} - {"–"} == {field.name for field, _ in cli_fields(PtqConfig)}
