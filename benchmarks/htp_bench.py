@@ -20,8 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED = REPO_ROOT.parent / "shared"
+from lpcv_depth.workspace import build_dir
+
+# The benchmark data sits beside the checkout (../shared); outputs go to the workspace.
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 CALIBRATION = SHARED / "data" / "calibration_indoor"
 FASTDEPTH_WEIGHTS = SHARED / "weights" / "fastdepth" / "fast_depth_224.tflite"
 MODELS = {"fastdepth": ["--model", "fastdepth", "--weights", str(FASTDEPTH_WEIGHTS)],
@@ -31,7 +33,7 @@ MODELS = {"fastdepth": ["--model", "fastdepth", "--weights", str(FASTDEPTH_WEIGH
 def run(args: list[str]) -> float:
     """Wall seconds of one stage CLI run; exits with its log tail on failure."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
     if proc.returncode not in (0, 3):  # 3: a gate failed, the report is still there
         raise SystemExit(f"{' '.join(args)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
     return time.perf_counter() - start
@@ -51,11 +53,11 @@ def ensure_ptq(model: str, out: Path, calib_images: int, holdout: int) -> tuple[
     export_dir, ptq_dir = out / f"{model}-export", out / f"{model}-ptq"
     timings = {}
     if not (export_dir / "manifest.json").is_file():
-        timings["export_s"] = round(run(["export/to_onnx.py", *MODELS[model], "--out", str(export_dir),
+        timings["export_s"] = round(run(["-m", "lpcv_depth.cli", "export", *MODELS[model], "--out", str(export_dir),
                                          "--check-images", str(CALIBRATION)]), 1)
     if not (ptq_dir / "manifest.json").is_file():
         calib = calibration_subset(calib_images, holdout, out / f"calib{calib_images}")
-        timings["ptq_s"] = round(run(["quantize/ptq.py", "--calib", str(calib), "--fp32", str(export_dir),
+        timings["ptq_s"] = round(run(["-m", "lpcv_depth.cli", "ptq", "--calib", str(calib), "--fp32", str(export_dir),
                                       "--num-calib", str(calib_images), "--min-calib", str(calib_images),
                                       "--holdout", str(holdout), "--no-cle", "--latency-runs", "2",
                                       "--out", str(ptq_dir)]), 1)
@@ -64,7 +66,7 @@ def ensure_ptq(model: str, out: Path, calib_images: int, holdout: int) -> tuple[
 
 def bench(model: str, ptq_dir: Path, frames: int, fp16: bool, out: Path) -> dict:
     check_dir = out / f"{model}-htp-check"
-    args = ["quantize/htp_check.py", "--ptq", str(ptq_dir), "--max-frames", str(frames), "--out", str(check_dir),
+    args = ["-m", "lpcv_depth.cli", "htp-check", "--ptq", str(ptq_dir), "--max-frames", str(frames), "--out", str(check_dir),
             "--fscore-max-points", "20000"]
     if not fp16:
         args.append("--no-fp16-baseline")
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=2, help="held-out images emulated (default 2)")
     parser.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip the fp32-in-fp16 baseline")
     parser.add_argument("--calib-images", type=int, default=8, help="calibration images of the quick ptq (default 8)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench" / "htp")
+    parser.add_argument("--out", type=Path, default=build_dir("bench", "htp"))
     args = parser.parse_args(argv)
     timings: dict = {}
     ptq_dir = args.ptq

@@ -19,8 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED = REPO_ROOT.parent / "shared"
+from lpcv_depth.workspace import build_dir
+
+# The benchmark data sits beside the checkout (../shared); outputs go to the workspace.
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 CALIBRATION = SHARED / "data" / "calibration_indoor"
 RGBD = SHARED / "data" / "rgbd"
 
@@ -29,7 +31,7 @@ def run_stage(args: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS GiB) of one stage CLI run; exits on failure with its log."""
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
+        proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         log.seek(0)
@@ -51,10 +53,10 @@ def calibration_subset(count: int, folder: Path) -> Path:
 
 def bench_vits(out: Path, num_calib: int) -> dict:
     export_dir, ptq_dir = out / "vits-export", out / "vits-ptq"
-    export_wall, export_rss = run_stage(["export/to_onnx.py", "--weights", "None", "--out", str(export_dir),
+    export_wall, export_rss = run_stage(["-m", "lpcv_depth.cli", "export", "--weights", "None", "--out", str(export_dir),
                                          "--check-images", str(CALIBRATION)])
     calib = calibration_subset(num_calib, out / f"calib{num_calib}")
-    wall, rss = run_stage(["quantize/ptq.py", "--calib", str(calib), "--fp32", str(export_dir), "--out", str(ptq_dir)])
+    wall, rss = run_stage(["-m", "lpcv_depth.cli", "ptq", "--calib", str(calib), "--fp32", str(export_dir), "--out", str(ptq_dir)])
     report = json.loads((ptq_dir / "report.json").read_text())
     return {"model": "depth_anything_v2_vits (random weights)", "calibration_images": num_calib,
             "export_wall_s": round(export_wall, 1), "export_peak_rss_gib": round(export_rss, 2),
@@ -68,9 +70,9 @@ def bench_fastdepth(out: Path, ptq_args: list[str]) -> dict:
     from lpcv_depth.stages.ptq import score_against_ground_truth
 
     export_dir, ptq_dir = out / "fastdepth-export", out / "fastdepth-ptq"
-    run_stage(["export/to_onnx.py", "--model", "fastdepth", "--weights", "default", "--out", str(export_dir),
+    run_stage(["-m", "lpcv_depth.cli", "export", "--model", "fastdepth", "--weights", "default", "--out", str(export_dir),
                "--check-images", str(CALIBRATION)])
-    wall, rss = run_stage(["quantize/ptq.py", "--calib", str(CALIBRATION), "--fp32", str(export_dir),
+    wall, rss = run_stage(["-m", "lpcv_depth.cli", "ptq", "--calib", str(CALIBRATION), "--fp32", str(export_dir),
                            "--out", str(ptq_dir), *ptq_args])
     per_set = {}
     for dataset in sorted(p for p in RGBD.iterdir() if p.is_dir()):
@@ -90,7 +92,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=("fastdepth", "vits"))
     parser.add_argument("--num-calib", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench" / "ptq")
+    parser.add_argument("--out", type=Path, default=build_dir("bench", "ptq"))
     parser.add_argument("--ptq-args", default="", help='extra ptq.py flags for fastdepth, e.g. "--preset mixed"')
     args = parser.parse_args()
     if args.which == "fastdepth":

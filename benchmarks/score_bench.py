@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "rgbd"
+# The benchmark data sits beside the checkout (../shared).
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "rgbd"
 FRAMES = ("hololens_dev/holo_00003", "kinect_home/home_1", "iphone_lidar/iphone_0")
 
 
