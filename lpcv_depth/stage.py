@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 from lpcv_depth.errors import ExitCode, GateError, LpcvError, OutputDirError, Terminated
 from lpcv_depth.manifest import MANIFEST_NAME
 
-__all__ = ["StageLog", "StepResult", "StagingDir", "StageDefinition", "remove_stale_partials", "exit_status",
+__all__ = ["StageLog", "StepResult", "StagingDir", "StageDefinition", "refuse_inputs", "remove_stale_partials", "exit_status",
            "human_size", "command_line", "display_path"]
 
 
@@ -128,12 +128,7 @@ class StagingDir:
         final = self.final
         if final.exists() and not final.is_dir():
             raise OutputDirError(f"output path {final} exists and is not a folder", hint="pass a different --out")
-        for source in self.inputs:
-            if final == source or final in source.parents or source in final.parents:
-                relation = ("is" if final == source else "contains" if final in source.parents else "lies inside")
-                raise OutputDirError(f"output folder {final} {relation} this run's input {source}; writing there "
-                                     "would replace the input",
-                                     hint="pass a separate --out folder (or leave --out out for the default)")
+        refuse_inputs(final, self.inputs)
         if not (final.is_dir() and any(final.iterdir())):
             return
         manifest = final / MANIFEST_NAME
@@ -185,6 +180,17 @@ class StagingDir:
             if previous is not None:
                 shutil.rmtree(previous, ignore_errors=True)
             return
+
+
+def refuse_inputs(final: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """An output folder must not be, hold, or lie inside any input: replacing it would delete that input."""
+    final = Path(final).resolve()
+    for source in (Path(p).resolve() for p in inputs if p is not None):
+        if final == source or final in source.parents or source in final.parents:
+            relation = "is" if final == source else "contains" if final in source.parents else "lies inside"
+            raise OutputDirError(f"output folder {final} {relation} this run's input {source}; writing there "
+                                 "would replace the input",
+                                 hint="pass a separate --out folder (or leave --out out for the default)")
 
 
 def remove_stale_partials(final: Path) -> list[Path]:
