@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 __all__ = ["Metrics", "ExportResults", "Fidelity", "GroundTruthPair", "HostLatency", "PtqSizes", "PtqResults", "Coverage",
-           "ContextBinary", "OutputComparison", "EmulationTime", "Fp16Baseline", "HtpGroundTruth", "HtpCheckResults", "HubInput", "HubJobRecord", "HubShare", "HubCompile",
+           "ContextBinary", "OutputComparison", "EmulationTime", "Fp16Baseline", "HtpGroundTruth", "HtpCheckResults", "HubInput", "HubJobRecord", "HubShare", "HubContract", "HubCompile",
            "HubProfile", "HubHostFidelity", "HubGroundTruth", "HubInference", "HubResults", "EvaluateGroup", "SkippedFrame", "MetricTime", "EvaluateResults", "CompareColumn", "CompareFidelity", "ComparePanel", "CompareResults"]
 
 # Metric name -> value, as track3_metric names them ("fscore@0.1", "abs_rel", ...).
@@ -232,7 +232,20 @@ class HubShare:
     job_id: str
     kind: str
     emails: list[str]
-    at: str
+    at: str  # when modify_sharing was called (on the first run that shared it)
+    # True when hub_jobs.json showed the job already shared, so this run did not call modify_sharing again.
+    already_shared: bool = False
+
+
+@dataclass(frozen=True)
+class HubContract:
+    """The compiled model's inputs and outputs (as AI Hub records them) against the Track 3 contract:
+    names, shapes, dtypes, and for quantized I/O whether scale and zero point cover the value range."""
+
+    ok: bool
+    problems: list[str]
+    inputs: list[dict]
+    outputs: list[dict]
 
 
 @dataclass(frozen=True)
@@ -248,6 +261,9 @@ class HubCompile:
     sha256: str
     # The part of `options` the model spec asks for (ModelSpec.hub_compile_options).
     model_options: str = ""
+    # Whether `options` holds --quantize_io (--quantize-io is not applied to fp32 models).
+    quantize_io: bool = False
+    contract: HubContract | None = None
 
 
 @dataclass(frozen=True)
@@ -303,6 +319,8 @@ class HubInference:
     outputs: str
     vs_host: HubHostFidelity | None = None
     ground_truth: HubGroundTruth | None = None
+    # Where the input name and dtype the frames were sent in came from (compiled model, graph, hub record).
+    io_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -316,6 +334,8 @@ class HubResults:
     profile: HubProfile | None = None
     inference: HubInference | None = None
     share: HubShare | None = None
+    # --qairt_version the profile and inference jobs of a context binary got (the QNN that built it).
+    qairt_version: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,34 @@
 """The one place that talks to Qualcomm AI Hub (`qai_hub`): a thin client with typed, hinted errors.
 
-`qai_hub` is imported lazily, only here. Tests pass an in-memory stand-in for the module
-(tests/fake_qai_hub.py), so nothing else in the project knows whether the hub is real.
+`qai_hub` is imported lazily, only here. Every request goes through a `qai_hub.Client` of its own,
+which reads client.ini like `qai-hub` does. Tests run that real client against an in-memory hub
+behind its REST layer (tests/hub_rest_double.py); a stand-in module object can still be passed as
+`module` (it then also plays the client: `module.Client()`).
 
 Before anything touches the network, `preflight()` fails fast and clearly when the package is
-missing, no API token is configured, or the hub cannot be reached: qai_hub itself retries a dead
-connection with back-off, and its job waits have no client-side limit unless asked for one (how
-long that takes: docs/hub.md, Preflight).
+missing, client.ini is incomplete, or the hub cannot be reached the way qai-hub will reach it
+(directly, or through the proxy `requests` picks from HTTPS_PROXY / NO_PROXY): qai_hub itself
+retries a dead connection with back-off, and its job waits have no client-side limit unless asked
+for one (how long each of its retry loops can take: docs/hub.md, Preflight).
+
+Errors are classified by type, never by message text: the exception qai-hub raises and what it was
+raised from (the HTTP status of its APIException, a requests or botocore connection error, a local
+OSError).
 """
 
 from __future__ import annotations
 
+import base64
 import configparser
+import errno
 import os
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-from urllib.parse import urlparse
+from typing import Any, Callable, Iterator
+from urllib.parse import unquote, urlparse
 
 from lpcv_depth.errors import ExitCode, LpcvError, MissingDependencyError
 
@@ -30,9 +39,23 @@ CONFIGURE_HINT = ("get a token from the Account page of https://workbench.aihub.
 INSTALL_HINT = 'pip install -e ".[hub]"  (installs qai-hub==0.56.0)'
 # qai_hub reads this variable, else ~/.qai_hub/client.ini; the preflight reads the same file.
 CONFIG_ENV = "QAIHUB_CLIENT_INI"
+# qai_hub.Client refuses a client.ini without any of these (it then reports the token as missing).
+CONFIG_KEYS = ("api_token", "api_url", "web_url")
 JOB_KINDS = ("compile", "profile", "inference")
 # Consecutive failed status polls tolerated while waiting (a network blip), before giving up.
 _MAX_POLL_ERRORS = 3
+# A rate-limited submission is retried after these pauses (seconds, doubling), within --timeout;
+# the same pauses qai-hub's own retry loop uses (qai_hub.client.Client._api_call_with_retry).
+_RATE_LIMIT_PAUSE_S = (20.0, 60.0)
+# HTTP statuses that mean the service (or a gateway in front of it) is down, not that the request was wrong.
+_UNAVAILABLE_STATUSES = {502, 503, 504}
+# qai_hub's APIException status for a client.ini missing api_url / web_url / api_token.
+_CONFIG_MISSING_FIELDS = 1000
+# errno values of an OSError that is about a local file or disk, not the network.
+_LOCAL_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EISDIR, errno.ENOTDIR,
+                 errno.EMFILE, errno.ENFILE, errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG}
+UNAVAILABLE_HINT = ("check the network and proxy settings (HTTPS_PROXY / NO_PROXY); if they work, AI Hub itself may "
+                    "be down. Submitted job ids are recorded, so rerunning the same command resumes")
 
 
 class HubError(LpcvError):
@@ -40,11 +63,23 @@ class HubError(LpcvError):
 
 
 class HubAuthError(HubError):
-    """No usable API token."""
+    """No usable API token (client.ini missing or incomplete, or the token rejected)."""
 
 
 class HubUnavailableError(HubError):
-    """AI Hub cannot be reached (no network, DNS, firewall, or the service is down)."""
+    """AI Hub or its file storage cannot be reached (no network, DNS, proxy, firewall, or the service is down)."""
+
+
+class HubRateLimitedError(HubError):
+    """AI Hub kept answering 429 Too Many Requests."""
+
+
+class HubNotFoundError(HubError):
+    """AI Hub has no model, dataset or job with that id (or it is not visible to this token)."""
+
+
+class HubLocalError(HubError):
+    """A local file or disk problem while talking to AI Hub (missing file, permissions, disk full)."""
 
 
 class HubJobFailedError(HubError):
@@ -101,11 +136,16 @@ class TensorInfo:
     scale: float | None = None
     zero_point: float | None = None
 
+    def describe(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape) if self.shape else None,
+                "scale": self.scale, "zero_point": self.zero_point}
+
 
 @dataclass(frozen=True)
 class ApiConfig:
     path: Path
     api_url: str
+    web_url: str
 
 
 def config_path() -> Path:
@@ -114,7 +154,9 @@ def config_path() -> Path:
 
 
 def read_api_config() -> ApiConfig:
-    """The configured token's file and API URL, or HubAuthError saying how to configure one."""
+    """The configured token's file and URLs, or HubAuthError saying how to configure them.
+
+    Requires what qai_hub.Client requires: [api] api_token, api_url and web_url."""
     path = config_path()
     if not path.is_file():
         raise HubAuthError(f"no AI Hub API token: {path} does not exist", hint=CONFIGURE_HINT)
@@ -123,25 +165,70 @@ def read_api_config() -> ApiConfig:
         parser.read(path)
     except configparser.Error as err:
         raise HubAuthError(f"cannot parse the AI Hub config {path}: {err}", hint=CONFIGURE_HINT) from err
-    if not parser.has_section("api") or not parser["api"].get("api_token", "").strip():
-        raise HubAuthError(f"no AI Hub API token in {path} (section [api], key api_token)", hint=CONFIGURE_HINT)
-    return ApiConfig(path, parser["api"].get("api_url", DEFAULT_API_URL) or DEFAULT_API_URL)
+    section = parser["api"] if parser.has_section("api") else {}
+    missing = [key for key in CONFIG_KEYS if not str(section.get(key, "")).strip()]
+    if missing:
+        what = "no AI Hub API token" if "api_token" in missing else "an incomplete AI Hub config"
+        raise HubAuthError(f"{what} in {path}: section [api] lacks {', '.join(missing)} (qai-hub needs "
+                           f"{', '.join(CONFIG_KEYS)})", hint=CONFIGURE_HINT + "; it writes all three keys")
+    return ApiConfig(path, section["api_url"].strip(), section["web_url"].strip())
+
+
+# -- Reachability, the way qai-hub's requests sessions will connect ------------------------------------------------
+
+def proxy_for(url: str) -> str | None:
+    """The proxy `requests` would use for `url` (HTTPS_PROXY / ALL_PROXY, minus NO_PROXY), or None."""
+    try:
+        from requests.utils import get_environ_proxies, select_proxy
+    except ImportError:  # qai-hub depends on requests; without it there is no client to match
+        return None
+    proxy = select_proxy(url, get_environ_proxies(url))
+    if proxy and "://" not in proxy:
+        proxy = "http://" + proxy  # what requests assumes for a bare host:port
+    return proxy
+
+
+def _redacted(proxy: str) -> str:
+    parsed = urlparse(proxy)
+    return f"{parsed.scheme}://{parsed.hostname}:{parsed.port}" if parsed.hostname else proxy
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parsed = urlparse(url)
+    return parsed.hostname or url, parsed.port or (80 if parsed.scheme == "http" else 443)
+
+
+def _tunnel(connection: socket.socket, proxy: str, host: str, port: int) -> None:
+    """Ask an HTTP proxy for a tunnel to host:port, as requests does for https; raise on refusal."""
+    parsed = urlparse(proxy)
+    lines = [f"CONNECT {host}:{port} HTTP/1.1", f"Host: {host}:{port}"]
+    if parsed.username:
+        token = f"{unquote(parsed.username)}:{unquote(parsed.password or '')}".encode()
+        lines.append("Proxy-Authorization: Basic " + base64.b64encode(token).decode())
+    connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    answer = connection.recv(1024).decode("latin-1").split("\r\n", 1)[0]
+    parts = answer.split()
+    if len(parts) < 2 or parts[1] != "200":
+        raise ConnectionRefusedError(f"the proxy answered {answer!r} to CONNECT {host}:{port}"
+                                     + (" (proxy authentication required)" if parts[1:2] == ["407"] else ""))
 
 
 def probe_reachable(url: str, timeout_s: float) -> None:
-    """Open (and close) a TCP connection to the API host within timeout_s, DNS included, or raise.
+    """Reach the API host within timeout_s, through the proxy requests would use, DNS included, or raise.
 
-    Runs in a daemon thread because getaddrinfo ignores socket timeouts; a hung lookup therefore
-    costs timeout_s, not minutes.
-    """
-    parsed = urlparse(url)
-    host = parsed.hostname or url
-    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    Directly: open (and close) a TCP connection. Through an HTTP proxy: connect to it and ask for a
+    CONNECT tunnel to the host. Runs in a daemon thread because getaddrinfo ignores socket timeouts;
+    a hung lookup therefore costs timeout_s, not minutes."""
+    host, port = _host_port(url)
+    proxy = proxy_for(url)
     outcome: dict[str, BaseException | None] = {}
 
     def connect():
         try:
-            socket.create_connection((host, port), timeout=timeout_s).close()
+            target = _host_port(proxy) if proxy else (host, port)
+            with socket.create_connection(target, timeout=timeout_s) as connection:
+                if proxy and urlparse(proxy).scheme == "http":
+                    _tunnel(connection, proxy, host, port)
             outcome["error"] = None
         except OSError as err:
             outcome["error"] = err
@@ -155,20 +242,61 @@ def probe_reachable(url: str, timeout_s: float) -> None:
         reason = f"{type(outcome['error']).__name__}: {outcome['error']}"
     else:
         return
-    raise HubUnavailableError(f"cannot reach AI Hub at {host}:{port} ({reason})",
-                              hint="check the network connection and proxy settings; job ids already submitted "
-                                   "are recorded, so rerunning the same command later resumes")
+    via = f" through the proxy {_redacted(proxy)} (from HTTPS_PROXY/ALL_PROXY; NO_PROXY bypasses it)" if proxy else ""
+    raise HubUnavailableError(f"cannot reach AI Hub at {host}:{port}{via} ({reason})",
+                              hint=UNAVAILABLE_HINT + "; --no-preflight skips this check")
+
+
+# -- Classifying what qai-hub raises -------------------------------------------------------------------------------
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """The exception and what it was raised from or during (qai-hub re-raises with `from None`,
+    which hides but keeps __context__)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _status_codes(err: BaseException) -> set[int]:
+    """HTTP (and qai-hub's own) status codes of the APIExceptions behind `err`."""
+    return {code for e in _chain(err) if isinstance(code := getattr(e, "status_code", None), int)}
+
+
+def _connection_types() -> tuple[type, ...]:
+    """Exception types that mean 'could not talk to the server': requests', botocore's, the socket's."""
+    types: list[type] = [ConnectionError, socket.timeout, socket.gaierror]
+    try:
+        import requests
+
+        types += [requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                  requests.exceptions.ChunkedEncodingError, requests.exceptions.RetryError]
+    except ImportError:
+        pass
+    try:
+        import botocore.exceptions as boto
+
+        types += [boto.ConnectionError, boto.HTTPClientError]
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _is_local(err: BaseException) -> bool:
+    return isinstance(err, OSError) and not isinstance(err, _connection_types()) and err.errno in _LOCAL_ERRNOS
 
 
 class HubClient:
     """The handful of AI Hub operations the hub stage needs.
 
     module: a `qai_hub`-like module object; None imports the real package on first use.
-    preflight: check the token file and reachability before the first request.
+    preflight: check client.ini and reachability before the first request (False: neither).
     """
 
     def __init__(self, module: Any = None, *, preflight: bool = True, connect_timeout_s: float = 10.0):
         self._module = module
+        self._api = None
         self.check_before_use = preflight
         self.connect_timeout_s = connect_timeout_s
         self._checked = False
@@ -184,47 +312,53 @@ class HubClient:
             self._module = qai_hub
         return self._module
 
-    def preflight(self) -> None:
-        """Fail now, with the fix, on a missing package, token or network; a no-op after success."""
+    @property
+    def api(self) -> Any:
+        """The qai_hub.Client every request goes through (it reads client.ini on first use)."""
+        if self._api is None:
+            self._api = self.hub.Client()
+        return self._api
+
+    def preflight(self, network: bool = True) -> None:
+        """Fail now, with the fix, on a missing package, client.ini or network; a no-op after success.
+
+        network=False (--no-preflight) skips the reachability probe, never the client.ini check."""
         self.hub  # noqa: B018 - the import is the check
         if self.check_before_use and not self._checked:
             config = read_api_config()
-            probe_reachable(config.api_url, self.connect_timeout_s)
+            if network:
+                probe_reachable(config.api_url, self.connect_timeout_s)
         self._checked = True
 
     # Models and datasets
 
     def upload_model(self, path: Path) -> Any:
-        return self._call("upload the model", self.hub.upload_model, os.fspath(path))
+        return self._call("upload the model", self.api.upload_model, os.fspath(path))
 
     def get_model(self, model_id: str) -> Any:
-        return self._call(f"look up model {model_id}", self.hub.get_model, model_id)
+        return self._call(f"look up model {model_id}", self.api.get_model, model_id)
 
     def upload_dataset(self, entries: dict[str, list], name: str) -> Any:
-        return self._call("upload the dataset", self.hub.upload_dataset, entries, name=name)
+        return self._call("upload the dataset", self.api.upload_dataset, entries, name=name)
 
     def get_dataset(self, dataset_id: str) -> Any | None:
         """The dataset, or None when it is gone or expired (hub datasets live 30 days)."""
         try:
-            dataset = self._call(f"look up dataset {dataset_id}", self.hub.get_dataset, dataset_id)
-        except HubUnavailableError:
-            raise
-        except HubError:
+            dataset = self._call(f"look up dataset {dataset_id}", self.api.get_dataset, dataset_id)
+        except HubNotFoundError:
             return None
         expired = getattr(dataset, "is_expired", None)
         return None if callable(expired) and expired() else dataset
 
     def io_spec(self, model: Any) -> tuple[list[TensorInfo], list[TensorInfo]] | None:
-        """A compiled model's inputs and outputs (names, dtypes, quantization), None if unknown."""
-        try:
-            specs = [self._call("read the model's I/O", lambda attr=attr: getattr(model, attr))
-                     for attr in ("input_spec", "output_spec")]
-        except (HubError, AttributeError):
+        """A model's inputs and outputs as the hub records them (get_model: a model object fresh from
+        an upload has empty specs); None while the hub has none. Hub errors propagate."""
+        record = self.get_model(str(model.model_id))
+        specs = [getattr(record, "input_spec", None), getattr(record, "output_spec", None)]
+        if not all(specs):
             return None
         found = []
         for spec in specs:
-            if not spec:
-                return None
             tensors = next(iter(spec.values()))  # single-graph models keep their tensors under one key
             found.append([TensorInfo(t.name, str(t.dtype), tuple(t.shape) if t.shape else None,
                                      getattr(t, "scale", None), getattr(t, "zero_point", None)) for t in tensors])
@@ -235,24 +369,25 @@ class HubClient:
     def device(self, name: str) -> Any:
         return self.hub.Device(name)
 
-    def submit_compile(self, model: Any, device: str, options: str, name: str) -> HubJob:
-        handle = self._call("submit the compile job", self.hub.submit_compile_job, model=model,
-                            device=self.device(device), name=name, options=options)
+    def submit_compile(self, model: Any, device: str, options: str, name: str, *, wait_s: float = 0.0) -> HubJob:
+        handle = self._submit("submit the compile job", self.api.submit_compile_job, wait_s, model=model,
+                              device=self.device(device), name=name, options=options)
         return self._job("compile", handle)
 
-    def submit_profile(self, model: Any, device: str, options: str, name: str) -> HubJob:
+    def submit_profile(self, model: Any, device: str, options: str, name: str, *, wait_s: float = 0.0) -> HubJob:
         # qai-hub 0.56 deprecates submit_profile_job: a profile job is an inference job with profiling on.
-        handle = self._call("submit the profile job", self.hub.submit_inference_job, model=model,
-                            device=self.device(device), inputs=None, name=name, options=options, profile=True)
+        handle = self._submit("submit the profile job", self.api.submit_inference_job, wait_s, model=model,
+                              device=self.device(device), inputs=None, name=name, options=options, profile=True)
         return self._job("profile", handle)
 
-    def submit_inference(self, model: Any, device: str, dataset: Any, options: str, name: str) -> HubJob:
-        handle = self._call("submit the inference job", self.hub.submit_inference_job, model=model,
-                            device=self.device(device), inputs=dataset, name=name, options=options, profile=False)
+    def submit_inference(self, model: Any, device: str, dataset: Any, options: str, name: str, *,
+                         wait_s: float = 0.0) -> HubJob:
+        handle = self._submit("submit the inference job", self.api.submit_inference_job, wait_s, model=model,
+                              device=self.device(device), inputs=dataset, name=name, options=options, profile=False)
         return self._job("inference", handle)
 
     def get_job(self, kind: str, job_id: str) -> HubJob:
-        return self._job(kind, self._call(f"look up {kind} job {job_id}", self.hub.get_job, job_id))
+        return self._job(kind, self._call(f"look up {kind} job {job_id}", self.api.get_job, job_id))
 
     def state(self, job: HubJob) -> JobState:
         status = self._call(f"get the status of {job.kind} job {job.job_id}", job.handle.get_status)
@@ -271,7 +406,7 @@ class HubClient:
             try:
                 state = self.state(job)
                 errors = 0
-            except HubUnavailableError:
+            except (HubUnavailableError, HubRateLimitedError):
                 errors += 1
                 if errors >= _MAX_POLL_ERRORS:
                     raise
@@ -282,14 +417,7 @@ class HubClient:
                 progress(f"{job.kind} job {job.job_id} {state.code} ({_clock(elapsed)})")
                 last_code, last_line = state.code, time.monotonic()
             if state is not None and state.finished:
-                if not state.success:
-                    reason = state.message or "no reason given"
-                    raise HubJobFailedError(
-                        f"{job.kind} job {job.job_id} FAILED on AI Hub: {reason} ({job.url})",
-                        job_id=job.job_id, kind=job.kind, reason=reason,
-                        hint="fix what the hub reports (the job page has the full log), then rerun with --force "
-                             "to resubmit; without --force the rerun reports this same failed job")
-                return state
+                return self._finished(job, state)
             if elapsed >= timeout_s:
                 raise HubTimeoutError(
                     f"{job.kind} job {job.job_id} still {state.code if state else 'unknown'} after "
@@ -298,6 +426,17 @@ class HubClient:
                     hint="rerun the same command later: it resumes this job instead of resubmitting; "
                          "or raise --timeout")
             time.sleep(min(poll_s, timeout_s - elapsed))
+
+    @staticmethod
+    def _finished(job: HubJob, state: JobState) -> JobState:
+        if state.success:
+            return state
+        reason = state.message or "no reason given"
+        raise HubJobFailedError(
+            f"{job.kind} job {job.job_id} FAILED on AI Hub: {reason} ({job.url})",
+            job_id=job.job_id, kind=job.kind, reason=reason,
+            hint="fix what the hub reports (the job page has the full log), then rerun with --force "
+                 "to resubmit; without --force the rerun reports this same failed job")
 
     def target_model(self, job: HubJob) -> Any:
         model = self._call(f"get the compiled model of job {job.job_id}", job.handle.get_target_model)
@@ -332,30 +471,63 @@ class HubClient:
             handle = handle[0]
         return HubJob(kind, str(handle.job_id), str(getattr(handle, "url", "")), handle)
 
+    def _submit(self, what: str, function: Callable, wait_s: float, **kwargs) -> Any:
+        """Submit with qai-hub's own rate-limit loop off (it would wait up to 10 minutes), and retry
+        a 429 here instead, within wait_s (--timeout)."""
+        waited, pause = 0.0, _RATE_LIMIT_PAUSE_S[0]
+        while True:
+            try:
+                return self._call(what, function, retry=False, **kwargs)
+            except HubRateLimitedError as err:
+                if waited + pause > wait_s:
+                    raise HubRateLimitedError(
+                        f"AI Hub rate limited the request to {what} (HTTP 429) and still did after "
+                        f"{waited:g}s of retrying within --timeout {wait_s:g}s",
+                        hint="wait a few minutes and rerun the same command (it resumes); AI Hub limits how "
+                             "many requests and jobs an account may make at once") from err
+                time.sleep(pause)
+                waited += pause
+                pause = min(pause * 2, _RATE_LIMIT_PAUSE_S[1])
+
     def _call(self, what: str, function: Callable, *args, **kwargs) -> Any:
         self.preflight()
         try:
             return function(*args, **kwargs)
         except LpcvError:
             raise
-        except Exception as err:  # qai_hub raises its own types, requests' and builtins: translate them all
+        except Exception as err:  # qai_hub raises its own types, requests', botocore's and builtins: classify them
             raise self._translate(what, err) from err
 
-    def _translate(self, what: str, err: Exception) -> LpcvError:
+    def _hub_type(self, name: str) -> type | tuple:
+        """One of qai-hub's exception classes (RateLimitedError lives in qai_hub.client only)."""
         hub = self._module
+        found = getattr(hub, name, None) or getattr(getattr(hub, "client", None), name, None)
+        return found if isinstance(found, type) else ()
+
+    def _translate(self, what: str, err: Exception) -> LpcvError:
         text = " ".join(str(err).split())
-        user_error = getattr(hub, "UserError", ())
-        internal_error = getattr(hub, "InternalError", ())
-        if isinstance(err, user_error) and any(key in text for key in ("configuration", "API token", "authenticate")):
+        codes = _status_codes(err)
+        user_error, internal_error = self._hub_type("UserError"), self._hub_type("InternalError")
+        if isinstance(err, self._hub_type("RateLimitedError")) or 429 in codes:
+            return HubRateLimitedError(f"AI Hub rate limited the request to {what} (HTTP 429): {text}",
+                                       hint="wait a few minutes and rerun the same command (it resumes)")
+        if isinstance(err, user_error) and (codes & {401, _CONFIG_MISSING_FIELDS} or
+                                            any(isinstance(e, FileNotFoundError) for e in _chain(err))):
             return HubAuthError(f"AI Hub rejected the credentials while trying to {what}: {text}", hint=CONFIGURE_HINT)
-        if isinstance(err, internal_error) or isinstance(err, (ConnectionError, OSError)) or \
-                type(err).__module__.startswith(("requests", "urllib3")):
-            return HubUnavailableError(f"AI Hub unavailable while trying to {what}: {text}",
-                                       hint="check the network (if it works, AI Hub itself may be down); submitted "
-                                            "job ids are recorded, so rerunning the same command resumes")
+        if codes & _UNAVAILABLE_STATUSES or any(isinstance(e, _connection_types()) for e in _chain(err)):
+            return HubUnavailableError(f"AI Hub unavailable while trying to {what}: {text}", hint=UNAVAILABLE_HINT)
+        if isinstance(err, user_error) and 404 in codes:
+            return HubNotFoundError(f"AI Hub could not find what was asked for while trying to {what}: {text}",
+                                    hint="a job or model id it cannot find needs --force to resubmit")
+        if isinstance(err, internal_error):
+            return HubError(f"AI Hub reported an internal error while trying to {what}: {text}",
+                            hint="rerun later (it resumes); if it persists, contact ai-hub-support@qti.qualcomm.com")
         if isinstance(err, user_error):
-            return HubError(f"AI Hub refused to {what}: {text}",
-                            hint="fix the input the hub names; a job id it cannot find needs --force to resubmit")
+            return HubError(f"AI Hub refused to {what}: {text}", hint="fix the input the hub names")
+        if _is_local(err):
+            return HubLocalError(f"a local file problem while trying to {what}: {text}",
+                                 hint="check the path, its permissions and the free disk space (the network is "
+                                      "not the problem); then rerun the same command (it resumes)")
         return HubError(f"unexpected {type(err).__name__} while trying to {what}: {text}",
                         hint="rerun; if it persists, report it with the qai-hub version (0.56.0 is supported)")
 

@@ -28,8 +28,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
+import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,14 +42,14 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from lpcv_depth.backends.ai_hub import (S24_DEVICE, HubClient, HubError, HubJob, HubJobFailedError, HubTimeoutError,
-                                        TensorInfo)
+from lpcv_depth.backends.ai_hub import (S24_DEVICE, HubClient, HubError, HubJob, HubJobFailedError, HubNotFoundError,
+                                        HubTimeoutError, TensorInfo)
 from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import ConfigError, ExitCode, LpcvError, OutputDirError, UnknownModelError
 from lpcv_depth.manifest import (MANIFEST_NAME, Manifest, config_as_dict, read_manifest, sha256_file,
                                  sha256_of_files, write_manifest)
 from lpcv_depth.options import config_from_args, inherit, option
-from lpcv_depth.results import (EvaluateGroup, EvaluateResults, HtpCheckResults, HubCompile, HubGroundTruth,
+from lpcv_depth.results import (EvaluateGroup, EvaluateResults, HtpCheckResults, HubCompile, HubContract, HubGroundTruth,
                                 HubHostFidelity, HubInference, HubInput, HubJobRecord, HubProfile, HubResults, HubShare)
 from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path, exit_status
 from lpcv_depth.stages.evaluate import EvaluateConfig
@@ -65,6 +67,9 @@ EXPORT_ONNX = "model.onnx"
 QDQ_ONNX = "model_qdq.onnx"
 ARTIFACT_HINT = ("pass build/<model>/export, build/<model>/ptq-<preset>, an htp-check folder, an .onnx, an .aimet "
                  "folder or a .bin")
+# What AI Hub takes in an .aimet folder (qai_hub.client._get_model_dir_type; a .bin excludes encodings).
+AIMET_SUFFIXES = (".onnx", ".encodings", ".data")
+ORGANIZERS = "lowpowervision@gmail.com"
 
 
 # -- What goes to the hub ---------------------------------------------------------------------------------------------
@@ -80,6 +85,10 @@ class HubArtifact:
     model_name: str | None
     source_dir: Path | None  # the export / ptq / htp-check folder it came from, if any
     host_reference: Path | None  # the ONNX whose ONNX Runtime outputs the device outputs are compared with
+    # The ONNX graph that declares what the uploaded model takes and returns (the .onnx itself, or an
+    # htp-check context binary's companion EPContext model); None: ask AI Hub after the upload.
+    io_onnx: Path | None = None
+    qnn_sdk_version: str | None = None  # the QNN that built a local context binary (htp-check manifest)
 
     @property
     def compilable(self) -> bool:
@@ -123,13 +132,16 @@ def _single_aimet_dir(folder: Path) -> Path:
 
 
 def _check_aimet_dir(folder: Path) -> None:
-    """AI Hub takes an .aimet folder with exactly one .onnx and one .encodings (and at most one .data)."""
-    names = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+    """AI Hub's rule for an .aimet folder, on every entry as qai-hub counts them (hidden files such as
+    .DS_Store and subfolders too): exactly one .onnx and one .encodings, at most one .data, nothing else."""
+    names = sorted(os.listdir(folder))
     counts = Counter(Path(name).suffix for name in names)
-    if counts[".onnx"] != 1 or counts[".encodings"] != 1 or counts[".data"] > 1 or \
-            sum(counts.values()) != counts[".onnx"] + counts[".encodings"] + counts[".data"]:
-        raise ConfigError(f"{folder} is not an AIMET model folder AI Hub accepts: {sorted(names)}",
-                          hint="it must hold exactly one .onnx and one .encodings (and optionally one .data)")
+    others = [name for name in names if Path(name).suffix not in AIMET_SUFFIXES]
+    if counts[".onnx"] != 1 or counts[".encodings"] != 1 or counts[".data"] > 1 or others:
+        extra = f"; remove {', '.join(others)}" if others else ""
+        raise ConfigError(f"{folder} is not an AIMET model folder AI Hub accepts: {names}",
+                          hint="it must hold exactly one .onnx and one .encodings, optionally one .data, and nothing "
+                               "else (AI Hub counts hidden files such as .DS_Store too)" + extra)
 
 
 def _ptq_label(manifest: Manifest) -> str:
@@ -141,7 +153,7 @@ def _export_artifact(folder: Path) -> HubArtifact:
     onnx = folder / EXPORT_ONNX
     if not onnx.is_file():
         raise ConfigError(f"export folder {folder} has no {EXPORT_ONNX}", hint=f"rerun {command_line('export')}")
-    return HubArtifact("export", onnx, "fp32", "export", manifest.config.get("model"), folder, onnx)
+    return HubArtifact("export", onnx, "fp32", "export", manifest.config.get("model"), folder, onnx, io_onnx=onnx)
 
 
 def _ptq_artifact(folder: Path) -> HubArtifact:
@@ -152,7 +164,8 @@ def _ptq_artifact(folder: Path) -> HubArtifact:
 
 
 def _htp_check_artifact(folder: Path) -> HubArtifact:
-    """The QNN context binary the local HTP check built, measured against the QDQ model it came from."""
+    """The QNN context binary the local HTP check built, measured against the QDQ model it came from;
+    its companion EPContext ONNX declares its I/O, and the manifest the QNN version that built it."""
     manifest = Manifest.read(folder, stage="htp-check", flag="artifact")
     binary = manifest.results_as(HtpCheckResults).context_binary
     if binary is None or not (folder / binary.path).is_file():
@@ -162,7 +175,8 @@ def _htp_check_artifact(folder: Path) -> HubArtifact:
     qdq = ptq if ptq.suffix == ".onnx" else ptq / QDQ_ONNX
     model_name = next((p.stem for p in ptq.glob("*.aimet")), None) if ptq.is_dir() else None
     return HubArtifact("qnn_context_binary", folder / binary.path, "int8", "htp-check", model_name, folder,
-                       _existing(qdq))
+                       _existing(qdq), io_onnx=_existing(folder / binary.onnx) if binary.onnx else None,
+                       qnn_sdk_version=binary.qnn_sdk_version or None)
 
 
 def _aimet_artifact(folder: Path) -> HubArtifact:
@@ -200,8 +214,12 @@ def _file_artifact(path: Path) -> HubArtifact:
         precision = "int8" if quantized else "fp32" if stage == "export" else "unknown"
         label = "export" if stage == "export" and path.name == EXPORT_ONNX else path.stem
         source = path.parent if stage in ("export", "ptq") else None
-        return HubArtifact("onnx", path, precision, label, _model_in(path.parent, stage), source, path)
+        return HubArtifact("onnx", path, precision, label, _model_in(path.parent, stage), source, path, io_onnx=path)
     if path.suffix == ".bin":
+        if _stage_of(path.parent) == "htp-check":  # the htp-check's binary, given as a file: its manifest still counts
+            built = _htp_check_artifact(path.parent)
+            if built.upload.resolve() == path.resolve():
+                return dataclasses.replace(built, label=path.stem)
         return HubArtifact("qnn_context_binary", path, "unknown", path.stem, None, None, None)
     raise ConfigError(f"{path} is not a model AI Hub takes here (suffix {path.suffix or 'none'})", hint=ARTIFACT_HINT)
 
@@ -231,8 +249,9 @@ class HubConfig:
                           help="compile target (qnn_context_binary is what the challenge profiles)")
     compile_options: str = option("", help="extra compile options, passed through as written; write "
                                            "--compile-options=\"--x y\" when they start with --")
-    quantize_io: bool = option(False, help="add --quantize_io to the compile options (uint8 input/output for int8 "
-                                           "models; the stage quantizes inputs and dequantizes outputs)")
+    quantize_io: bool = option(False, help="add --quantize_io to the compile options of int8 artifacts (uint8 "
+                                           "input/output; the stage quantizes inputs and dequantizes outputs); "
+                                           "not added for an fp32 model, where it means nothing")
     profile_options: str = option(DEFAULT_PROFILE_OPTIONS, help="profile job options (as the organizers profile)")
     inference_options: str = option("", help="inference job options, passed through as written")
     device: str = option(S24_DEVICE, help="AI Hub device name")
@@ -250,12 +269,15 @@ class HubConfig:
                                                     "artifact's own ONNX)")
     share: tuple[str, ...] = option((), repeatable=True, metavar="EMAIL",
                                     help="share the compile job (e.g. lowpowervision@gmail.com); repeatable")
-    timeout: float = option(3600.0, help="seconds to wait for each job")
+    timeout: float = option(3600.0, help="seconds to wait for each job (and at most for a rate-limited submission)")
     poll: float = option(10.0, help="seconds between status checks")
     force: bool = option(False, help="resubmit jobs even when recorded ones match")
     out: Path | None = option(None, help="output folder (one artifact only; default: hub-<label>-<runtime> beside "
                                          "the artifact's stage folder)")
     threads: int | None = option(None, help="CPU threads for host ONNX Runtime and scoring")
+    preflight: bool = option(True, help="before anything is uploaded, check that AI Hub answers, through the proxy "
+                                        "that HTTPS_PROXY/NO_PROXY select (as qai-hub will); --no-preflight skips "
+                                        "that probe (client.ini is still checked)")
 
     def __post_init__(self):
         if self.artifact is None:
@@ -316,12 +338,33 @@ class HubConfig:
             return ""
 
     @property
+    def quantize_io_applies(self) -> bool:
+        """--quantize-io means something only for a quantized model that is compiled here."""
+        return self.quantize_io and self.compiles and self.artifact_info.precision != "fp32"
+
+    @property
     def full_compile_options(self) -> str:
         """The exact options string the compile job gets (and the manifest records)."""
         words = ["--target_runtime", self.runtime, *self.model_compile_options.split(), *self.compile_options.split()]
-        if self.quantize_io and "--quantize_io" not in words:
+        if self.quantize_io_applies and "--quantize_io" not in words:
             words.append("--quantize_io")
         return " ".join(words)
+
+    @property
+    def qairt_version(self) -> str | None:
+        """The QAIRT version jobs that run an uploaded context binary as-is need: the major.minor of the
+        QNN that built it (from the htp-check manifest); None when something else is run or it is unknown."""
+        artifact = self.artifact_info
+        if self.compiles or artifact.kind != "qnn_context_binary" or not artifact.qnn_sdk_version:
+            return None
+        found = re.match(r"(\d+)\.(\d+)", artifact.qnn_sdk_version)
+        return f"{found[1]}.{found[2]}" if found else None
+
+    def device_job_options(self, options: str) -> str:
+        """Profile / inference options as submitted: --qairt_version added for a context binary (unless given)."""
+        if self.qairt_version is None or "--qairt_version" in options:
+            return options
+        return " ".join([*options.split(), "--qairt_version", self.qairt_version])
 
     @property
     def data_folder(self) -> Path | None:
@@ -345,6 +388,7 @@ class HubConfig:
         data = config_as_dict(self)
         data["full_compile_options"] = self.full_compile_options if self.compiles else None
         data["model_compile_options"] = self.model_compile_options
+        data["quantize_io_applied"] = self.quantize_io_applies
         return data
 
 
@@ -367,7 +411,7 @@ class HubState:
 
     def __init__(self, path: Path):
         self.path = path
-        empty = {"version": 1, "models": {}, "datasets": {}, "jobs": {}, "replaced": []}
+        empty = {"version": 1, "models": {}, "datasets": {}, "jobs": {}, "replaced": [], "shares": {}}
         self.data = {**empty, **json.loads(path.read_text())} if path.is_file() else empty
 
     def save(self) -> None:
@@ -463,6 +507,7 @@ class _DeviceModel(NamedTuple):
     key: str  # names it in the profile and inference jobs' keys
     compile_job: HubJob | None
     compile: HubCompile | None
+    io: tuple[list[TensorInfo], list[TensorInfo]] | None = None  # the compiled model's, as AI Hub records it
 
 
 def _upload(run: _Run) -> Any:
@@ -476,7 +521,7 @@ def _upload(run: _Run) -> Any:
             try:
                 run.uploaded = run.client.get_model(model_id)
                 step.detail = f"reusing model {model_id}"
-            except HubError:
+            except HubNotFoundError:  # gone from the hub: upload again (any other error surfaces)
                 if run.config.model_id:
                     raise
         if run.uploaded is None:
@@ -517,8 +562,10 @@ def _wait(run: _Run, job: HubJob) -> None:
 def _preflight(config: HubConfig, client: HubClient, log: StageLog) -> None:
     artifact = config.artifact_info
     with log.step("preflight") as step:
-        client.preflight()
+        client.preflight(network=config.preflight)
         step.detail = f"{artifact.kind} {artifact.upload.name} ({artifact.precision}) -> {config.device}"
+        if not config.preflight:
+            step.detail += " (network probe skipped: --no-preflight)"
 
 
 def _hash_input(config: HubConfig, log: StageLog) -> str:
@@ -532,10 +579,28 @@ def _hash_input(config: HubConfig, log: StageLog) -> str:
     return digest
 
 
+def _note_options(config: HubConfig, log: StageLog) -> None:
+    """Say which of the run-wide options this artifact gets, and why not the others."""
+    if config.quantize_io and not config.quantize_io_applies:
+        why = "a float model has no quantized I/O" if config.compiles else "nothing is compiled"
+        log.info(f"--quantize-io not applied to {config.artifact_info.label}: {why}")
+    artifact = config.artifact_info
+    if config.qairt_version is not None:
+        log.info(f"context binary built with QNN {artifact.qnn_sdk_version}: its jobs run on --qairt_version "
+                 f"{config.qairt_version} (from the htp-check manifest)")
+    elif artifact.kind == "qnn_context_binary" and not config.compiles:
+        log.warn(f"no QNN version recorded for {artifact.upload.name}: AI Hub runs it on its default QAIRT, which "
+                 "may not load it; add --qairt_version X.Y (the QNN that built it) to --profile-options and "
+                 "--inference-options")
+
+
 def _device_model(run: _Run) -> _DeviceModel:
     if run.config.compiles:
         job, target = _compile_job(run)
-        return _DeviceModel(target, job.job_id, job, _download_compiled(run, job, target))
+        compiled = _download_compiled(run, job, target)
+        io = _compiled_io(run, job, target)
+        contract = _contract_check(io)
+        return _DeviceModel(target, job.job_id, job, dataclasses.replace(compiled, contract=contract), io)
     if run.config.compile and not run.artifact.compilable:
         run.log.info("a precompiled QNN context binary: profiling it as-is, no compile job")
     return _DeviceModel(_upload(run), f"uploaded:{run.input_sha256}", None, None)
@@ -547,7 +612,7 @@ def _compile_job(run: _Run) -> tuple[HubJob, Any]:
     key = {"input_sha256": run.input_sha256, "model_id": config.model_id, "device": config.device, "options": options}
     with run.log.step("compile") as step:
         job = _submit_or_resume(run, "compile", key, lambda: run.client.submit_compile(
-            _upload(run), config.device, options, run.job_name))
+            _upload(run), config.device, options, run.job_name, wait_s=config.timeout))
         _wait(run, job)
         target = run.client.target_model(job)
         step.detail = f"job {job.job_id}, {options}"
@@ -565,15 +630,35 @@ def _download_compiled(run: _Run, job: HubJob, target: Any) -> HubCompile:
     return HubCompile(job_id=job.job_id, url=job.url, options=run.config.full_compile_options,
                       device=run.config.device, target_model_id=str(getattr(target, "model_id", "")),
                       target_model=path.relative_to(run.out).as_posix(), bytes=path.stat().st_size,
-                      sha256=sha256_file(path), model_options=run.config.model_compile_options)
+                      sha256=sha256_file(path), model_options=run.config.model_compile_options,
+                      quantize_io="--quantize_io" in run.config.full_compile_options.split())
+
+
+def _compiled_io(run: _Run, job: HubJob, target: Any) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """The compiled model's inputs and outputs as AI Hub records them; hub errors surface."""
+    with run.log.step("compiled-io") as step:
+        io = run.client.io_spec(target)
+        if io is None:
+            raise HubError(f"AI Hub has no input/output spec for the compiled model of job {job.job_id}",
+                           hint="rerun the same command (it resumes); open the job page if it persists: " + job.url)
+        step.detail = _io_line(io)
+    return io
 
 
 def _share(run: _Run, job: HubJob) -> HubShare:
+    """modify_sharing once per job: a rerun finds the share in hub_jobs.json and does not repeat it."""
     emails = list(run.config.share)
+    shares = run.state.data["shares"]
+    done = shares.get(job.job_id)
     with run.log.step("share") as step:
+        if done is not None and set(emails) <= set(done["emails"]):
+            step.detail = f"{job.kind} job {job.job_id} already shared with {', '.join(emails)} ({done['at']})"
+            return HubShare(job_id=job.job_id, kind=job.kind, emails=emails, at=done["at"], already_shared=True)
         run.client.share(job, emails)
+        shares[job.job_id] = {"emails": sorted({*emails, *(done or {}).get("emails", [])}), "at": _now()}
+        run.state.save()
         step.detail = f"{job.kind} job {job.job_id} shared with {', '.join(emails)}"
-    return HubShare(job_id=job.job_id, kind=job.kind, emails=emails, at=_now())
+    return HubShare(job_id=job.job_id, kind=job.kind, emails=emails, at=shares[job.job_id]["at"])
 
 
 def _share_compile_job(run: _Run, model: _DeviceModel) -> HubShare | None:
@@ -596,10 +681,11 @@ def _profile(run: _Run, model: _DeviceModel) -> tuple[HubJob, HubProfile] | None
     config = run.config
     if not config.profile:
         return None
-    key = {"model": model.key, "device": config.device, "options": config.profile_options}
+    options = config.device_job_options(config.profile_options)
+    key = {"model": model.key, "device": config.device, "options": options}
     with run.log.step("profile") as step:
         job = _submit_or_resume(run, "profile", key, lambda: run.client.submit_profile(
-            model.handle, config.device, config.profile_options, run.job_name))
+            model.handle, config.device, options, run.job_name, wait_s=config.timeout))
         _wait(run, job)
         profile = run.client.profile(job)
         path = run.out / "profile.json"
@@ -609,7 +695,7 @@ def _profile(run: _Run, model: _DeviceModel) -> tuple[HubJob, HubProfile] | None
         step.detail = _profile_line(job, summary)
         step.artifact = path
     _warn_profile(summary, run.log)
-    return job, HubProfile(job_id=job.job_id, url=job.url, options=config.profile_options, **summary)
+    return job, HubProfile(job_id=job.job_id, url=job.url, options=options, **summary)
 
 
 def _inference(run: _Run, model: _DeviceModel) -> HubInference | None:
@@ -621,16 +707,15 @@ def _inference(run: _Run, model: _DeviceModel) -> HubInference | None:
         run.log.info("no --eval-data or --images: skipping the on-device inference step")
         return None
     frames = _load_frames_step(run)
-    tensors = run.client.io_spec(model.handle)
-    input_tensor, output_tensor = (tensors[0][0], tensors[1][0]) if tensors else (None, None)
-    data = _dataset(run, frames, input_tensor)
-    job, device = _inference_job(run, model, data, output_tensor, len(frames.names))
+    (inputs, outputs), source = _device_io(run, model)
+    data = _device_data(run, frames, inputs[0])
+    job, device = _inference_job(run, model, data, outputs[0], len(frames.names))
     _save_device_outputs(run, frames, device)
     vs_host, host = _host_fidelity(run, frames, device)
     ground_truth = _ground_truth(run, frames, host is not None) if frames.frames is not None else None
-    return HubInference(job_id=job.job_id, url=job.url, options=config.inference_options, dataset_id=data.dataset_id,
-                        data=frames.description, input_dtype=data.dtype, outputs="device_outputs", vs_host=vs_host,
-                        ground_truth=ground_truth)
+    return HubInference(job_id=job.job_id, url=job.url, options=config.device_job_options(config.inference_options),
+                        dataset_id=_dataset_id(run, data), data=frames.description, input_dtype=data.dtype,
+                        outputs="device_outputs", vs_host=vs_host, ground_truth=ground_truth, io_source=source)
 
 
 def _results(run: _Run, model: _DeviceModel, profiled: tuple[HubJob, HubProfile] | None,
@@ -638,7 +723,7 @@ def _results(run: _Run, model: _DeviceModel, profiled: tuple[HubJob, HubProfile]
     return HubResults(input=run.artifact.record(run.input_sha256), device=run.config.device,
                       runtime=run.config.runtime_label, target_fps=TARGET_FPS, jobs=run.state.job_records(),
                       compile=model.compile, profile=profiled[1] if profiled else None, inference=inference,
-                      share=shared)
+                      share=shared, qairt_version=run.config.qairt_version)
 
 
 def _write(run: _Run, results: HubResults) -> Path:
@@ -654,6 +739,27 @@ def _write(run: _Run, results: HubResults) -> Path:
                           timings=run.log.timings, results=results)
 
 
+def _report_submission(run: _Run, model: _DeviceModel) -> None:
+    """What the submission form needs: the compile job id, whether its model meets the Track 3
+    contract, and whether the organizers can see it."""
+    if model.compile_job is None:
+        return
+    job, log = model.compile_job, run.log
+    log.info(f"compile job id (the submission form asks for it): {job.job_id}  {job.url}")
+    contract = model.compile.contract
+    if contract.ok:
+        log.info(f"ready to submit: the compiled model's I/O meets the Track 3 contract ({_io_line(model.io)})")
+    else:
+        log.warn(f"NOT ready to submit: the compiled model's I/O breaks the Track 3 contract: "
+                 f"{'; '.join(contract.problems)}")
+    record = run.state.data["shares"].get(job.job_id)
+    if record is not None:
+        log.info(f"compile job {job.job_id} is shared with {', '.join(record['emails'])} (since {record['at']})")
+    else:
+        log.warn(f"compile job {job.job_id} is not shared: the organizers cannot open it until it is; rerun with "
+                 f"--share {ORGANIZERS} (their address; the rerun submits nothing new)")
+
+
 def run_hub(config: HubConfig, client: HubClient | None = None, log: StageLog | None = None) -> HubResult:
     """Upload, compile, share, profile and run on the device as configured; resumable; manifest last."""
     log = log or StageLog(STAGE)
@@ -661,6 +767,7 @@ def run_hub(config: HubConfig, client: HubClient | None = None, log: StageLog | 
     _preflight(config, client, log)
     out = _prepare_output(config)
     run = _Run(config, client, log, out, HubState(out / STATE_NAME), _hash_input(config, log))
+    _note_options(config, log)
     model = _device_model(run)
     shared = _share_compile_job(run, model)
     profiled = _profile(run, model)
@@ -668,11 +775,98 @@ def run_hub(config: HubConfig, client: HubClient | None = None, log: StageLog | 
     inference = _inference(run, model)
     results = _results(run, model, profiled, inference, shared)
     manifest_path = _write(run, results)
-    if model.compile_job is not None:
-        job = model.compile_job
-        log.info(f"compile job id (the submission form asks for it): {job.job_id}  {job.url}")
+    _report_submission(run, model)
     log.info(f"ok {log.total_seconds:.1f}s -> {display_path(out)}")
     return HubResult(out, manifest_path, results, read_manifest(out))
+
+
+# -- The I/O the device sees, and the Track 3 contract ----------------------------------------------------------------
+
+def _io_line(io: tuple[list[TensorInfo], list[TensorInfo]]) -> str:
+    def one(t: TensorInfo) -> str:
+        quantized = f" scale {t.scale:g} zero point {t.zero_point:g}" if t.scale is not None else ""
+        return f"{t.name} {t.dtype}{list(t.shape) if t.shape else ''}{quantized}"
+
+    return ", ".join(one(t) for t in io[0]) + " -> " + ", ".join(one(t) for t in io[1])
+
+
+def _tensor_problems(side: str, tensors: list[TensorInfo], spec) -> list[str]:
+    """One side of the I/O against the contract: a single tensor, its name and shape, and a float32
+    dtype or a quantized one whose scale and zero point cover the contract's value range."""
+    if len(tensors) != 1:
+        return [f"{len(tensors)} {side}s, the contract has one ({spec.name!r})"]
+    tensor, problems = tensors[0], []
+    if tensor.name != spec.name:
+        problems.append(f"{side} is named {tensor.name!r}, the contract says {spec.name!r}")
+    if tensor.shape is not None and tuple(tensor.shape) != spec.concrete_shape(1):
+        problems.append(f"{side} shape {tuple(tensor.shape)}, the contract says {spec.concrete_shape(1)}")
+    if tensor.dtype.startswith("float"):
+        if tensor.dtype != spec.dtype:
+            problems.append(f"{side} dtype {tensor.dtype}, the contract says {spec.dtype}")
+        return problems
+    if tensor.scale is None:
+        return [*problems, f"{side} is {tensor.dtype} without a scale and zero point (not quantized I/O)"]
+    limits = np.iinfo(np.dtype(tensor.dtype))
+    zero = tensor.zero_point or 0.0
+    low, high = tensor.scale * (limits.min - zero), tensor.scale * (limits.max - zero)
+    want_low, want_high = spec.value_range
+    if low > want_low + tensor.scale or high < want_high - tensor.scale:
+        problems.append(f"{side} {tensor.dtype} with scale {tensor.scale:g} and zero point {zero:g} covers "
+                        f"[{low:g}, {high:g}], the contract's range is [{want_low:g}, {want_high:g}]")
+    return problems
+
+
+def _contract_check(io: tuple[list[TensorInfo], list[TensorInfo]]) -> HubContract:
+    problems = _tensor_problems("input", io[0], TRACK3.input) + _tensor_problems("output", io[1], TRACK3.output)
+    return HubContract(ok=not problems, problems=problems, inputs=[t.describe() for t in io[0]],
+                       outputs=[t.describe() for t in io[1]])
+
+
+def _graph_io(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """An ONNX graph's inputs and outputs (a symbolic batch axis counts as 1)."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    graph = onnx.load(os.fspath(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+
+    def tensors(values) -> list[TensorInfo]:
+        return [TensorInfo(v.name, np.dtype(tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)).name,
+                           tuple(d.dim_value or 1 for d in v.type.tensor_type.shape.dim))
+                for v in values if v.name not in weights]
+
+    return tensors(graph.input), tensors(graph.output)
+
+
+def _hub_io(run: _Run, model: Any) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """The uploaded model's I/O from AI Hub: a model fresh from an upload has none until the hub has
+    read the file, so ask again every --poll seconds, within --timeout."""
+    started = time.monotonic()
+    while (io := run.client.io_spec(model)) is None:
+        if time.monotonic() - started >= run.config.timeout:
+            raise HubError(f"AI Hub has not read the inputs and outputs of model {model.model_id} within "
+                           f"--timeout {run.config.timeout:g}s",
+                           hint="rerun later (it resumes); for a context binary, pass its htp-check folder, whose "
+                                "companion ONNX declares them")
+        time.sleep(run.config.poll)
+    return io
+
+
+def _device_io(run: _Run, model: _DeviceModel) -> tuple[tuple[list[TensorInfo], list[TensorInfo]], str]:
+    """What the device jobs' model takes and returns, and where that was read: the compiled model on
+    the hub, the artifact's own graph, or the hub's record of the upload."""
+    with run.log.step("device-io") as step:
+        if model.io is not None:
+            io, source = model.io, "the compiled model on AI Hub"
+        elif run.artifact.io_onnx is not None:
+            io, source = _graph_io(run.artifact.io_onnx), f"the graph of {run.artifact.io_onnx.name}"
+        else:
+            io, source = _hub_io(run, model.handle), "AI Hub's record of the upload"
+        if not io[0] or not io[1]:
+            raise HubError(f"the model on the device has {len(io[0])} inputs and {len(io[1])} outputs ({source})",
+                           hint="export the model with the Track 3 contract (one input, one output)")
+        step.detail = f"{_io_line(io)} (from {source})"
+    return io, source
 
 
 # -- Profile figures --------------------------------------------------------------------------------------------------
@@ -747,12 +941,13 @@ class _Frames:
 
 
 class _DeviceData(NamedTuple):
-    """The frames as uploaded for the device: the hub's dataset, and the key the inference job records."""
+    """The frames as the device's model takes them, and the content key the inference job records
+    (the same on every run: it depends on the frames and the model's input, not on the upload)."""
 
-    handle: Any
-    dataset_id: str
     key: str
+    name: str
     dtype: str
+    arrays: np.ndarray
 
 
 def _load_frames(config: HubConfig) -> _Frames:
@@ -786,12 +981,12 @@ def _load_frames_step(run: _Run) -> _Frames:
     return frames
 
 
-def _to_device(images: np.ndarray, tensor: TensorInfo | None) -> np.ndarray:
-    """Contract images as the compiled model's input dtype (quantized when compiled with --quantize_io)."""
-    if tensor is None or tensor.dtype.startswith("float"):
-        return images.astype(np.float32)
+def _to_device(images: np.ndarray, tensor: TensorInfo) -> np.ndarray:
+    """Contract images in the model's input dtype (quantized when compiled with --quantize_io)."""
+    if tensor.dtype.startswith("float"):
+        return images.astype(tensor.dtype)
     if tensor.scale is None:
-        raise HubError(f"the compiled model's input {tensor.name!r} is {tensor.dtype} without a scale",
+        raise HubError(f"the model's input {tensor.name!r} is {tensor.dtype} without a scale",
                        hint="compile without --quantize_io, or report the model")
     limits = np.iinfo(np.dtype(tensor.dtype))
     quantized = np.round(images / tensor.scale + (tensor.zero_point or 0.0))
@@ -815,45 +1010,54 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def _dataset(run: _Run, frames: _Frames, tensor: TensorInfo | None) -> _DeviceData:
-    """The frames in the model's input dtype on the hub: --dataset-id, the upload recorded for the
-    same frames, or a new upload."""
-    input_name = tensor.name if tensor else TRACK3.input.name
+def _device_data(run: _Run, frames: _Frames, tensor: TensorInfo) -> _DeviceData:
+    arrays = _to_device(frames.images, tensor)
+    key = _digest({"frames": frames.sha256, "input": tensor.name, "dtype": str(arrays.dtype), "scale": tensor.scale,
+                   "zero_point": tensor.zero_point, "ids": frames.names})
+    return _DeviceData(key, tensor.name, str(arrays.dtype), arrays)
+
+
+def _dataset_handle(run: _Run, data: _DeviceData) -> Any:
+    """The frames on the hub: --dataset-id, the upload recorded for the same content while the hub
+    keeps it, or a new upload. Only needed when an inference job is submitted."""
+    datasets = run.state.data["datasets"]
     with run.log.step("dataset") as step:
-        device_inputs = _to_device(frames.images, tensor)
-        key = _digest({"frames": frames.sha256, "input": input_name, "dtype": str(device_inputs.dtype),
-                       "ids": frames.names})
-        datasets = run.state.data["datasets"]
-        dataset_id = run.config.dataset_id or datasets.get(key, {}).get("dataset_id")
+        dataset_id = run.config.dataset_id or datasets.get(data.key, {}).get("dataset_id")
         dataset = run.client.get_dataset(dataset_id) if dataset_id else None
+        if dataset is None and run.config.dataset_id:
+            raise HubError(f"dataset {run.config.dataset_id} is gone or expired on AI Hub",
+                           hint="drop --dataset-id to upload the frames again (hub datasets expire after 30 days)")
         if dataset is None:
-            if run.config.dataset_id:
-                raise HubError(f"dataset {run.config.dataset_id} is gone or expired on AI Hub",
-                               hint="drop --dataset-id to upload the frames again (hub datasets expire after 30 days)")
-            dataset = run.client.upload_dataset({input_name: [image[None] for image in device_inputs]},
-                                                name=f"lpcv-{len(device_inputs)}frames")
+            if dataset_id:
+                run.log.info(f"dataset {dataset_id} is gone or expired on AI Hub: uploading the frames again")
+            dataset = run.client.upload_dataset({data.name: [array[None] for array in data.arrays]},
+                                                name=f"lpcv-{len(data.arrays)}frames")
             dataset_id = str(dataset.dataset_id)
-            datasets[key] = {"dataset_id": dataset_id, "frames": len(device_inputs), "uploaded": _now()}
+            datasets[data.key] = {"dataset_id": dataset_id, "frames": len(data.arrays), "uploaded": _now()}
             run.state.save()
-        step.detail = (f"dataset {dataset_id}, {len(frames.names)} x {tuple(device_inputs.shape[1:])} "
-                       f"{device_inputs.dtype}")
-    return _DeviceData(dataset, str(dataset_id), key, str(device_inputs.dtype))
+        step.detail = f"dataset {dataset_id}, {len(data.arrays)} x {tuple(data.arrays.shape[1:])} {data.dtype}"
+    return dataset
 
 
-def _inference_job(run: _Run, model: _DeviceModel, data: _DeviceData, tensor: TensorInfo | None,
+def _dataset_id(run: _Run, data: _DeviceData) -> str:
+    return run.config.dataset_id or run.state.data["datasets"].get(data.key, {}).get("dataset_id", "")
+
+
+def _inference_job(run: _Run, model: _DeviceModel, data: _DeviceData, tensor: TensorInfo,
                    count: int) -> tuple[HubJob, np.ndarray]:
     config = run.config
-    key = {"model": model.key, "device": config.device, "dataset": data.key, "options": config.inference_options}
+    options = config.device_job_options(config.inference_options)
+    key = {"model": model.key, "device": config.device, "dataset": data.key, "options": options}
     with run.log.step("inference") as step:
         job = _submit_or_resume(run, "inference", key, lambda: run.client.submit_inference(
-            model.handle, config.device, data.handle, config.inference_options, run.job_name))
+            model.handle, config.device, _dataset_handle(run, data), options, run.job_name, wait_s=config.timeout))
         _wait(run, job)
         device = _device_outputs(run.client, job, tensor, count)
         step.detail = f"job {job.job_id}, {len(device)} outputs"
     return job, device
 
 
-def _device_outputs(client: HubClient, job: HubJob, tensor: TensorInfo | None, count: int) -> np.ndarray:
+def _device_outputs(client: HubClient, job: HubJob, tensor: TensorInfo, count: int) -> np.ndarray:
     outputs = client.output_data(job)
     name = tensor.name if tensor is not None and tensor.name in outputs else TRACK3.output.name
     if name not in outputs:
