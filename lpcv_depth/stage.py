@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterable, Iterator
 from lpcv_depth.errors import ExitCode, GateError, LpcvError, OutputDirError, Terminated
 from lpcv_depth.manifest import MANIFEST_NAME
 
-__all__ = ["StageLog", "StepResult", "StagingDir", "StageDefinition", "refuse_inputs", "remove_stale_partials", "exit_status",
-           "human_size", "command_line", "display_path"]
+__all__ = ["StageLog", "StepResult", "StagingDir", "StageDefinition", "refuse_inputs", "remove_stale_partials",
+           "exit_status", "human_size", "command_line", "display_path"]
 
 
 def human_size(num_bytes: int) -> str:
