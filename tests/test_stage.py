@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,3 +179,16 @@ def test_error_texts_are_clean(tmp_path):
     with pytest.raises(WeightsError) as excinfo:
         load_torch_checkpoint(path)
     assert "weights_only" not in str(excinfo.value) and "fix:" in str(excinfo.value)
+
+
+def test_a_missing_fp32_model_is_a_clear_error_not_a_traceback(fastdepth_export, calib_subset, tmp_path, capsys):
+    from lpcv_depth import cli
+
+    broken = tmp_path / "export"
+    shutil.copytree(fastdepth_export, broken)
+    (broken / "model.onnx").unlink()
+    status = cli.main(["ptq", "--calib", str(calib_subset), "--fp32", str(broken), "--out", str(tmp_path / "ptq")])
+    err = capsys.readouterr().err
+    assert status == ExitCode.ERROR, err
+    assert "model.onnx is missing" in err and "fix:" in err and "Traceback" not in err
+    assert not (tmp_path / "ptq").exists()
