@@ -521,7 +521,8 @@ def make_htp_check_folder(ptq_dir: Path, out: Path, binary: bytes = b"QNN contex
                         cpu_op_types={}, cpu_node_names=[], refused=[], no_fallback_error=None, build_s=0.0)
     context = ContextBinary(onnx="model_ctx.onnx", path=path.name, bytes=path.stat().st_size, onnx_bytes=0,
                             sha256=sha256_file(path), build_s=0.0, reload_s=0.0, htp_arch="75", soc_model="57",
-                            qnn_sdk_version=qnn_sdk_version, full_htp=True, htp_partitions=1, io="float32 in, float32 out",
+                            qnn_sdk_version=qnn_sdk_version, full_htp=True, htp_partitions=1,
+                            io="float32 in, float32 out",
                             build_note="fake", ai_hub="fake")
     results = HtpCheckResults(target={"htp_arch": "75", "soc_model": "57"}, emulation_note="fake", warnings=[],
                               qnn={}, model={}, coverage=coverage, emulation_time={}, numerics={},
@@ -540,7 +541,8 @@ def _write_context_onnx(path: Path, binary: str, image: tuple[str, str], depth: 
     types = {"float32": onnx.TensorProto.FLOAT, "uint8": onnx.TensorProto.UINT8}
     node = helper.make_node("EPContext", [image[0]], [depth[0]], domain="com.microsoft", embed_mode=0,
                             ep_cache_context=binary, source="QNN")
-    graph = helper.make_graph([node], "ctx", [helper.make_tensor_value_info(image[0], types[image[1]], [1, 3, 480, 640])],
+    graph = helper.make_graph([node], "ctx",
+                              [helper.make_tensor_value_info(image[0], types[image[1]], [1, 3, 480, 640])],
                               [helper.make_tensor_value_info(depth[0], types[depth[1]], [1, 1, 480, 640])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                       helper.make_opsetid("com.microsoft", 1)]), path)

@@ -391,8 +391,9 @@ class HubRestDouble:
         return self._dataset_pb(dataset)
 
     def _dataset_pb(self, dataset: ServerDataset):
-        return _pb().Dataset(dataset_id=dataset.dataset_id, name=dataset.name, creation_time=_timestamp(dataset.created),
-                             expiration_time=_timestamp(dataset.expires), file_upload_complete=True)
+        return _pb().Dataset(dataset_id=dataset.dataset_id, name=dataset.name,
+                             creation_time=_timestamp(dataset.created), expiration_time=_timestamp(dataset.expires),
+                             file_upload_complete=True)
 
     def _add_dataset(self, name: str, entries: dict) -> str:
         """A dataset the server writes itself (a job's outputs), h5 in the bucket like any other."""
@@ -641,7 +642,8 @@ class HubRestDouble:
         total = 0
         for index, (name, op_type) in enumerate(layers):
             unit = "CPU" if index >= len(layers) - self.cpu_layers else "NPU"
-            layer = pb.LayerDetail(name=name, layer_type_name=op_type, compute_unit=pb.ComputeUnit.Value(f"COMPUTE_UNIT_{unit}"))
+            layer = pb.LayerDetail(name=name, layer_type_name=op_type,
+                                   compute_unit=pb.ComputeUnit.Value(f"COMPUTE_UNIT_{unit}"))
             micros = per_layer_us * (20 if unit == "CPU" else 1)
             total += micros
             if self.layer_timings:

@@ -574,7 +574,8 @@ def test_preflight_goes_through_the_proxy_requests_would_use(hub, proxy, client_
     monkeypatch.delenv("NO_PROXY")
     proxy.answer = b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n"
     monkeypatch.setenv("HTTPS_PROXY", proxy.url.replace("http://", "http://me:secret@"))
-    with pytest.raises(HubUnavailableError, match="through the proxy http://127.0.0.1:.*authentication required") as err:
+    refused = "through the proxy http://127.0.0.1:.*authentication required"
+    with pytest.raises(HubUnavailableError, match=refused) as err:
         HubClient(connect_timeout_s=2).preflight()
     assert "secret" not in str(err.value) and "Proxy-Authorization: Basic bWU6c2VjcmV0" in proxy.headers
 
@@ -821,7 +822,8 @@ def test_compiled_io_that_breaks_the_contract_is_not_ready_to_submit(hub, tmp_pa
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), model)
     result = run_hub(_config(model, tmp_path / "hub", profile=False))
     contract = result.manifest["results"]["compile"]["contract"]
-    assert contract["ok"] is False and contract["problems"] == ["output is named 'disparity', the contract says 'depth'"]
+    assert contract["ok"] is False
+    assert contract["problems"] == ["output is named 'disparity', the contract says 'depth'"]
     stdout = capsys.readouterr().out
     assert "NOT ready to submit: the compiled model's I/O breaks the Track 3 contract" in stdout
     assert f"compile job id (the submission form asks for it): {result.compile_job_id}" in stdout

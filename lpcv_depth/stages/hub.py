@@ -49,9 +49,11 @@ from lpcv_depth.errors import ConfigError, ExitCode, LpcvError, OutputDirError, 
 from lpcv_depth.manifest import (MANIFEST_NAME, Manifest, config_as_dict, read_manifest, sha256_file,
                                  sha256_of_files, write_manifest)
 from lpcv_depth.options import config_from_args, inherit, option
-from lpcv_depth.results import (EvaluateGroup, EvaluateResults, HtpCheckResults, HubCompile, HubContract, HubGroundTruth,
-                                HubHostFidelity, HubInference, HubInput, HubJobRecord, HubProfile, HubResults, HubShare)
-from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path, exit_status
+from lpcv_depth.results import (EvaluateGroup, EvaluateResults, HtpCheckResults, HubCompile, HubContract,
+                                HubGroundTruth, HubHostFidelity, HubInference, HubInput, HubJobRecord, HubProfile,
+                                HubResults, HubShare)
+from lpcv_depth.stage import (StageDefinition, StageLog, command_line, display_path, exit_status,
+                              refuse_inputs)
 from lpcv_depth.stages.evaluate import EvaluateConfig
 
 __all__ = ["HubConfig", "HubResult", "HubArtifact", "HubState", "run_hub", "resolve_artifact", "summarize_profile",
@@ -443,23 +445,13 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _refuse_inputs(folder: Path, inputs: list[Path]) -> None:
-    final = folder.resolve()
-    for source in (Path(p).resolve() for p in inputs):
-        if final == source or final in source.parents or source in final.parents:
-            relation = "is" if final == source else "contains" if final in source.parents else "lies inside"
-            raise OutputDirError(f"output folder {final} {relation} this run's input {source}; writing there "
-                                 "would replace the input",
-                                 hint="pass a separate --out folder (or leave --out out for the default)")
-
-
 def _prepare_output(config: HubConfig) -> Path:
     """Own the folder, and make sure it does not look finished until this run writes its manifest.
 
     Unlike a StagingDir the folder is written in place: hub_jobs.json must survive a failed or
     interrupted run, because it is what the rerun resumes from."""
     folder = config.destination.resolve()
-    _refuse_inputs(folder, config.inputs)
+    refuse_inputs(folder, config.inputs)
     if folder.exists() and not folder.is_dir():
         raise OutputDirError(f"output path {folder} exists and is not a folder", hint="pass a different --out")
     ours = (folder / STATE_NAME).is_file() or _stage_of(folder) == STAGE
@@ -588,7 +580,8 @@ def _note_options(config: HubConfig, log: StageLog) -> None:
     if config.qairt_version is not None:
         log.info(f"context binary built with QNN {artifact.qnn_sdk_version}: its jobs run on --qairt_version "
                  f"{config.qairt_version} (from the htp-check manifest)")
-    elif artifact.kind == "qnn_context_binary" and not config.compiles:
+    elif artifact.kind == "qnn_context_binary" and not config.compiles and \
+            "--qairt_version" not in config.profile_options + config.inference_options:
         log.warn(f"no QNN version recorded for {artifact.upload.name}: AI Hub runs it on its default QAIRT, which "
                  "may not load it; add --qairt_version X.Y (the QNN that built it) to --profile-options and "
                  "--inference-options")
@@ -1154,7 +1147,8 @@ def _evaluate(run: _Run, data: Path, label: str) -> EvaluateGroup:
 
     folder = run.out / "eval" / label
     run_evaluate(EvaluateConfig(data=data, predictions=run.out / f"{label}_outputs", out=folder, num_vis=2,
-                                threads=run.config.threads, median=run.config.median), StageLog(f"{STAGE}/evaluate-{label}"))
+                                threads=run.config.threads, median=run.config.median),
+                 StageLog(f"{STAGE}/evaluate-{label}"))
     manifest = Manifest.read(folder, stage="evaluate")
     run.outputs += [folder / MANIFEST_NAME, *(folder / output.path for output in manifest.outputs)]
     return manifest.results_as(EvaluateResults).overall
