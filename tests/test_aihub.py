@@ -404,13 +404,14 @@ def test_rate_limited_submission_is_retried_within_the_timeout(hub, clock, fp32_
     assert result.compile_job_id and hub.count("create_compile_job") == 3
     assert clock.slept[:2] == [20.0, 40.0]
 
-    hub.outage("create_compile_job", "429", times=10 ** 6)  # never lets up
+    hub.outage("create_inference_job", "429", times=10 ** 6)  # the profile job's submission: never lets up
     out = tmp_path / "limited"
-    assert main(_argv(fp32_export, out, "--no-profile", "--timeout", "100")) == 2
+    assert main(_argv(fp32_export, out, "--timeout", "100")) == 2
     err = capsys.readouterr().err
     assert "rate limited" in err and "HTTP 429" in err and "fix: wait a few minutes and rerun" in err
-    assert sum(clock.slept[2:]) <= 100  # bounded by --timeout, not qai-hub's 10 minutes
-    assert "compile" not in json.loads((out / STATE_NAME).read_text())["jobs"]
+    # Bounded by --timeout (tries after 0, 20 and 60 s), not by qai-hub's own 10-minute loop, which never ran.
+    assert hub.count("create_inference_job") == 3 and sum(clock.slept[2:]) <= 100 and hub.slept == []
+    assert "profile" not in json.loads((out / STATE_NAME).read_text())["jobs"]
 
 
 def test_s3_failure_is_unavailable_and_the_rerun_resumes(hub, fp32_export, tmp_path, capsys):
@@ -450,6 +451,20 @@ def test_io_spec_errors_surface_and_the_rerun_resumes(hub, fp32_export, calibrat
     assert [kind for kind, _, _ in hub.submitted] == ["compile"] and hub.count("_create_dataset") == 0
     assert main(argv) == 0
     assert [kind for kind, _, _ in hub.submitted] == ["compile", "inference"]
+
+
+def test_a_model_gone_from_the_hub_is_uploaded_again_but_a_server_error_is_reported(hub, fp32_export, tmp_path,
+                                                                                     capsys):
+    out = tmp_path / "hub"
+    assert main(_argv(fp32_export, out, "--no-profile")) == 0
+    hub.outage("get_model", "500")  # the recorded model cannot be looked up: reported, not taken for "gone"
+    assert main(_argv(fp32_export, out, "--no-profile", "--runtime", "tflite")) == 2
+    err = capsys.readouterr().err
+    assert "AI Hub reported an internal error while trying to look up model" in err and "unavailable" not in err
+    assert hub.count("_create_model") == 1
+    hub.models.pop(hub.uploads[0])  # now really gone (404): uploaded again
+    assert main(_argv(fp32_export, out, "--no-profile", "--runtime", "tflite")) == 0
+    assert hub.count("_create_model") == 2 and [kind for kind, _, _ in hub.submitted] == ["compile", "compile"]
 
 
 def test_missing_package_says_how_to_install(fp32_export, tmp_path, monkeypatch, capsys):
