@@ -148,3 +148,56 @@ def test_metric_export_records_max_depth_and_semantics(tmp_path, calibration_dir
     assert result.manifest["results"]["spec"]["max_depth"] == 20.0
     assert result.manifest["results"]["model"]["output_semantics"].startswith("metric depth")
     assert np.isfinite(result.results.parity["sqnr_db"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["w8a8", "w8a16"])
+def test_metric_vits_quantizes_and_runs_fully_on_the_htp(preset, tmp_path, calib_subset):
+    """Export, PTQ and the local HTP check of the Hypersim metric ViT-S (random weights, 266x266 to
+    keep it minutes): the Sigmoid and the max_depth multiply are in the 16-bit output tail, and every
+    node runs on the HTP."""
+    pytest.importorskip("aimet_torch", reason="aimet-torch (the quant extra) is not installed")
+    from lpcv_depth.backends import qnn
+    from lpcv_depth.stages.export import ExportConfig, run_export
+    from lpcv_depth.stages.htp_check import HtpCheckConfig, run_htp_check
+    from lpcv_depth.stages.ptq import PtqConfig, run_ptq
+
+    if qnn.unavailable_reason():
+        pytest.skip(qnn.unavailable_reason())
+    export = run_export(ExportConfig(model="depth_anything_v2_metric_hypersim_vits", weights=None,
+                                     input_size=(266, 266), out=tmp_path / "export", check_images=calib_subset,
+                                     num_check_images=1))
+    ptq = run_ptq(PtqConfig(calib=calib_subset, fp32=export.out_dir, preset=preset, holdout=4, min_calib=8,
+                            latency_runs=1, out=tmp_path / f"ptq-{preset}"))
+    assert _quantized_dtype_after(ptq.qdq_onnx, "Sigmoid") == ["uint16"]
+    # The max_depth multiply right after the Sigmoid is in the 16-bit tail too.
+    assert _quantized_dtype_after(ptq.qdq_onnx, "Mul", fed_by="Sigmoid") == ["uint16"]
+    check = run_htp_check(HtpCheckConfig(ptq=ptq.out_dir, max_frames=1, fp16_baseline=False, require_full_htp=True))
+    assert check.results.coverage.full_htp and check.results.coverage.cpu_nodes == 0
+    assert check.results.coverage.htp_partitions == 1
+
+
+def _quantized_dtype_after(path, op_type: str, fed_by: str | None = None) -> list[str]:
+    """The dtype each `op_type` node's output is quantized to (optionally only nodes whose input is
+    the dequantized output of a `fed_by` node)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    dtypes = []
+    for node in graph.node:
+        if node.op_type != op_type:
+            continue
+        if fed_by is not None:
+            sources = [producer.get(producer[i].input[0]) if i in producer and producer[i].op_type ==
+                       "DequantizeLinear" and producer[i].input[0] in producer else None for i in node.input]
+            quantized = [producer.get(s.input[0]) if s is not None and s.op_type == "QuantizeLinear" else None
+                         for s in sources]
+            if not any(q is not None and q.op_type == fed_by for q in quantized):
+                continue
+        for consumer in graph.node:
+            if consumer.op_type == "QuantizeLinear" and consumer.input[0] == node.output[0]:
+                zero_point = initializers[consumer.input[2]]
+                dtypes.append(onnx.helper.tensor_dtype_to_np_dtype(zero_point.data_type).name)
+    return dtypes

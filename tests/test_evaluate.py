@@ -101,8 +101,8 @@ def test_cli_on_a_predictions_folder_with_a_perfect_and_a_broken_frame(rgbd_dir,
     results = Manifest.read(out, stage="evaluate").results_as(EvaluateResults)
     assert results.overall.scored == 1 and results.overall.metrics[FSCORE] == 100
     assert [(s.set, s.frame) for s in results.skipped] == [("tum_desk", "desk_2")]
-    assert {k: summary[k] for k in ("overall", "sets", "skipped", "metric_time_s", "median", "warnings")} \
-        == manifest["results"]
+    assert {k: summary[k] for k in ("overall", "sets", "skipped", "metric_time_s", "median", "warnings",
+                                    "out_of_contract")} == manifest["results"]
 
 
 def test_out_never_replaces_an_input(rgbd_dir, tmp_path, capsys):
@@ -126,7 +126,7 @@ def test_root_of_sets_with_nested_predictions_missing_and_wrong_shape(rgbd_dir, 
                                      max_points=20_000, threads=1))
     sets = result.summary["sets"]
     assert sets["hololens_dev"] == {"frames": 20, "scored": 0, "skipped": 20, "metrics": {}, "mean_points": 0.0,
-                                    "invalid_share": None, "ceiling_fscore": None}
+                                    "invalid_share": None, "ceiling_fscore": None, "out_of_contract": 0}
     assert sets["kinect_home"]["scored"] == 4 and sets["kinect_home"]["skipped"] == 1
     assert sets["tum_desk"]["metrics"][FSCORE] == 100 and sets["iphone_lidar"]["mean_points"] == 20_000
     assert result.results.sets["kinect_home"].skipped == 1 and result.results.overall.frames == 28

@@ -217,7 +217,7 @@ def test_cli_runs_from_the_repo_root_and_prints_the_next_command(tmp_path, calib
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--model", "nope"], "registered models: depth_anything_v2_vitb"),
+    (["--model", "nope"], "registered models: depth_anything_v2_metric_hypersim_vitb"),
     (["--weights", "/no/such/file.pth"], "weights file not found"),
 ])
 def test_cli_errors_exit_non_zero_with_a_message(args, expected, tmp_path):

@@ -24,7 +24,16 @@ def registered_models() -> list:
 
 
 def _random_model(name: str, output: str = "depth"):
-    return create_model(name, weights=None, output=output, input_size=FAST_INPUT_SIZE.get(name))
+    model = create_model(name, weights=None, output=output, input_size=FAST_INPUT_SIZE.get(name))
+    head = getattr(model.backbone, "depth_head", None)
+    if head is not None:
+        # Random DA-V2 weights give a map within a few percent of one value, and the per-sample min-max
+        # then magnifies float rounding ~50x. A wider last conv gives the map a real spread, so these
+        # tests check the normalisation itself at 1e-5 (as real weights would), not amplified rounding.
+        with torch.no_grad():
+            last = head.scratch.output_conv2[2]
+            last.weight.copy_(torch.randn(last.weight.shape, generator=torch.Generator().manual_seed(0)))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +57,15 @@ def test_contract_shapes_and_range(name, real_images):
 def test_normalisation_is_per_sample(name, output, real_images):
     # The published sample solution normalised over the whole batch, so an image's output changed
     # with its batch mates. Here a sample's output must not depend on the rest of the batch.
-    model = _random_model(name, output)
+    # In float64: batched and single-image convolutions round differently in float32 (ViT-L: 1e-6 on
+    # this AVX2 host), and the disparity-to-depth conversion magnifies that 1/floor = 20x, which would
+    # hide what is tested here, the per-sample normalisation, behind kernel rounding.
+    model = _random_model(name, output).double()
+    images = real_images.double()
     with torch.no_grad():
-        together = model(real_images)
-        alone = torch.cat([model(real_images[i:i + 1]) for i in range(2)])
-        swapped_partner = model(torch.stack([real_images[0], real_images[0].flip(-1) * 0.3]))
+        together = model(images)
+        alone = torch.cat([model(images[i:i + 1]) for i in range(2)])
+        swapped_partner = model(torch.stack([images[0], images[0].flip(-1) * 0.3]))
     assert torch.allclose(together, alone, atol=1e-5)
     assert torch.allclose(together[0], swapped_partner[0], atol=1e-5)
 
