@@ -192,3 +192,24 @@ def test_a_missing_fp32_model_is_a_clear_error_not_a_traceback(fastdepth_export,
     assert status == ExitCode.ERROR, err
     assert "model.onnx is missing" in err and "fix:" in err and "Traceback" not in err
     assert not (tmp_path / "ptq").exists()
+
+
+def test_hints_quote_paths_with_spaces():
+    from lpcv_depth.stage import command_line
+
+    assert command_line("ptq", "--fp32", "my models/export") == "lpcv-depth ptq --fp32 'my models/export'"
+
+
+def test_export_checks_out_before_loading_the_model_and_check_images_gets_a_fix(tmp_path):
+    from lpcv_depth.errors import ConfigError
+    from lpcv_depth.stages.export import ExportConfig, run_export
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    # The weights do not exist either: the --out problem must be the one reported, before any loading.
+    with pytest.raises(OutputDirError, match="cannot write|not a folder"):
+        run_export(ExportConfig(model="fastdepth", weights=str(tmp_path / "missing.tflite"), out=blocker / "sub"))
+    with pytest.raises(ConfigError, match="no JPG/PNG images") as excinfo:
+        run_export(ExportConfig(model="fastdepth", weights=None, out=tmp_path / "o",
+                                check_images=tmp_path / "nonexistent"))
+    assert "fix:" in str(excinfo.value)
