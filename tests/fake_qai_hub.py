@@ -38,6 +38,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from tests.hub_rest_double import cached_session
+
 API_URL = "https://workbench.aihub.qualcomm.com"
 DEVICES = ("Samsung Galaxy S24 (Family)", "Samsung Galaxy S23 (Family)", "Snapdragon 8 Elite QRD")
 RUNTIME_EXTENSIONS = {"qnn_context_binary": ".bin", "tflite": ".tflite", "qnn_dlc": ".dlc", "onnx": ".onnx.zip"}
@@ -383,13 +385,7 @@ class FakeQaiHub:
         return prefix + "".join(self._rng.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
     def _session(self, path: Path):
-        if path not in self._sessions:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            self._sessions[path] = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-        return self._sessions[path]
+        return cached_session(self._sessions, path)
 
     def _profile(self, job: Job) -> dict:
         """download_profile()'s layout; figures derived from the model so fp32 and int8 differ as they would."""

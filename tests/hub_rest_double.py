@@ -623,13 +623,7 @@ class HubRestDouble:
         return output.astype(np.float16).astype(np.float32)  # HTP runs float models in fp16
 
     def _session(self, path: Path):
-        if path not in self._sessions:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            self._sessions[path] = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-        return self._sessions[path]
+        return cached_session(self._sessions, path)
 
     def _profile(self, job: ServerJob):
         """ProfileDetail as the service sends it; figures derived from the model so fp32 and int8 differ."""
@@ -807,3 +801,14 @@ def _layers(onnx_path: Path | None, size: int) -> tuple[list[tuple[str, str]], i
     layers = [(node.name or f"{node.op_type}_{i}", node.op_type) for i, node in enumerate(graph.node)
               if node.op_type not in ("QuantizeLinear", "DequantizeLinear")]
     return layers, onnx_path.stat().st_size
+
+
+def cached_session(sessions: dict, path: Path):
+    """One single-threaded ONNX Runtime session per model file: how the doubles 'run' a model."""
+    if path not in sessions:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        sessions[path] = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    return sessions[path]
