@@ -16,10 +16,11 @@ _ENCODER_SIZES = {"vits": (196, 252), "vitb": (196, 252), "vitl": (140, 182)}
 FAST_INPUT_SIZE = {name: _ENCODER_SIZES[name[-4:]] for name in list_models() if name.startswith("depth_anything")}
 
 
-def registered_models() -> list:
+def registered_models(slow: tuple[str, ...] = ()) -> list:
     """Every registered model; the metric ViT-B/L differ from ViT-S metric only in the shared encoder,
-    so they run with -m slow to keep the default suite short."""
+    so they run with -m slow to keep the default suite short, as do the names in `slow`."""
     heavy = {f"depth_anything_v2_metric_{d}_{e}" for d in ("hypersim", "vkitti") for e in ("vitb", "vitl")}
+    heavy |= set(slow)
     return [pytest.param(name, marks=pytest.mark.slow) if name in heavy else name for name in list_models()]
 
 
