@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["option", "OptionSpec", "add_config_arguments", "config_from_args", "config_to_argv",
-           "cli_fields", "flag_name", "parse_size", "format_size", "parse_optional_path", "inherit", "quote_argv"]
+           "cli_fields", "flag_name", "parse_size", "format_size", "parse_optional_path", "inherit", "quote_argv", "field_default"]
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_type: type, *, 
         annotation = hints[field.name]
         base, _ = _base_type(annotation)
         flag = flag_name(field.name)
-        default = _field_default(field)
+        default = field_default(field)
         help_text = spec.help
         if base is bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
@@ -143,7 +143,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_type: type, *, 
         parser.add_argument(flag, **kwargs)
 
 
-def _field_default(field: dataclasses.Field) -> Any:
+def field_default(field: dataclasses.Field) -> Any:
     if field.default is not MISSING:
         return field.default
     if field.default_factory is not MISSING:
@@ -158,7 +158,7 @@ def config_from_args(config_type: type, args: argparse.Namespace, **overrides) -
     for field, spec in cli_fields(config_type):
         value = getattr(args, field.name)
         if spec.repeatable:
-            value = tuple(value) if value else _field_default(field)
+            value = tuple(value) if value else field_default(field)
         values[field.name] = value
     values.update(overrides)
     return config_type(**values)
@@ -189,7 +189,7 @@ def config_to_argv(config: Any, *, only_changed: bool = True) -> list[str]:
     argv: list[str] = []
     for field, spec in cli_fields(type(config)):
         value = getattr(config, field.name)
-        default = _field_default(field)
+        default = field_default(field)
         if only_changed and not spec.required and value == default:
             continue
         base, _ = _base_type(hints[field.name])

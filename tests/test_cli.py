@@ -12,7 +12,7 @@ import pytest
 
 from lpcv_depth import cli
 from lpcv_depth.errors import ExitCode
-from lpcv_depth.options import _field_default, cli_fields, config_from_args, config_to_argv, flag_name
+from lpcv_depth.options import cli_fields, config_from_args, config_to_argv, field_default, flag_name
 
 
 def _changed_value(config, field: dataclasses.Field, spec, tmp_path: Path):
@@ -60,7 +60,7 @@ def test_every_flag_round_trips_to_its_config_field(stage, tmp_path, calibration
     fixed.update({"calib": calibration_dir, "eval_data": rgbd_dir, "check_images": calibration_dir,
                   "out": tmp_path / "out"})
     fields = cli_fields(definition.config)
-    defaults = {f.name: _field_default(f) for f, _ in fields}
+    defaults = {f.name: field_default(f) for f, _ in fields}
     base = definition.config(**{k: fixed[k] for k in defaults if k in fixed})
     changes = {}
     for field, spec in fields:
@@ -88,7 +88,7 @@ def test_every_flag_round_trips_without_touching_the_disk(stage, tmp_path):
     fields = cli_fields(definition.config)
     values = {}
     for field, spec in fields:
-        current = _field_default(field)
+        current = field_default(field)
         probe = object.__new__(definition.config)
         object.__setattr__(probe, field.name, current)
         value = _changed_value(probe, field, spec, tmp_path)

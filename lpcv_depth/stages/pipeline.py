@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.manifest import MANIFEST_NAME, Manifest, config_as_dict, sha256_file, sha256_of_files
-from lpcv_depth.options import add_config_arguments, config_from_args, inherit, option
+from lpcv_depth.options import (add_config_arguments, cli_fields, config_from_args, field_default, inherit,
+                                option)
 from lpcv_depth.report import markdown_table
 from lpcv_depth.schema import to_json
 from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path
@@ -197,26 +198,10 @@ def _stage_config(stage: str, extra_args: str, wiring: dict) -> Any:
     from lpcv_depth.cli import stage_definition
 
     config_type = stage_definition(stage).config
-    namespace = argparse.Namespace(**{f.name: _default(f) for f in _fields(config_type)})
+    namespace = argparse.Namespace(**{f.name: field_default(f) for f, _ in cli_fields(config_type)})
     for key, value in {**wiring, **parse_stage_args(stage, extra_args)}.items():
         setattr(namespace, key, value)
     return config_from_args(config_type, namespace)
-
-
-def _fields(config_type: type):
-    import dataclasses
-
-    return [f for f in dataclasses.fields(config_type) if "option" in f.metadata]
-
-
-def _default(f) -> Any:
-    import dataclasses
-
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
 
 
 def _export_config(pipe: _Pipeline):
