@@ -26,6 +26,8 @@ class LpcvError(Exception):
     """Base class: `str(err)` is the problem, `err.hint` is what to do about it."""
 
     exit_code = ExitCode.ERROR
+    # How the CLI's stderr line names the failure: `<stage>: <headline>: <message>`.
+    headline = "error"
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -77,3 +79,4 @@ class GateError(LpcvError):
     quality gate the user set (e.g. --min-sqnr, --max-fscore-drop, --require-full-htp)."""
 
     exit_code = ExitCode.GATE_FAILED
+    headline = "GATE FAILED"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from lpcv_depth.errors import ExitCode, GateError, LpcvError, OutputDirError, Terminated
+from lpcv_depth.errors import ExitCode, LpcvError, OutputDirError, Terminated
 from lpcv_depth.manifest import MANIFEST_NAME
 
 __all__ = ["StageLog", "StepResult", "StagingDir", "StageDefinition", "refuse_inputs", "remove_stale_partials",
@@ -221,11 +221,8 @@ def exit_status(stage: str, err: BaseException, interrupted: str = "nothing was 
     """Print a stage's failure on stderr the one way all stages do, and return its exit status from
     the error's type (errors.ExitCode). Anything that is not an LpcvError or an interruption is a
     bug and is re-raised with its traceback."""
-    if isinstance(err, GateError):
-        print(f"{stage}: GATE FAILED: {err}", file=sys.stderr)
-        return err.exit_code
     if isinstance(err, LpcvError):
-        print(f"{stage}: error: {err}", file=sys.stderr)
+        print(f"{stage}: {err.headline}: {err}", file=sys.stderr)
         return err.exit_code
     if isinstance(err, KeyboardInterrupt):
         what = "terminated" if isinstance(err, Terminated) else "interrupted"

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -43,7 +42,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import numpy as np
 
 from lpcv_depth.backends.ai_hub import (S24_DEVICE, HubClient, HubError, HubJob, HubJobFailedError, HubNotFoundError,
-                                        HubTimeoutError, TensorInfo)
+                                        TensorInfo)
 from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import ConfigError, ExitCode, LpcvError, OutputDirError, UnknownModelError
 from lpcv_depth.manifest import (MANIFEST_NAME, Manifest, config_as_dict, read_manifest, sha256_file,
@@ -1204,9 +1203,6 @@ def _configs(args) -> list[HubConfig]:
 
 
 def _exit_status(err: BaseException, out: Path | None) -> int:
-    if isinstance(err, (HubJobFailedError, HubTimeoutError)):
-        print(f"{STAGE}: {err.headline}: {err}", file=sys.stderr)
-        return err.exit_code
     where = f" in {display_path(out / STATE_NAME)}" if out is not None else ""
     return exit_status(STAGE, err, f"submitted job ids are recorded{where}: rerun the same command to resume")
 
