@@ -19,6 +19,7 @@ from lpcv_depth.errors import ConfigError, OutputDirError, ParityError, UnknownM
 from lpcv_depth.images import list_images, load_contract_batch
 from lpcv_depth.verify import OrtRunner, ParityThresholds
 from lpcv_depth.models import create_model, list_models
+from lpcv_depth.models.weights import load_torch_checkpoint
 from tests.conftest import REPO_ROOT
 from tests.test_wrapper import FAST_INPUT_SIZE, registered_models
 
@@ -101,6 +102,12 @@ def test_corrupted_weights_file(tmp_path):
     bad.write_bytes(os.urandom(4096))
     with pytest.raises(WeightsError, match="corrupt"):
         create_model("depth_anything_v2_vits", weights=bad)
+    # Garbage makes the unpickler fail in many different ways (KeyError, IndexError, ...); each is "corrupt".
+    rng = np.random.default_rng(0)
+    for seed in range(64):
+        bad.write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+        with pytest.raises(WeightsError, match="corrupt"):
+            load_torch_checkpoint(bad)
     truncated = tmp_path / "truncated.pth"
     torch.save(create_model("fastdepth", weights=None).backbone.state_dict(), truncated)
     truncated.write_bytes(truncated.read_bytes()[:5000])
