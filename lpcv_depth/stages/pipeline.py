@@ -14,28 +14,26 @@ passed on with --<stage>-args "...". Writes under OUT (default build/<model>/), 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
 import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from lpcv_depth.cache import is_up_to_date, read_records, stage_fingerprint, stage_record, write_records
 from lpcv_depth.errors import ConfigError, LpcvError
-from lpcv_depth.manifest import MANIFEST_NAME, Manifest, config_as_dict, sha256_file, sha256_of_files
+from lpcv_depth.manifest import Manifest, config_as_dict
 from lpcv_depth.options import (add_config_arguments, cli_fields, config_from_args, field_default, inherit,
                                 option)
 from lpcv_depth.report import markdown_table
-from lpcv_depth.schema import to_json
 from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import ExportConfig
 from lpcv_depth.stages.ptq import PtqConfig
 from lpcv_depth.workspace import build_dir, in_workspace
 
-__all__ = ["RunConfig", "RunResult", "StageOutcome", "run_pipeline", "PIPELINE_STAGES"]
+__all__ = ["RunConfig", "RunResult", "StageOutcome", "run_pipeline", "PIPELINE_STAGES", "parse_stage_args",
+           "stage_config", "AUTO_ON_OFF"]
 
 STAGE = "run"
 PIPELINE_STAGES = ("export", "ptq", "htp-check", "hub", "compare")
@@ -135,7 +133,7 @@ def run_pipeline(config: RunConfig, log: StageLog | None = None) -> RunResult:
     log = log or StageLog(STAGE)
     root = config.destination
     root.mkdir(parents=True, exist_ok=True)
-    pipe = _Pipeline(config, log, _read_state(root))
+    pipe = _Pipeline(config, log, read_records(root / STATE_NAME))
     steps: list[tuple[str, Callable[[_Pipeline], Any], Callable[[_Pipeline], str | None]]] = [
         ("export", _export_config, _always),
         ("ptq", _ptq_config, _always),
@@ -151,7 +149,7 @@ def run_pipeline(config: RunConfig, log: StageLog | None = None) -> RunResult:
             log.info(f"{prefix} skipped: {reason}")
             continue
         _run_stage(pipe, stage, build_config(pipe), prefix)
-        _write_state(root, pipe.state)
+        write_records(root / STATE_NAME, pipe.state)
     summary = summarize(pipe)
     (root / "summary.md").write_text(summary)
     log.info(f"ok {log.total_seconds:.1f}s -> {display_path(root)}")
@@ -172,8 +170,10 @@ WIRED = {"export": ("model", "weights", "input_size", "check_images", "out"),
          "compare": ("fp32", "int8", "htp_check", "int8_hub", "out")}
 
 
-def parse_stage_args(stage: str, extra_args: str) -> dict:
-    """The flags given in --<stage>-args, checked against the stage's own options."""
+def parse_stage_args(stage: str, extra_args: str, wired: tuple[str, ...] | None = None,
+                     command: str = "run") -> dict:
+    """The flags given in --<stage>-args, checked against the stage's own options and refused where
+    they set an option that `lpcv-depth COMMAND` wires itself (`wired`, default: run's WIRED)."""
     from lpcv_depth.cli import stage_definition
 
     parser = argparse.ArgumentParser(prog=f"--{stage}-args", add_help=False, exit_on_error=False)
@@ -186,34 +186,35 @@ def parse_stage_args(stage: str, extra_args: str) -> dict:
     if unknown:
         raise ConfigError(f"{flag} {extra_args!r}: lpcv-depth {stage} has no option {' '.join(unknown)}",
                           hint=f"use the flags of lpcv-depth {stage} --help")
-    clash = sorted(set(vars(given)) & set(WIRED[stage]))
+    clash = sorted(set(vars(given)) & set(WIRED[stage] if wired is None else wired))
     if clash:
         raise ConfigError(f"{flag} sets {', '.join('--' + c.replace('_', '-') for c in clash)}, which "
-                          f"`lpcv-depth run` wires itself", hint="pass those through run's own options instead")
+                          f"`lpcv-depth {command}` wires itself",
+                          hint=f"pass those through {command}'s own options instead")
     return vars(given)
 
 
-def _stage_config(stage: str, extra_args: str, wiring: dict) -> Any:
-    """The stage's config from the pipeline's wiring plus the user's --<stage>-args."""
+def stage_config(stage: str, extra_args: str, wiring: dict, wired: tuple[str, ...] | None = None) -> Any:
+    """The stage's config from the caller's wiring plus the user's --<stage>-args."""
     from lpcv_depth.cli import stage_definition
 
     config_type = stage_definition(stage).config
     namespace = argparse.Namespace(**{f.name: field_default(f) for f, _ in cli_fields(config_type)})
-    for key, value in {**wiring, **parse_stage_args(stage, extra_args)}.items():
+    for key, value in {**wiring, **parse_stage_args(stage, extra_args, wired)}.items():
         setattr(namespace, key, value)
     return config_from_args(config_type, namespace)
 
 
 def _export_config(pipe: _Pipeline):
     c = pipe.config
-    return _stage_config("export", c.export_args, {
+    return stage_config("export", c.export_args, {
         "model": c.model, "weights": c.weights, "input_size": c.input_size,
         "check_images": in_workspace(c.calib), "out": c.destination / "export"})
 
 
 def _ptq_config(pipe: _Pipeline):
     c = pipe.config
-    return _stage_config("ptq", c.ptq_args, {
+    return stage_config("ptq", c.ptq_args, {
         "calib": in_workspace(c.calib), "fp32": pipe.folders["export"], "preset": c.preset,
         "eval_data": in_workspace(c.eval_data) if c.eval_data else None, "median": c.median,
         "out": c.destination / f"ptq-{c.preset}"})
@@ -221,21 +222,21 @@ def _ptq_config(pipe: _Pipeline):
 
 def _htp_check_config(pipe: _Pipeline):
     c = pipe.config
-    return _stage_config("htp-check", c.htp_check_args, {
+    return stage_config("htp-check", c.htp_check_args, {
         "ptq": pipe.folders["ptq"], "eval_data": in_workspace(c.eval_data) if c.eval_data else None,
         "median": c.median, "max_frames": c.max_frames, "out": pipe.folders["ptq"] / "htp-check"})
 
 
 def _hub_configs(pipe: _Pipeline):
     c = pipe.config
-    return _stage_config("hub", c.hub_args, {
+    return stage_config("hub", c.hub_args, {
         "artifact": pipe.folders["ptq"], "eval_data": in_workspace(c.eval_data) if c.eval_data else None,
         "median": c.median, "max_frames": c.max_frames, "out": c.destination / f"hub-ptq-{c.preset}"})
 
 
 def _compare_config(pipe: _Pipeline):
     c = pipe.config
-    return _stage_config("compare", "", {
+    return stage_config("compare", "", {
         "fp32": pipe.folders["export"], "int8": pipe.folders["ptq"], "htp_check": pipe.folders.get("htp-check"),
         "int8_hub": pipe.folders.get("hub"), "out": c.destination / "compare"})
 
@@ -268,9 +269,10 @@ def _run_stage(pipe: _Pipeline, stage: str, stage_config: Any, prefix: str) -> N
     from lpcv_depth.cli import stage_definition
 
     folder = Path(stage_config.destination)
-    fingerprint = _fingerprint(stage, stage_config, pipe)
-    if not (pipe.redo or pipe.config.forced(stage)) and _up_to_date(pipe.state.get(stage), folder, stage,
-                                                                      fingerprint):
+    upstream = {name: pipe.state[name]["manifest_sha256"] for name in pipe.fingerprints}
+    fingerprint = stage_fingerprint(stage, stage_config, upstream)
+    if not (pipe.redo or pipe.config.forced(stage)) and is_up_to_date(pipe.state.get(stage), folder, stage,
+                                                                       fingerprint):
         pipe.log.info(f"{prefix} up to date, skipped -> {display_path(folder)}")
         pipe.outcomes.append(StageOutcome(stage, "up to date", folder))
     else:
@@ -283,71 +285,7 @@ def _run_stage(pipe: _Pipeline, stage: str, stage_config: Any, prefix: str) -> N
         pipe.redo = True  # everything after a redone stage is redone too
     pipe.folders[stage] = folder
     pipe.fingerprints[stage] = fingerprint
-    pipe.state[stage] = {"folder": os.fspath(folder), "fingerprint": fingerprint,
-                         "manifest_sha256": sha256_file(folder / MANIFEST_NAME)}
-
-
-def _fingerprint(stage: str, stage_config: Any, pipe: _Pipeline) -> str:
-    """The stage's config plus the content of everything it reads: upstream stages by the sha256 of
-    their manifests, the weights file and the calibration photos by content, RGB-D data by file
-    names, sizes and modification times."""
-    config = config_as_dict(stage_config)
-    material = {"stage": stage, "config": config,
-                "upstream": {name: pipe.state[name]["manifest_sha256"] for name in pipe.fingerprints}}
-    weights = getattr(stage_config, "weights_file", None)
-    if weights is not None and Path(weights).is_file():
-        material["weights_sha256"] = sha256_file(weights)
-    for name in ("calib", "check_images"):
-        folder = getattr(stage_config, name, None)
-        if folder is not None and Path(folder).is_dir():
-            # export reads only the first few photos: other changes to the folder do not concern it.
-            limit = getattr(stage_config, "num_check_images", None) if name == "check_images" else None
-            material[f"{name}_sha256"] = _images_hash(Path(folder), limit)
-    data = getattr(stage_config, "eval_data", None)
-    if data is not None:
-        material["eval_data"] = _tree_stamp(Path(data))
-    return hashlib.sha256(json.dumps(to_json(material), sort_keys=True).encode()).hexdigest()
-
-
-def _images_hash(folder: Path, limit: int | None = None) -> str:
-    from lpcv_depth.images import list_images
-
-    return sha256_of_files(list_images(folder)[:limit], folder)
-
-
-def _tree_stamp(folder: Path) -> str:
-    entries = sorted((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-                     for p in folder.rglob("*") if p.is_file())
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
-
-
-def _up_to_date(recorded: dict | None, folder: Path, stage: str, fingerprint: str) -> bool:
-    if not recorded or recorded.get("fingerprint") != fingerprint or not (folder / MANIFEST_NAME).is_file():
-        return False
-    if sha256_file(folder / MANIFEST_NAME) != recorded.get("manifest_sha256"):
-        return False  # rerun by hand since: its inputs are not the ones recorded here
-    try:
-        Manifest.read(folder, stage=stage)
-    except LpcvError:
-        return False
-    return True
-
-
-def _read_state(root: Path) -> dict:
-    path = root / STATE_NAME
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text()).get("stages", {})
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_state(root: Path, stages: dict) -> None:
-    path = root / STATE_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"stages": stages}, indent=2) + "\n")
-    os.replace(tmp, path)
+    pipe.state[stage] = stage_record(folder, fingerprint)
 
 
 def summarize(pipe: _Pipeline) -> str:
