@@ -89,6 +89,8 @@ class HtpCheckConfig:
     max_frames: int | None = option(None, help="at most N held-out images and N RGB-D frames (spread over the sets); "
                                                "the emulation takes seconds (FastDepth) to minutes (ViT) per frame")
     fp16_baseline: bool = option(True, help="the fp32 model on the HTP in fp16, the NPU's float baseline")
+    numerics: bool = option(True, help="run the int8 model on the emulated HTP and compare its outputs; "
+                                       "--no-numerics: coverage and context binary only (what a search needs)")
     context_binary: bool = option(True, help="keep the QNN context binary")
     fscore_max_points: int | None = option(None, help="F-scores against fp32/CPU outputs on N sampled pixels "
                                                       "(faster, slightly different; default: every pixel)")
@@ -115,6 +117,11 @@ class HtpCheckConfig:
             raise ConfigError(f"--fp32 model not found: {self.fp32}", hint="pass the fp32 .onnx file")
         if self.fscore_max_points is not None and self.fscore_max_points < 100:
             raise ConfigError(f"fscore_max_points must be >= 100 (or None: every pixel), got {self.fscore_max_points}")
+        if not self.numerics and (self.min_sqnr is not None
+                                  or (self.max_fscore_drop is not None and self.eval_data is None)):
+            raise ConfigError("--no-numerics leaves nothing for --min-sqnr / --max-fscore-drop to check",
+                              hint="drop --no-numerics, or the gate (--require-full-htp needs only coverage; "
+                                   "--max-fscore-drop works with --eval-data)")
         if self.max_frames is not None and self.max_frames < 1:
             raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}")
         if self.max_fscore_drop is not None and self.max_fscore_drop < 0:
@@ -225,15 +232,19 @@ def run_htp_check(config: HtpCheckConfig, log: StageLog | None = None) -> HtpChe
                         scratch=True) as staging:
             compiled, coverage = _compile(config, backend, model, staging.scratch / CONTEXT_ONNX, log, warnings)
             context = _keep_context(config, backend, compiled, staging, log) if config.context_binary else None
-            htp_int8, int8_time = _run_int8(compiled.session, inputs.images, log)
-            references = _cpu_references(config, inputs, log)
-            numerics = _numerics(config, htp_int8, references, log, warnings)
+            if config.numerics:
+                htp_int8, int8_time = _run_int8(compiled.session, inputs.images, log)
+                references = _cpu_references(config, inputs, log)
+                numerics = _numerics(config, htp_int8, references, log, warnings)
+            else:
+                int8_time, references, numerics = None, {}, {}
+                log.info("numerics skipped (--no-numerics): coverage and context binary only")
             fp16, fp16_time = _fp16_baseline(config, backend, inputs, references.get("fp32"), log)
             ground_truth = _ground_truth(config, compiled.session, inputs, staging, log) if config.eval_data else None
             results = HtpCheckResults(
                 target=config.target.describe(), emulation_note=EMULATION_NOTE, warnings=warnings,
                 qnn=backend.describe(), model=model, coverage=coverage, numerics=numerics, context_binary=context,
-                emulation_time={"int8": int8_time, **({"fp16": fp16_time} if fp16_time else {})},
+                emulation_time={**({"int8": int8_time} if int8_time else {}), **({"fp16": fp16_time} if fp16_time else {})},
                 fp16_baseline=fp16, ground_truth=ground_truth)
             _write_outputs(config, results, inputs, staging, log)
     out = config.destination

@@ -73,6 +73,8 @@ def _context_binary(context) -> str:
 
 
 def _numerics(numerics: dict) -> str:
+    if not numerics:
+        return "## Numerics\n\nNot run (--no-numerics): coverage and the context binary only.\n"
     images = len(next(iter(numerics.values())).fscore_per_image or [])
     rows = []
     for name, row in numerics.items():
@@ -116,6 +118,8 @@ def _ground_truth(gt) -> str:
 def _emulation_time(config, emulation_time: dict) -> str:
     from lpcv_depth.stage import command_line
 
+    if not emulation_time:
+        return ""
     rows = [(name, str(timing.frames), cell(timing.mean_s_per_frame, "{:.2f}")) for name, timing in emulation_time.items()]
     return ("## Host emulation time (not device latency)\n\n"
             + markdown_table(["model", "frames", "mean s/frame"], rows, align="lrr")
