@@ -33,6 +33,7 @@ STAGE_MODULES = {
     "hub": "lpcv_depth.stages.hub",
     "compare": "lpcv_depth.stages.compare",
     "run": "lpcv_depth.stages.pipeline",
+    "search": "lpcv_depth.stages.search",
 }
 
 

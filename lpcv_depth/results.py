@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 __all__ = ["Metrics", "ExportResults", "Fidelity", "GroundTruthPair", "HostLatency", "PtqSizes", "PtqResults", "Coverage",
            "ContextBinary", "OutputComparison", "EmulationTime", "Fp16Baseline", "HtpGroundTruth", "HtpCheckResults", "HubInput", "HubJobRecord", "HubShare", "HubContract", "HubCompile",
-           "HubProfile", "HubHostFidelity", "HubGroundTruth", "HubInference", "HubResults", "EvaluateGroup", "SkippedFrame", "MetricTime", "EvaluateResults", "CompareColumn", "CompareFidelity", "ComparePanel", "CompareResults"]
+           "HubProfile", "HubHostFidelity", "HubGroundTruth", "HubInference", "HubResults", "EvaluateGroup", "SkippedFrame", "MetricTime", "EvaluateResults", "CompareColumn", "CompareFidelity", "ComparePanel", "CompareResults",
+           "SearchTrial", "SearchResults"]
 
 # Metric name -> value, as track3_metric names them ("fscore@0.1", "abs_rel", ...).
 Metrics = dict[str, float]
@@ -99,7 +100,7 @@ class PtqResults:
     qdq_vs_aimet_sim: dict
     int8_vs_fp32: Fidelity
     sizes_bytes: PtqSizes
-    host_latency_ms: HostLatency
+    host_latency_ms: HostLatency | None  # None: not measured (--latency-runs 0)
     ground_truth: GroundTruthPair | None = None
     ablation: dict | None = None
     mixed_precision: dict | None = None
@@ -461,6 +462,62 @@ class CompareResults:
     htp_check_note: str | None = None
 
 
+@dataclass(frozen=True)
+class SearchTrial:
+    """One row of the search's results table (results.json / results.csv); None wherever that figure
+    was not measured. `status`: done, failed or pending; `worker`: the Ray node and process (or
+    "this process") of the trial's last run; the *_dir fields are the trial's stage folders."""
+
+    trial: str
+    input_size: str
+    preset: str
+    calibration_scheme: str
+    output_tail_bits: int
+    status: str
+    error: str | None = None
+    failed_step: str | None = None
+    seconds: float | None = None
+    reused: bool = False
+    worker: str | None = None
+    gmacs: float | None = None
+    params_m: float | None = None
+    fscore_fp32: float | None = None
+    fscore_int8: float | None = None
+    fscore_drop: float | None = None
+    abs_rel_int8: float | None = None
+    sqnr_db: float | None = None
+    htp_full: bool | None = None
+    htp_cpu_nodes: int | None = None
+    htp_fscore_int8: float | None = None
+    s24_latency_ms: float | None = None
+    s24_npu_layers: int | None = None
+    s24_gpu_layers: int | None = None
+    s24_cpu_layers: int | None = None
+    s24_peak_memory_mb: float | None = None
+    hub_compile_job: str | None = None
+    hub_profile_job: str | None = None
+    hub_error: str | None = None
+    export_dir: str | None = None
+    ptq_dir: str | None = None
+    eval_dir: str | None = None
+    htp_check_dir: str | None = None
+    hub_dir: str | None = None
+    log: str | None = None
+
+
+@dataclass(frozen=True)
+class SearchResults:
+    """The search: its grid, the axis its choice was made on (s24_latency_ms, or gmacs when latency was
+    not measured), the chosen trial (None: no finished trial qualified) and every trial's row."""
+
+    model: str
+    grid: dict[str, list]
+    budget_ms: float
+    axis: str
+    chosen: str | None
+    trials: list[SearchTrial]
+
+
 def schema_markdown() -> str:
     """docs/results.md: every results dataclass with its fields (`python -m lpcv_depth.results`)."""
     import dataclasses
@@ -485,7 +542,8 @@ def schema_markdown() -> str:
              "is `null`. This page is generated from `lpcv_depth/results.py` "
              "(`python -m lpcv_depth.results > docs/results.md`); a test keeps them equal.", ""]
     stage_of = {"ExportResults": "export", "EvaluateResults": "evaluate", "PtqResults": "ptq",
-                "HtpCheckResults": "htp-check", "HubResults": "hub", "CompareResults": "compare"}
+                "HtpCheckResults": "htp-check", "HubResults": "hub", "CompareResults": "compare",
+                "SearchResults": "search"}
     module = sys.modules[__name__]
     for name in sorted((n for n in dir(module) if dataclasses.is_dataclass(getattr(module, n))
                         and getattr(module, n).__module__ == __name__),

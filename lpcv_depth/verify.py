@@ -130,6 +130,9 @@ class OrtRunner:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        # ONNX Runtime's pool ignores OMP_NUM_THREADS; a search trial sets it to its CPU share.
+        omp_threads = os.environ.get("OMP_NUM_THREADS", "")
+        threads = threads or (int(omp_threads) if omp_threads.isdigit() else None)
         if threads:
             options.intra_op_num_threads = threads
         self.exact_qdq = has_qdq_nodes(model_path)

@@ -41,6 +41,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import time
 import types
 import zipfile
@@ -183,6 +184,7 @@ class HubRestDouble:
         self.bucket: dict[str, bytes] = {}
         self._outages: list[list] = []  # [function, kind, times left]
         self._tmp = tempfile.TemporaryDirectory(prefix="hub-double-")
+        self._lock = threading.RLock()
         self._sessions: dict[Path, object] = {}
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
@@ -256,9 +258,12 @@ class HubRestDouble:
 
     def _answer(self, name: str, function):
         def rest(config, *args, **kwargs):
-            self.calls.append(name)
-            self._trouble(name, config)
-            return function(config, *args, **kwargs)
+            # A server handles each request whole: clients in several threads (search's concurrent
+            # hub profiles) must not interleave inside the double's bookkeeping.
+            with self._lock:
+                self.calls.append(name)
+                self._trouble(name, config)
+                return function(config, *args, **kwargs)
 
         rest.__name__ = name
         return rest

@@ -50,6 +50,10 @@ STAGE_VALUES = {
     "run": {"model": "fastdepth", "weights": "default", "input_size": (224, 224), "calib": None, "eval_data": None,
             "out": None, "ptq_args": "--holdout 4 --no-cle", "export_args": "--opset 18",
             "htp_check_args": "--no-fp16-baseline", "hub_args": "--no-profile", "preset": "w8a16"},
+    "search": {"model": "fastdepth", "weights": "default", "input_size": ((224, 224), (192, 256)), "calib": None,
+               "eval_data": None, "out": None, "preset": ("w8a8", "w8a16"), "calibration_scheme": ("min-max",),
+               "output_tail_bits": (8, 16), "ray_address": "127.0.0.1:6379", "ptq_args": "--holdout 4 --no-cle",
+               "export_args": "--opset 18", "htp_check_args": "--fp16-baseline", "hub_args": "--no-profile"},
 }
 
 
