@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from lpcv_depth import cli
+from lpcv_depth.backends import qnn
 from lpcv_depth.errors import ConfigError, ExitCode, OutputDirError
 from lpcv_depth.results import SearchResults, SearchTrial
 from lpcv_depth.schema import from_json
@@ -176,19 +177,24 @@ def test_grid_runs_every_trial_in_ray_worker_processes(searched):
         assert int(pid) != os.getpid()
         assert row.gmacs > 0 and row.sqnr_db > 15
         assert 0 < row.fscore_int8 <= 100 and 0 < row.fscore_fp32 <= 100
+        if qnn.unavailable_reason() is None:  # coverage from the compile alone, without emulating the model
+            assert row.htp_full is True and row.htp_cpu_nodes == 0
+            assert "Not run (--no-numerics)" in (Path(row.htp_check_dir) / "report.md").read_text()
     # One export per size, shared by both presets.
     assert sorted(p.name for p in (searched["out"] / "exports").iterdir()) == ["192x256", "224x224"]
 
 
 def test_each_trials_fscore_is_the_evaluate_stages(searched, tmp_path):
-    for row in _results(searched["out"]).trials:
-        qdq = Path(row.ptq_dir) / "model_qdq.onnx"
-        again = run_evaluate(EvaluateConfig(data=searched["data"], onnx=qdq, out=tmp_path / row.trial, num_vis=0))
-        assert row.fscore_int8 == again.results.overall.metrics[FSCORE]
-        fp32 = Path(row.export_dir) / "model.onnx"
-        again = run_evaluate(EvaluateConfig(data=searched["data"], onnx=fp32, out=tmp_path / f"{row.trial}-fp32",
-                                            num_vis=0))
-        assert row.fscore_fp32 == again.results.overall.metrics[FSCORE]
+    def evaluated(onnx: Path, name: str) -> float:
+        again = run_evaluate(EvaluateConfig(data=searched["data"], onnx=onnx, out=tmp_path / name, num_vis=0))
+        return again.results.overall.metrics[FSCORE]
+
+    rows = _results(searched["out"]).trials
+    for row in rows:
+        assert row.fscore_int8 == evaluated(Path(row.ptq_dir) / "model_qdq.onnx", row.trial)
+    for export_dir in {row.export_dir for row in rows}:  # one fp32 model per size
+        fp32 = evaluated(Path(export_dir) / "model.onnx", Path(export_dir).parent.name)
+        assert all(row.fscore_fp32 == fp32 for row in rows if row.export_dir == export_dir)
 
 
 def test_hub_profiles_give_every_trial_latency_and_layers(searched):
