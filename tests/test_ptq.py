@@ -270,3 +270,54 @@ def test_docs_flag_table_matches_the_config():
     flags = {flag for row in rows for flag in re.findall(r"--[a-z0-9-]+", row[1]) if not flag.startswith("--no-")}
     assert {flag_name(field.name) for field, _ in cli_fields(PtqConfig)} | {"--workspace"} == flags
     assert {row[2].strip().strip("`") for row in rows} - {"–"} == {field.name for field, _ in cli_fields(PtqConfig)}
+
+
+@pytest.mark.parametrize("kind", ["normal", "growing", "shifting", "relu", "constant", "inf", "nan"])
+def test_fast_tf_enhanced_histograms_are_aimets_bit_for_bit(kind):
+    """The calibration's tf-enhanced observer skips AIMET's redundant passes; its histograms, and so
+    the encodings, must stay exactly AIMET's, including where the 3x growth limit clips."""
+    import torch
+    from aimet_torch.quantization.encoding_analyzer import TfEnhancedEncodingAnalyzer
+
+    from lpcv_depth.backends.aimet import _fast_tf_enhanced_class
+
+    generator = torch.Generator().manual_seed(0)
+    aimet, fast = TfEnhancedEncodingAnalyzer(()), _fast_tf_enhanced_class()(())
+    for i in range(10):
+        x = torch.randn(2, 50, 64, generator=generator)
+        x = {"growing": x * (1 + 3 * i), "shifting": x + 2.0 * i, "relu": x.clamp_min(0),
+             "constant": torch.full_like(x, 0.5 if i < 3 else float(i))}.get(kind, x)
+        if kind in ("inf", "nan") and i == 5:
+            x[0, 0, 0] = float(kind)
+        aimet.update_stats(x)
+        fast.update_stats(x)
+    ours, theirs = fast.observer.stats[0], aimet.observer.stats[0]
+    for name in ("histogram", "bin_edges", "min", "max"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+    for want, got in zip(aimet.compute_encodings(255, False), fast.compute_encodings(255, False)):
+        assert torch.equal(want, got)
+
+
+@pytest.mark.parametrize("shape", [(16, 24), (12, 3, 3, 3)])
+def test_fast_tf_enhanced_weight_encodings_are_aimets(shape):
+    """Per-output-channel weight histograms come from one vectorized pass with histc's own bin
+    arithmetic, and must be AIMET's bit for bit; the second search on the same statistics (AIMET's
+    per-batch encoding, then the final one) is served from the first."""
+    import torch
+    from aimet_torch.quantization.encoding_analyzer import TfEnhancedEncodingAnalyzer
+
+    from lpcv_depth.backends.aimet import _fast_tf_enhanced_class
+
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(shape, generator=generator) * torch.linspace(0.1, 3, shape[0]).view(-1, *[1] * (len(shape) - 1))
+    weight[1] = 0.25  # a constant channel: AIMET widens its range by 0.5 each way
+    observer_shape = (shape[0],) + (1,) * (len(shape) - 1)
+    aimet, fast = TfEnhancedEncodingAnalyzer(observer_shape), _fast_tf_enhanced_class()(observer_shape)
+    fast.weights = True
+    theirs, ours = aimet.update_stats(weight), fast.update_stats(weight)
+    for want, got in zip(theirs, ours):
+        for name in ("histogram", "bin_edges", "min", "max"):
+            assert torch.equal(getattr(want, name), getattr(got, name)), name
+    first = fast.compute_encodings_from_stats(ours, 254, True)
+    for want, got, again in zip(aimet.compute_encodings(254, True), fast.compute_encodings(254, True), first):
+        assert torch.equal(want, got) and torch.equal(want, again)

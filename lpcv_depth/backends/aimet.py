@@ -3,6 +3,7 @@ its tests) work without it, and a missing install names the exact command that f
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,9 +59,137 @@ def calibration_analyzers(sim) -> dict[str, int]:
         for _, _, quantizer in _activation_slots(module):
             analyzer = getattr(quantizer, "encoding_analyzer", None)
             if analyzer is not None:
-                label = names.get(type(analyzer).__name__, type(analyzer).__name__)
+                # By the AIMET class it behaves as: the exact fast histogram is still tf-enhanced.
+                label = next((names[cls.__name__] for cls in type(analyzer).__mro__ if cls.__name__ in names),
+                             type(analyzer).__name__)
                 counts[label] = counts.get(label, 0) + 1
     return counts
+
+
+@functools.cache
+def _fast_tf_enhanced_class():
+    """TfEnhancedEncodingAnalyzer with a cheaper `update_stats` that leaves bit-identical histograms.
+
+    Per call, aimet-torch 2.42 builds a full histogram of the batch in collect_stats and then
+    throws it away (merge_stats uses only its min and max and histograms the batch again over the
+    merged range), and finds the min and max through isfinite/where copies. After the first call
+    this keeps only what changes the result: one aminmax pass and merge_stats' own histc over the
+    merged range. The out-of-range counts merge_stats adds are computed only when the growth limit
+    actually clips (they are zero otherwise), and any non-finite value, non-float32 input,
+    per-channel or blockwise observer, and every weight quantizer, takes AIMET's own path.
+
+    AIMET also runs the whole tf-enhanced candidate search on every batch's own histogram, for a
+    per-batch encoding that a passthrough (activation) quantizer attaches to its output and never
+    applies; the only reader, the int32 bias-overflow fix of QuantizedLinear/Conv, takes its
+    `producer` and then that quantizer's final encoding. So the per-batch encoding here is the
+    batch's min-max. That shortcut is taken only for the statistics this update_stats returns, which
+    only activation quantizers produce (AIMET always calibrates those in passthrough); a weight
+    quantizer gets AIMET's own statistics and search."""
+    import torch
+    from aimet_torch.quantization.encoding_analyzer import TfEnhancedEncodingAnalyzer, _Histogram, adjust_min_max
+
+    class ExactFastTfEnhancedEncodingAnalyzer(TfEnhancedEncodingAnalyzer):
+        _searched = None  # (stats list, its histograms, num_steps, symmetric, result) of the last search
+        weights = False  # a weight quantizer applies its per-batch encoding: AIMET's own statistics only
+
+        @torch.no_grad()
+        def compute_encodings_from_stats(self, stats, num_steps, is_symmetric):
+            if len(stats) == 1 and stats[0].histogram is None and stats[0].min is not None:  # update_stats' batch
+                low, high = adjust_min_max(stats[0].min.clone(), stats[0].max.clone(), num_steps, is_symmetric)
+                return low.view(self.observer.shape), high.view(self.observer.shape)
+            # A weight is observed once, and AIMET searches its (per-channel) histograms twice: for the
+            # per-batch encoding and again for the final one, on the very same statistics objects.
+            last = self._searched
+            if (last is not None and last[0] is stats and last[2:4] == (num_steps, is_symmetric)
+                    and len(stats) == len(last[1]) and all(a is b for a, b in zip(stats, last[1]))):
+                return tuple(t.clone() for t in last[4])
+            result = super().compute_encodings_from_stats(stats, num_steps, is_symmetric)
+            self._searched = (stats, list(stats), num_steps, is_symmetric, tuple(t.clone() for t in result))
+            return result
+
+        def _per_channel_histograms(self, weight):
+            """collect_stats of a per-output-channel observer in one vectorized pass instead of a
+            Python loop of histc calls, one per channel; None where that is not this case. The bin
+            of each value is histc's own float32 arithmetic, pos = (x - left) * bins / (right - left)
+            truncated (pos == bins is the last bin), on the same edges AIMET makes."""
+            observer = self.observer
+            shape = tuple(observer.shape)
+            channels = shape[0] if shape else 1
+            if (observer.block_size is not None or weight.dtype != torch.float32 or len(shape) != weight.dim()
+                    or channels < 2 or weight.shape[0] != channels or any(dim != 1 for dim in shape[1:])):
+                return None
+            rows = weight.reshape(channels, -1)
+            mins, maxs = torch.aminmax(rows, dim=1)
+            if not bool(torch.isfinite(mins).all() & torch.isfinite(maxs).all()):
+                return None
+            bins = observer.num_bins
+            # _HistogramObserver._create_bin_edges, one row per channel.
+            low = torch.where(mins == maxs, mins - 0.5, mins).float()
+            high = torch.where(mins == maxs, maxs + 0.5, maxs).float()
+            step = (high - low) / bins
+            edges = torch.arange(0, bins + 1, device=weight.device)[None, :] * step[:, None] + low[:, None]
+            left, right = edges[:, :1], edges[:, -1:]
+            if not bool((right > left).all()):
+                return None
+            position = ((rows - left) * bins / (right - left)).to(torch.int64).clamp_(max=bins - 1)
+            inside = (rows >= left) & (rows <= right)
+            index = (position + torch.arange(channels, device=weight.device)[:, None] * bins)[inside]
+            histograms = torch.bincount(index, minlength=channels * bins).reshape(channels, bins).float()
+            histograms[:, 0] += (rows < left).sum(dim=1)
+            histograms[:, -1] += (rows > right).sum(dim=1)
+            return [_Histogram(histograms[c], edges[c], mins[c], maxs[c]) for c in range(channels)]
+
+        @torch.no_grad()
+        def update_stats(self, input_tensor):
+            observer = self.observer
+            current = observer.stats[0]
+            if self.weights and current.histogram is None:
+                stats = self._per_channel_histograms(input_tensor)
+                if stats is not None:
+                    observer.merge_stats(stats, input_tensor)
+                    return stats
+            if (self.weights or current.histogram is None or len(observer.stats) != 1
+                    or observer.block_size is not None or input_tensor.dtype != torch.float32):
+                return super().update_stats(input_tensor)
+            low, high = torch.aminmax(input_tensor)
+            if not bool(torch.isfinite(low) & torch.isfinite(high)):
+                return super().update_stats(input_tensor)
+            stats = [_Histogram(None, None, low, high)]
+            # With an empty batch merge_stats does only the re-binning of the old histogram into the
+            # merged range; the batch's own histc and out-of-range counts are then added in the same
+            # order as merge_stats adds them, so the float32 counts round identically.
+            observer.merge_stats(stats, input_tensor.new_empty((0,)))
+            merged = observer.stats[0]
+            histogram = torch.histc(input_tensor, bins=observer.num_bins, min=merged.min, max=merged.max)
+            histogram += merged.histogram
+            if low < merged.min:
+                histogram[0] += torch.sum(input_tensor < merged.min)
+            if high > merged.max:
+                histogram[-1] += torch.sum(input_tensor > merged.max)
+            observer.stats[0] = _Histogram(histogram, merged.bin_edges, merged.min, merged.max)
+            return stats
+
+    return ExactFastTfEnhancedEncodingAnalyzer
+
+
+def use_fast_histograms(sim) -> int:
+    """Swap every tf-enhanced analyzer of the activation and weight quantizers for the exact fast
+    one (before calibration); returns how many were swapped."""
+    from aimet_torch.quantization.encoding_analyzer import TfEnhancedEncodingAnalyzer
+
+    fast = _fast_tf_enhanced_class()
+    swapped = 0
+    for module in sim.model.modules():
+        params = getattr(module, "param_quantizers", None) or {}
+        quantizers = [(quantizer, False) for _, _, quantizer in _activation_slots(module)]
+        quantizers += [(quantizer, True) for quantizer in params.values() if quantizer is not None]
+        for quantizer, weights in quantizers:
+            analyzer = getattr(quantizer, "encoding_analyzer", None)
+            if type(analyzer) is TfEnhancedEncodingAnalyzer:
+                quantizer.encoding_analyzer = fast(analyzer.observer.shape, block_size=analyzer.observer.block_size)
+                quantizer.encoding_analyzer.weights = weights
+                swapped += 1
+    return swapped
 
 
 def _activation_slots(module) -> Iterator[tuple[str, int, object]]:
@@ -153,8 +282,13 @@ def prepare_for_quantsim(model):
 
 
 def fold_batch_norms(model, dummy) -> int:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
     from aimet_torch.batch_norm_fold import fold_all_batch_norms
 
+    # AIMET traces the whole model to find conv/BN pairs even when there is no BatchNorm (a ViT).
+    if not any(isinstance(module, _BatchNorm) for module in model.modules()):
+        return 0
     return len(fold_all_batch_norms(model, input_shapes=None, dummy_input=dummy))
 
 

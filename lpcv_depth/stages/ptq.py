@@ -431,6 +431,7 @@ def _quantsim(config: PtqConfig, model, dummy, param_encodings: Path | None, tai
                                default_output_bw=preset.activation_bw, default_param_bw=preset.param_bw,
                                config_file=os.fspath(aimet_sim.htp_v75_config_path()))
     widened = aimet_sim.widen_output_tail(sim, tail, config.output_tail_bits)
+    aimet_sim.use_fast_histograms(sim)
     if config.calibration_scheme == "percentile":
         sim.set_percentile_value(config.percentile)
     if param_encodings is not None:
