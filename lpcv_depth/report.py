@@ -7,6 +7,7 @@ from typing import Any, Iterable, Sequence
 __all__ = ["markdown_table", "cell", "percent"]
 
 MISSING = "–"
+NOT_MEASURED = "not measured"  # a figure the run chose to skip (e.g. ptq --latency-runs 0)
 
 
 def cell(value: Any, pattern: str = "{:.1f}") -> str:

@@ -272,6 +272,22 @@ def test_docs_flag_table_matches_the_config():
     assert {row[2].strip().strip("`") for row in rows} - {"–"} == {field.name for field, _ in cli_fields(PtqConfig)}
 
 
+def test_latency_runs_zero_skips_host_latency(fastdepth_export, calib_subset, tmp_path):
+    from lpcv_depth.manifest import Manifest
+    from lpcv_depth.results import PtqResults
+
+    with pytest.raises(ConfigError, match="latency_runs must be >= 0"):
+        PtqConfig(calib=calib_subset, fp32=fastdepth_export, latency_runs=-1)
+    result = run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "no-latency", latency_runs=0,
+                                          bn_fold=False))
+    assert result.results.host_latency_ms is None
+    assert "host-latency" not in result.manifest["timings_s"]
+    assert Manifest.read(result.out_dir, stage="ptq", flag="--ptq").results_as(PtqResults).host_latency_ms is None
+    assert json.loads((result.out_dir / "report.json").read_text())["host_latency_ms"] is None
+    assert "not measured" in (result.out_dir / "report.md").read_text()
+    assert result.results.qdq_vs_aimet_sim["sqnr_db"] > 25 and result.qdq_onnx.is_file()
+
+
 @pytest.mark.parametrize("kind", ["normal", "growing", "shifting", "relu", "constant", "inf", "nan"])
 def test_fast_tf_enhanced_histograms_are_aimets_bit_for_bit(kind):
     """The calibration's tf-enhanced observer skips AIMET's redundant passes; its histograms, and so

@@ -27,7 +27,7 @@ import numpy as np
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.manifest import MANIFEST_NAME, Manifest, config_as_dict, read_manifest, sha256_file, write_manifest
 from lpcv_depth.options import option
-from lpcv_depth.report import cell, markdown_table
+from lpcv_depth.report import NOT_MEASURED, cell, markdown_table
 from lpcv_depth.results import (CompareColumn, CompareFidelity, ComparePanel, CompareResults, ExportResults,
                                 HtpCheckResults, HubResults, PtqResults)
 from lpcv_depth.schema import to_json
@@ -462,7 +462,9 @@ def _device_rows(results: CompareResults) -> list:
 def _host_rows(results: CompareResults) -> list:
     fp32, int8 = results.models["fp32"], results.models["int8"]
     return [
-        _row("host ORT latency, x86 (ms)", fp32.host_latency_ms, int8.host_latency_ms),
+        # The int8 column always takes the ptq stage's figure, so none means ptq skipped it (--latency-runs 0).
+        _row("host ORT latency, x86 (ms)", *((fp32.host_latency_ms, int8.host_latency_ms)
+                                              if int8.host_latency_ms is not None else (NOT_MEASURED, NOT_MEASURED))),
         _row("ONNX size (MB; int8: QDQ)", _mb(fp32.onnx_bytes), _mb(int8.onnx_bytes), "{:.2f}",
              _ratio(fp32.onnx_bytes, int8.onnx_bytes, "smaller")),
         _row("compiled model (MB)", _mb(fp32.compiled_bytes), _mb(int8.compiled_bytes), "{:.2f}",

@@ -112,7 +112,7 @@ class PtqConfig:
     # over the whole map, so single pixels may differ by a few steps; SQNR is the real check.
     sim_max_abs_diff: float = option(0.5, help="QDQ ONNX vs AIMET QuantSim: largest absolute difference allowed")
     sim_min_sqnr: float = option(25.0, help="QDQ ONNX vs AIMET QuantSim: lowest SQNR allowed, dB")
-    latency_runs: int = option(10, help="host ONNX Runtime latency: runs per model (median)")
+    latency_runs: int = option(10, help="host ONNX Runtime latency: runs per model (median); 0 skips it")
     out: Path | None = option(None, help="output folder (default: <fp32>/../ptq-<preset>)")
 
     def __post_init__(self):
@@ -122,9 +122,12 @@ class PtqConfig:
             raise ConfigError(f"calibration scheme must be one of {CALIBRATION_SCHEMES}, got {self.calibration_scheme!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
-        for name in ("adaround_iterations", "seq_mse_candidates", "min_calib", "mixed_images", "latency_runs"):
+        for name in ("adaround_iterations", "seq_mse_candidates", "min_calib", "mixed_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.latency_runs < 0:
+            raise ConfigError(f"latency_runs must be >= 0, got {self.latency_runs}",
+                              hint="pass --latency-runs 0 to skip the host latency")
         if self.num_calib is not None and self.num_calib < 1:
             raise ConfigError(f"num_calib must be >= 1, got {self.num_calib}", hint="leave --num-calib out to use all")
         if self.output_tail_bits not in (8, 16):
@@ -223,7 +226,7 @@ class _Artifacts:
 class _Verification:
     qdq_vs_aimet_sim: dict
     fidelity: Fidelity
-    latency: HostLatency
+    latency: HostLatency | None
     ground_truth: GroundTruthPair | None
     int8_holdout: np.ndarray
 
@@ -576,13 +579,23 @@ def _verify(config: PtqConfig, fp32: _Fp32, qdq: Path, sim_holdout: np.ndarray, 
                                                       median=config.median)
             step.detail = (f"F-score fp32 {ground_truth.fp32['fscore@0.1']:.2f} / int8 "
                            f"{ground_truth.int8['fscore@0.1']:.2f}, drop {ground_truth.fscore_drop:.2f}")
+    latency = None
+    if config.latency_runs == 0:  # a search scores many candidates and reads none of these figures
+        log.info("host-latency skipped (--latency-runs 0)")
+    else:
+        latency = _host_latency(config, fp32, int8_runner, holdout, log)
+    return _Verification(qdq_vs_aimet_sim=parity, fidelity=fidelity, latency=latency, ground_truth=ground_truth,
+                         int8_holdout=int8_holdout)
+
+
+def _host_latency(config: PtqConfig, fp32: _Fp32, int8_runner: OrtRunner, holdout: np.ndarray,
+                  log: StageLog) -> HostLatency:
     with log.step("host-latency") as step:
         latency = HostLatency(fp32=fp32.runner.median_latency_ms(holdout[:1], config.latency_runs),
                               int8_qdq=int8_runner.median_latency_ms(holdout[:1], config.latency_runs),
                               runs=config.latency_runs, note=HOST_LATENCY_NOTE)
         step.detail = f"fp32 {latency.fp32:.0f} ms, int8 QDQ {latency.int8_qdq:.0f} ms (host ORT, not the phone)"
-    return _Verification(qdq_vs_aimet_sim=parity, fidelity=fidelity, latency=latency, ground_truth=ground_truth,
-                         int8_holdout=int8_holdout)
+    return latency
 
 
 def int8_fidelity(fp32: np.ndarray, int8: np.ndarray) -> Fidelity:

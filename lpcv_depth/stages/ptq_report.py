@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lpcv_depth.report import markdown_table
+from lpcv_depth.report import NOT_MEASURED, markdown_table
 from lpcv_depth.results import PtqResults
 from lpcv_depth.schema import to_json
 
@@ -119,7 +119,11 @@ def _preparation_lines(results: PtqResults) -> list[str]:
 
 def _host_section(results: PtqResults) -> str:
     latency, sizes = results.host_latency_ms, results.sizes_bytes
-    rows = [(f"ORT latency, median of {latency.runs}", f"{latency.fp32:.1f} ms", f"{latency.int8_qdq:.1f} ms"),
+    if latency is None:
+        timing = ("ORT latency", NOT_MEASURED, NOT_MEASURED)
+    else:
+        timing = (f"ORT latency, median of {latency.runs}", f"{latency.fp32:.1f} ms", f"{latency.int8_qdq:.1f} ms")
+    rows = [timing,
             ("ONNX size", f"{sizes.fp32_onnx / 1e6:.1f} MB", f"{sizes.qdq_onnx / 1e6:.1f} MB")]
     return "## Host latency and size\n\n" + markdown_table(["", "fp32", "int8 QDQ"], rows, align="lrr")
 
