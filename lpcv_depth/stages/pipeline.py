@@ -33,7 +33,7 @@ from lpcv_depth.stages.ptq import PtqConfig
 from lpcv_depth.workspace import build_dir, in_workspace
 
 __all__ = ["RunConfig", "RunResult", "StageOutcome", "run_pipeline", "PIPELINE_STAGES", "parse_stage_args",
-           "stage_config", "AUTO_ON_OFF"]
+           "stage_config", "stage_args_option", "check_stage_args", "AUTO_ON_OFF"]
 
 STAGE = "run"
 PIPELINE_STAGES = ("export", "ptq", "htp-check", "hub", "compare")
@@ -41,9 +41,20 @@ STATE_NAME = "pipeline.json"
 AUTO_ON_OFF = ("auto", "on", "off")
 
 
-def _args_option(stage: str) -> Any:
+def stage_args_option(stage: str) -> Any:
+    """The --<stage>-args option of a command that runs other stages (run, search)."""
     return option("", metavar='"ARGS"',
                   help=f"more {stage} options, as on its command line (lpcv-depth {stage} --help)")
+
+
+def check_stage_args(config: Any, wired: dict[str, tuple[str, ...]] | None = None, command: str = "run") -> None:
+    """Every --<stage>-args of `config` parsed now: bad flags fail before any stage runs."""
+    for stage in ("export", "ptq", "htp-check", "hub"):
+        try:
+            parse_stage_args(stage, getattr(config, f"{stage.replace('-', '_')}_args"),
+                             None if wired is None else wired[stage], command)
+        except ValueError as err:
+            raise ConfigError(f"--{stage}-args cannot be split into arguments: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -62,10 +73,10 @@ class RunConfig:
     max_frames: int | None = option(None, help="at most N frames for the HTP emulation and the phone")
     force: tuple[str, ...] = option((), choices=(*PIPELINE_STAGES, "all"), repeatable=True,
                                     help="redo STAGE (and what follows) even if up to date; repeatable")
-    export_args: str = _args_option("export")
-    ptq_args: str = _args_option("ptq")
-    htp_check_args: str = _args_option("htp-check")
-    hub_args: str = _args_option("hub")
+    export_args: str = stage_args_option("export")
+    ptq_args: str = stage_args_option("ptq")
+    htp_check_args: str = stage_args_option("htp-check")
+    hub_args: str = stage_args_option("hub")
     out: Path | None = option(None, help="output folder (default: build/<model>)")
 
     def __post_init__(self):
@@ -78,12 +89,7 @@ class RunConfig:
             raise ConfigError(f"--eval-data folder not found: {self.eval_data}")
         if self.max_frames is not None and self.max_frames < 1:
             raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}")
-        for stage in ("export", "ptq", "htp-check", "hub"):
-            name = f"{stage.replace('-', '_')}_args"
-            try:
-                parse_stage_args(stage, getattr(self, name))  # bad flags fail here, before any stage runs
-            except ValueError as err:
-                raise ConfigError(f"--{stage}-args cannot be split into arguments: {err}") from None
+        check_stage_args(self)
 
     @property
     def destination(self) -> Path:

@@ -37,7 +37,7 @@ from lpcv_depth.options import format_size, inherit, option, parse_size
 from lpcv_depth.stage import StageDefinition, StageLog, display_path, refuse_inputs
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import ExportConfig
-from lpcv_depth.stages.pipeline import AUTO_ON_OFF, parse_stage_args, stage_config
+from lpcv_depth.stages.pipeline import AUTO_ON_OFF, check_stage_args, stage_args_option, stage_config
 from lpcv_depth.stages.ptq import CALIBRATION_SCHEMES, PRESETS, PtqConfig
 from lpcv_depth.workspace import build_dir, in_workspace
 
@@ -68,10 +68,6 @@ def _comma_list(item: Callable[[str], Any]) -> Callable[[str], tuple]:
 
 def _join(values: tuple) -> str:
     return ",".join(format_size(v) if isinstance(v, tuple) else str(v) for v in values)
-
-
-def _args_option(stage: str) -> Any:
-    return option("", metavar='"ARGS"', help=f"more {stage} options for every trial (lpcv-depth {stage} --help)")
 
 
 @dataclass(frozen=True)
@@ -107,10 +103,10 @@ class SearchConfig:
                                                  "CPU of the smallest node, one trial per node)")
     trial_memory_gb: float = option(4.0, help="memory Ray reserves per trial, GiB (0: no reservation)")
     force: bool = option(False, help="redo every trial even where its outputs are up to date")
-    export_args: str = _args_option("export")
-    ptq_args: str = _args_option("ptq")
-    htp_check_args: str = _args_option("htp-check")
-    hub_args: str = _args_option("hub")
+    export_args: str = stage_args_option("export")
+    ptq_args: str = stage_args_option("ptq")
+    htp_check_args: str = stage_args_option("htp-check")
+    hub_args: str = stage_args_option("hub")
     out: Path | None = option(None, help="output folder (default: build/<model>/search)")
 
     def __post_init__(self):
@@ -145,11 +141,7 @@ class SearchConfig:
             raise ConfigError(f"trial_cpus must be > 0, got {self.trial_cpus}")
         if self.trial_memory_gb < 0 or self.budget_ms <= 0:
             raise ConfigError("trial_memory_gb must be >= 0 and budget_ms > 0")
-        for stage in WIRED:
-            try:
-                parse_stage_args(stage, getattr(self, f"{stage.replace('-', '_')}_args"), WIRED[stage], STAGE)
-            except ValueError as err:
-                raise ConfigError(f"--{stage}-args cannot be split into arguments: {err}") from None
+        check_stage_args(self, WIRED, STAGE)
 
     @property
     def cluster_address(self) -> str | None:
