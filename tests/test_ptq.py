@@ -38,6 +38,50 @@ def test_artifacts_for_ai_hub_and_host(w8a8):
         assert (w8a8.out_dir / name).is_file()
 
 
+def _exporter_leaving_debris(path, external: bool):
+    """What the dynamo exporter does on a ViT: the .onnx (weights optionally external) plus files
+    nothing references, one per lifted tensor, beside it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = Path(path)
+    weight = numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(1, 4096), "w")
+    graph = helper.make_graph([helper.make_node("Add", ["image", "w"], ["depth"])], "g",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 4096])],
+                              [helper.make_tensor_value_info("depth", TensorProto.FLOAT, [1, 4096])], [weight])
+    onnx.save(helper.make_model(graph), str(path), save_as_external_data=external, location=f"{path.name}.data",
+              size_threshold=0)
+    for index in range(3):
+        (path.parent / f"blocks.{index}.attn.proj.lifted_tensor_{index}_0").write_bytes(b"\0" * 64)
+
+
+def test_exports_keep_only_their_artifacts(tmp_path, monkeypatch):
+    import types
+
+    import aimet_torch.onnx
+
+    from lpcv_depth.backends import aimet as aimet_sim
+
+    def sim_export(args, path, **options):
+        _exporter_leaving_debris(path, external=True)
+        Path(path).with_suffix(".encodings").write_text("{}")
+
+    sim = types.SimpleNamespace(onnx=types.SimpleNamespace(export=sim_export), model=None)
+    staging = tmp_path / "staging"
+    onnx_path, encodings = aimet_sim.export_for_ai_hub(sim, None, staging / "m.aimet", "m", 18)
+    assert sorted(p.name for p in (staging / "m.aimet").iterdir()) == ["m.encodings", "m.onnx"]
+    assert np.array_equal(numpy_weights(onnx_path), np.arange(4096, dtype=np.float32).reshape(1, 4096))
+    monkeypatch.setattr(aimet_torch.onnx, "export",
+                        lambda model, args, path, **options: _exporter_leaving_debris(path, external=False))
+    qdq = aimet_sim.export_qdq(sim, None, staging / "model_qdq.onnx", 18)
+    assert sorted(p.name for p in staging.iterdir()) == ["m.aimet", "model_qdq.onnx"] and qdq.is_file()
+
+
+def numpy_weights(path: Path) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0])
+
+
 def test_int8_is_verified_against_fp32_and_aimet(w8a8):
     report = w8a8.results
     assert report.int8_vs_fp32.holdout_images == 4

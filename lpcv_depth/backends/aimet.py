@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -415,26 +417,42 @@ def _weight_encoding_frozen(module) -> bool:
 def export_for_ai_hub(sim, dummy, folder: Path, name: str, opset: int) -> tuple[Path, Path]:
     """ONNX + AIMET .encodings, the layout AI Hub takes for pre-quantized models: a `<name>.aimet`
     folder holding exactly one .onnx and one .encodings (weights kept inside the .onnx)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    onnx_path = folder / f"{name}.onnx"
-    sim.onnx.export((dummy,), os.fspath(onnx_path), input_names=["image"], output_names=["depth"],
-                    opset_version=opset, dynamo=True)
-    encodings = folder / f"{name}.encodings"
-    if not encodings.is_file():
-        raise RuntimeError(f"AIMET did not write {encodings}")
-    _inline_external_data(onnx_path)
-    return onnx_path, encodings
+    with _export_folder(folder.parent) as work:
+        sim.onnx.export((dummy,), os.fspath(work / f"{name}.onnx"), input_names=["image"], output_names=["depth"],
+                        opset_version=opset, dynamo=True)
+        if not (work / f"{name}.encodings").is_file():
+            raise RuntimeError(f"AIMET did not write {name}.encodings")
+        _inline_external_data(work / f"{name}.onnx")
+        folder.mkdir(parents=True, exist_ok=True)
+        return _keep(work / f"{name}.onnx", folder), _keep(work / f"{name}.encodings", folder)
 
 
 def export_qdq(sim, dummy, path: Path, opset: int) -> Path:
     """A QuantizeLinear/DequantizeLinear ONNX that ONNX Runtime runs on the host."""
     from aimet_torch.onnx import export as aimet_onnx_export
 
-    # prequantize_constants stores weights as int8 + DequantizeLinear: a quarter of the float size.
-    aimet_onnx_export(sim.model, (dummy,), os.fspath(path), input_names=["image"], output_names=["depth"],
-                      opset_version=opset, dynamo=True, prequantize_constants=True)
-    _inline_external_data(path)
-    return path
+    with _export_folder(path.parent) as work:
+        # prequantize_constants stores weights as int8 + DequantizeLinear: a quarter of the float size.
+        aimet_onnx_export(sim.model, (dummy,), os.fspath(work / path.name), input_names=["image"],
+                          output_names=["depth"], opset_version=opset, dynamo=True, prequantize_constants=True)
+        _inline_external_data(work / path.name)
+        return _keep(work / path.name, path.parent)
+
+
+@contextmanager
+def _export_folder(parent: Path) -> Iterator[Path]:
+    """A folder of its own for one export: the dynamo exporter also leaves files nothing references
+    (a `<model>.onnx.data`, one file per lifted tensor of a ViT), which must not sit beside the
+    artifacts looking like part of them. Only what `_keep` moves out survives."""
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=parent) as work:
+        yield Path(work)
+
+
+def _keep(path: Path, folder: Path) -> Path:
+    target = folder / path.name
+    os.replace(path, target)
+    return target
 
 
 def _inline_external_data(path: Path) -> None:
@@ -453,7 +471,3 @@ def _inline_external_data(path: Path) -> None:
                 del tensor.external_data[:]
                 tensor.data_location = onnx.TensorProto.DEFAULT
         onnx.save(model, os.fspath(path))
-    # The exporter may also leave a `<model>.onnx.data` that nothing references (e.g. with
-    # prequantized constants); it must not sit beside the artifact looking like part of it.
-    for location in locations | {f"{path.name}.data"}:
-        (path.parent / location).unlink(missing_ok=True)
