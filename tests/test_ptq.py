@@ -183,6 +183,7 @@ def test_w8a16_is_near_lossless_and_exports_16bit_qdq(fastdepth_export, calib_su
     assert onnx.TensorProto.UINT16 in zero_point_types, "activations must be quantized to 16 bits"
 
 
+@pytest.mark.slow  # a second full PTQ plus SeqMSE's per-layer search; the default suite keeps the presets
 def test_weight_rounding_techniques_are_applied_and_attributed(fastdepth_export, calib_subset, tmp_path):
     result = run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "seqmse", seq_mse=True,
                                           seq_mse_candidates=5, calibration_scheme="min-max"))
