@@ -23,9 +23,10 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import queue
+import threading
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -384,8 +385,8 @@ def run_search(config: SearchConfig, log: StageLog | None = None) -> SearchResul
     table = _Table(root, config, trials)
     log.info(f"{len(trials)} trials ({_grid_line(config)}); htp-check {'on' if htp else 'off'}, "
              f"hub {'on' if hub else 'off'} -> {display_path(root)}")
-    with _open_runner(config, root, trials, log) as runner, ThreadPoolExecutor(HUB_THREADS) as hub_threads:
-        _Scheduler(config, trials, table, runner, hub_threads, log).run()
+    with _open_runner(config, root, trials, log) as runner:
+        _Scheduler(config, trials, table, runner, _HubThreads(HUB_THREADS), log).run()
     return _finish(config, root, table, log)
 
 
@@ -553,7 +554,6 @@ class _Scheduler:
         self.waiting = list(trials)
         self.finished = 0
         self.durations: list[float] = []
-        self.hub_futures: dict[Future, Trial] = {}
         self.started = 0
 
     def run(self) -> None:
@@ -618,33 +618,62 @@ class _Scheduler:
         row = self.table.update(trial.name, outcome)
         self.log.info(f"[{self.finished}/{len(self.trials)}] {_end_line(trial, row, outcome)} | {self._eta()}")
         if row.status == "done" and trial.hub is not None:
-            self.hub_futures[self.hub_threads.submit(execute_unit, trial.hub, False)] = trial
+            self.hub_threads.submit(trial)
 
     def _eta(self) -> str:
         left = len(self.trials) - self.finished
         failed = sum(1 for r in self.table.rows.values() if r.status == "failed")
         count = f"{self.finished}/{len(self.trials)} finished" + (f" ({failed} failed)" if failed else "")
         if not left:
-            return count + (f", {len(self.hub_futures)} hub profile(s) pending" if self.hub_futures else "")
+            pending = self.hub_threads.pending
+            return count + (f", {pending} hub profile(s) pending" if pending else "")
         if not self.durations:
             return count + ", ETA after the first trial"
         seconds = sum(self.durations) / len(self.durations) * left / max(1, self.runner.capacity)
         return count + f", ETA {_duration(seconds)}"
 
     def _collect_hub(self, block: bool) -> None:
-        while self.hub_futures:
-            done, _ = wait(list(self.hub_futures), timeout=None if block else 0, return_when=FIRST_COMPLETED)
-            if not done:
-                return
-            for future in done:
-                trial = self.hub_futures.pop(future)
-                outcome = future.result()
-                row = self.table.update(trial.name, hub_outcome=outcome)
-                if outcome["status"] == "done":
-                    self.log.info(f"hub {trial.name}: {cell_latency(row)}")
-                else:
-                    self.log.warn(f"hub {trial.name} FAILED: {str(outcome.get('error')).splitlines()[0]} "
-                                  f"(log: {display_path(trial.local.folder / LOG_NAME)})")
+        for trial, outcome in self.hub_threads.finished(block):
+            row = self.table.update(trial.name, hub_outcome=outcome)
+            if outcome["status"] == "done":
+                self.log.info(f"hub {trial.name}: {cell_latency(row)}")
+            else:
+                self.log.warn(f"hub {trial.name} FAILED: {str(outcome.get('error')).splitlines()[0]} "
+                              f"(log: {display_path(trial.local.folder / LOG_NAME)})")
+
+
+class _HubThreads:
+    """Hub runs in daemon threads, at most `limit` at once: they mostly wait on AI Hub, and Ctrl+C
+    must end the search at once instead of waiting for a job (its id is in the trial's
+    hub_jobs.json, so a rerun resumes it)."""
+
+    def __init__(self, limit: int):
+        self.slots = threading.Semaphore(limit)
+        self.done: queue.Queue = queue.Queue()
+        self.pending = 0
+
+    def submit(self, trial: Trial) -> None:
+        def work() -> None:
+            with self.slots:
+                try:
+                    outcome = execute_unit(trial.hub, redirect=False)
+                except Exception as err:  # noqa: BLE001 - e.g. its log cannot be written: that trial's hub fails
+                    outcome = {"status": "failed", "error": _error_text(err)}
+            self.done.put((trial, outcome))
+
+        self.pending += 1
+        threading.Thread(target=work, name=f"hub {trial.name}", daemon=True).start()
+
+    def finished(self, block: bool) -> list[tuple[Trial, dict]]:
+        """What has ended; with `block`, everything, waiting for it."""
+        ended = []
+        while self.pending:
+            try:
+                ended.append(self.done.get(block=block))
+            except queue.Empty:
+                break
+            self.pending -= 1
+        return ended
 
 
 def cell_latency(row) -> str:
