@@ -371,3 +371,21 @@ def test_out_that_is_not_a_search_folder_is_refused(fastdepth_tflite, calib_subs
     assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
     with pytest.raises(ConfigError, match="--eval-data is required"):
         SearchConfig(model="fastdepth", weights=str(fastdepth_tflite), calib=calib_subset)
+
+
+def test_htp_frames_turn_the_emulation_and_its_score_on(fastdepth_tflite, calib_subset, rgbd_dir, tmp_path):
+    from lpcv_depth.stages.search import plan_trials
+
+    def htp_step(**options):
+        config = SearchConfig(model="fastdepth", weights=str(fastdepth_tflite), calib=calib_subset,
+                              eval_data=rgbd_dir / "kinect_home", preset=("w8a8", "w8a16"), **options)
+        trials = plan_trials(config, tmp_path, htp=True, hub=False)
+        assert [t.name for t in trials] == ["224x224-w8a8", "224x224-w8a16"]
+        return next(s for s in trials[0].local.steps if s.stage == "htp-check")
+
+    coverage_only = htp_step()
+    assert coverage_only.wiring["numerics"] is False and coverage_only.wiring["eval_data"] is None
+    scored = htp_step(htp_frames=3, htp_check_args="--fp16-baseline")
+    assert scored.wiring["numerics"] is True and scored.wiring["max_frames"] == 3
+    assert scored.wiring["eval_data"] == rgbd_dir / "kinect_home"
+    assert scored.extra_args == "--fp16-baseline"  # fp16_baseline is not wired: the flag may set it
