@@ -56,7 +56,8 @@ WIRED = {"export": ("model", "weights", "input_size", "check_images", "out"),
          "ptq": ("calib", "fp32", "preset", "calibration_scheme", "output_tail_bits", "eval_data", "latency_runs",
                  "out"),
          "htp-check": ("ptq", "eval_data", "median", "max_frames", "out"),
-         "hub": ("artifact", "eval_data", "inference", "out")}
+         "hub": ("artifact", "eval_data", "inference", "out"),
+         "evaluate": ("data", "onnx", "num_vis", "median", "out")}
 
 
 def _comma_list(item: Callable[[str], Any]) -> Callable[[str], tuple]:
@@ -184,8 +185,6 @@ class Step:
 
     @property
     def config(self) -> Any:
-        if self.stage == "evaluate":
-            return EvaluateConfig(**self.wiring, out=self.folder)
         return stage_config(self.stage, self.extra_args, {**self.wiring, "out": self.folder}, WIRED[self.stage])
 
 
@@ -290,9 +289,9 @@ def _trial_units(config: SearchConfig, folder: Path, export: Unit, preset: str, 
 
 # --- running a unit (in a Ray worker, or in this process) -------------------------------------------
 
-def _fingerprint(step: Step) -> str:
+def _fingerprint(step: Step, config: Any) -> str:
     upstream = {name: sha256_file(folder / MANIFEST_NAME) for name, folder in step.upstream.items()}
-    return stage_fingerprint(step.stage, step.config, upstream)
+    return stage_fingerprint(step.stage, config, upstream)
 
 
 def up_to_date(unit: Unit) -> bool:
@@ -303,7 +302,7 @@ def up_to_date(unit: Unit) -> bool:
     for step in unit.steps:
         if any(not (folder / MANIFEST_NAME).is_file() for folder in step.upstream.values()):
             return False
-        if not is_up_to_date(records.get(step.name), step.folder, step.stage, _fingerprint(step)):
+        if not is_up_to_date(records.get(step.name), step.folder, step.stage, _fingerprint(step, step.config)):
             return False
     return True
 
@@ -320,12 +319,13 @@ def execute_unit(unit: Unit, redirect: bool = True) -> dict:
     records = read_records(unit.state_file)
     with open(unit.folder / LOG_NAME, "a") as log_file, _quiet(log_file) if redirect else contextlib.nullcontext():
         for step in unit.steps:
-            fingerprint = _fingerprint(step)
-            if not unit.force and is_up_to_date(records.get(step.name), step.folder, step.stage, fingerprint):
-                outcome["steps"][step.name] = "reused"
-                continue
             try:
-                stage_definition(step.stage).run(step.config, StageLog(step.name, stream=log_file))
+                config = step.config
+                fingerprint = _fingerprint(step, config)
+                if not unit.force and is_up_to_date(records.get(step.name), step.folder, step.stage, fingerprint):
+                    outcome["steps"][step.name] = "reused"
+                    continue
+                stage_definition(step.stage).run(config, StageLog(step.name, stream=log_file))
             except Exception as err:  # noqa: BLE001 - one trial's failure must not stop the others
                 traceback.print_exc(file=log_file)
                 outcome.update(status="failed", failed_step=step.name, error=_error_text(err))
@@ -385,8 +385,10 @@ def run_search(config: SearchConfig, log: StageLog | None = None) -> SearchResul
     table = _Table(root, config, trials)
     log.info(f"{len(trials)} trials ({_grid_line(config)}); htp-check {'on' if htp else 'off'}, "
              f"hub {'on' if hub else 'off'} -> {display_path(root)}")
-    with _open_runner(config, root, trials, log) as runner:
-        _Scheduler(config, trials, table, runner, _HubThreads(HUB_THREADS), log).run()
+    # Each unit's up-to-date check hashes what it reads (weights, photos): done once, here.
+    current = {unit.key: up_to_date(unit) for unit in _units(trials)}
+    with _open_runner(config, root, all(current.values()), log) as runner:
+        _Scheduler(config, trials, table, runner, _HubThreads(HUB_THREADS), log, current).run()
     return _finish(config, root, table, log)
 
 
@@ -506,35 +508,31 @@ class _Runner:
 
 
 @contextlib.contextmanager
-def _open_runner(config: SearchConfig, root: Path, trials: list[Trial], log: StageLog):
+def _open_runner(config: SearchConfig, root: Path, nothing_to_run: bool, log: StageLog):
     """Ray (local or the cluster at --ray-address) or the plain loop. Ray is not started when every
     unit is up to date: a rerun of a finished search only reads its manifests."""
     if config.ray_address == NO_RAY:
         yield _Runner(_LocalLoop(execute_unit), config.max_concurrent or 1, "this process")
         return
-    if all(up_to_date(u) for u in _units(trials)):
+    if nothing_to_run:
         yield _Runner(_LocalLoop(execute_unit), 1, "nothing to run")
         return
     from lpcv_depth.backends.ray_cluster import RayCluster
 
-    with log.step("ray") as step, contextlib.ExitStack() as stack:
-        cluster = stack.enter_context(RayCluster(config.cluster_address))
-        nodes = cluster.nodes()
-        cpus = config.trial_cpus or (min(n.cpus for n in nodes) if nodes else 1)
-        memory = config.trial_memory_gb * 2**30
-        capacity = cluster.check_fits(cpus, memory)
-        if not cluster.is_local:
-            cluster.check_shared_folder(root)
-        capacity = min(capacity, config.max_concurrent or capacity)
-        where = ("Ray on this machine" if cluster.is_local else f"Ray cluster {config.ray_address}") + \
-            f", {len(nodes)} node(s), {capacity} trial(s) at once, {cpus:g} CPU(s) and {config.trial_memory_gb:g} GiB each"
-        step.detail = where
-        pool = cluster.pool(execute_unit, cpus=cpus, memory_bytes=memory)
-        stack.pop_all()
-    try:
-        yield _Runner(pool, capacity, where)
-    finally:
-        cluster.__exit__(None, None, None)
+    with contextlib.ExitStack() as stack:
+        with log.step("ray") as step:
+            cluster = stack.enter_context(RayCluster(config.cluster_address))
+            nodes = cluster.nodes()
+            cpus = config.trial_cpus or (min(n.cpus for n in nodes) if nodes else 1)
+            memory = config.trial_memory_gb * 2**30
+            capacity = cluster.check_fits(cpus, memory)
+            if not cluster.is_local:
+                cluster.check_shared_folder(root)
+            capacity = min(capacity, config.max_concurrent or capacity)
+            step.detail = (("Ray on this machine" if cluster.is_local else f"Ray cluster {config.ray_address}")
+                           + f", {len(nodes)} node(s), {capacity} trial(s) at once, {cpus:g} CPU(s) and "
+                             f"{config.trial_memory_gb:g} GiB each")
+        yield _Runner(cluster.pool(execute_unit, cpus=cpus, memory_bytes=memory), capacity, step.detail)
 
 
 def _units(trials: list[Trial]) -> list[Unit]:
@@ -546,9 +544,9 @@ class _Scheduler:
     """Exports first; a trial as soon as its export is done and a slot is free; its hub profile in a
     thread as soon as it ends. One line per trial start and end, with the count and an ETA."""
 
-    def __init__(self, config, trials, table, runner, hub_threads, log):
+    def __init__(self, config, trials, table, runner, hub_threads, log, current: dict[str, bool]):
         self.config, self.trials, self.table, self.runner = config, trials, table, runner
-        self.hub_threads, self.log = hub_threads, log
+        self.hub_threads, self.log, self.current = hub_threads, log, current
         self.exports = {t.export.key: t.export for t in trials}
         self.export_state: dict[str, dict] = {}
         self.waiting = list(trials)
@@ -559,7 +557,7 @@ class _Scheduler:
     def run(self) -> None:
         queue = []
         for key, unit in self.exports.items():
-            if up_to_date(unit):
+            if self.current[key]:
                 self.export_state[key] = {"status": "done", "reused": True}
             else:
                 queue.append(unit)
@@ -588,7 +586,8 @@ class _Scheduler:
                 self._record(trial, {"status": "failed", "failed_step": "export",
                                      "error": f"{trial.export.key} failed: {export.get('error')}"})
                 continue
-            if up_to_date(trial.local):
+            # Checked at the start, unless its export was redone since (then it is not up to date).
+            if self.current[trial.local.key] if export.get("reused") else up_to_date(trial.local):
                 self.waiting.remove(trial)
                 self._record(trial, {"status": "done", "reused": True})
                 continue
