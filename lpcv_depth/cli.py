@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from lpcv_depth.errors import ExitCode, LpcvError, Terminated
+from lpcv_depth.host import keep_freed_memory
 from lpcv_depth.options import add_config_arguments, config_from_args
 from lpcv_depth.stage import StageDefinition, StageLog, exit_status, hint_with_scripts
 from lpcv_depth.workspace import ENV_VAR, use_workspace
@@ -104,6 +105,7 @@ def run_command(name: str, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if argv and argv[0] in STAGE_MODULES:

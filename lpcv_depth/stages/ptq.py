@@ -29,6 +29,7 @@ from lpcv_depth.calibration import RECOMMENDED_IMAGES, CalibrationSplit, iter_ba
 from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import ConfigError, ContractError, GateError
 from lpcv_depth.gates import Gate, enforce_gates
+from lpcv_depth.host import keep_freed_memory
 from lpcv_depth.manifest import (MANIFEST_NAME, ArtifactMismatchError, Manifest, config_as_dict, read_manifest,
                                  sha256_file, write_manifest)
 from lpcv_depth.options import inherit, option
@@ -234,9 +235,11 @@ class _Verification:
 def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
     """Calibrate, export both int8 artifacts, verify them against fp32 on held-out images, report."""
     from lpcv_depth.backends import aimet as aimet_sim
+    from lpcv_depth.backends.aimet_fast import fast_quantize_dequantize
 
     log = log or StageLog(STAGE)
     aimet_sim.import_aimet()  # before any work: a missing install fails with the command that fixes it
+    keep_freed_memory()
     export, export_results = _read_export(config, log)
     inputs = _calibration_data(config, log)
     fp32 = _fp32_model(config, export, export_results, inputs, log)
@@ -244,7 +247,7 @@ def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
     float_model, preparation = _float_techniques(config, fp32.model, inputs.dummy, techniques, log)
     tail = _output_tail(config, float_model, inputs.dummy)
     with StagingDir(config.destination, stage=STAGE, inputs=[config.fp32_dir, config.calib_dir, config.eval_data],
-                    scratch=True) as staging:
+                    scratch=True) as staging, fast_quantize_dequantize():
         sim, sim_source, analyzers = _quantsim_step(config, float_model, inputs, tail, techniques, staging.scratch, log)
         _seq_mse_step(config, sim, inputs, techniques, log)
         _calibrate_step(sim, inputs, log)
@@ -427,6 +430,7 @@ def _quantsim(config: PtqConfig, model, dummy, param_encodings: Path | None, tai
     """AIMET's QuantSim of `model` with the HTP V75 rules and the output tail widened, optionally with
     frozen (AdaRound) weight encodings; returns the sim and the names of the widened quantizers."""
     from lpcv_depth.backends import aimet as aimet_sim
+    from lpcv_depth.backends.aimet_fast import use_fast_histograms
 
     _, _, QuantizationSimModel = aimet_sim.import_aimet()
     preset = config.preset_spec
@@ -434,7 +438,7 @@ def _quantsim(config: PtqConfig, model, dummy, param_encodings: Path | None, tai
                                default_output_bw=preset.activation_bw, default_param_bw=preset.param_bw,
                                config_file=os.fspath(aimet_sim.htp_v75_config_path()))
     widened = aimet_sim.widen_output_tail(sim, tail, config.output_tail_bits)
-    aimet_sim.use_fast_histograms(sim)
+    use_fast_histograms(sim)
     if config.calibration_scheme == "percentile":
         sim.set_percentile_value(config.percentile)
     if param_encodings is not None:

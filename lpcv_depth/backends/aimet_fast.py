@@ -1,0 +1,243 @@
+"""Exact, faster stand-ins for the AIMET CPU kernels that calibration and simulation spend their time in.
+
+Each one computes what aimet-torch 2.42 computes, bit for bit, and falls back to AIMET's own code
+wherever that is not guaranteed (tests/test_aimet_fast.py compares them against AIMET and torch):
+
+- `use_fast_histograms(sim)`: tf-enhanced observers that skip AIMET's redundant passes and bin with
+  `histc` below instead of torch.histc;
+- `histc`: torch.histc's CPU result from vectorized arithmetic and one bincount;
+- `fast_quantize_dequantize()`: an AIMET quantization backend whose per-tensor fake quantization
+  without autograd is plain vectorized arithmetic instead of torch's fake_quantize kernel, which also
+  writes a mask nobody reads and does not vectorize.
+
+Where the time went, and what these changed: docs/ptq.md, "Calibration speed".
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from contextlib import contextmanager
+from typing import Iterator
+
+from lpcv_depth.backends.aimet import _activation_slots
+
+__all__ = ["use_fast_histograms", "histc", "fast_quantize_dequantize", "FAST_QDQ_BACKEND"]
+
+FAST_QDQ_BACKEND = "lpcv_depth_exact_cpu"
+# torch.histc counts in the input's float32, exact only below 2**24 per bin.
+_EXACT_FLOAT32_COUNT = 2 ** 24
+# torch's fake quantization casts the scaled value to int64; beyond this the cast is undefined.
+_INT64_SAFE = 2.0 ** 62
+
+
+def _bin_positions(values, left, right, bins: int, dtype):
+    """The bin of each value exactly as torch.histc computes it on CPU (linear bins, no search):
+    (x - left) * bins / (right - left) in float32, truncated; the right edge falls in the last bin."""
+    import torch
+
+    positions = torch.sub(values, left)
+    positions.mul_(bins)
+    positions.div_(right - left)
+    return positions.to(dtype).clamp_(max=bins - 1)
+
+
+def histc(values, bins: int, low, high):
+    """torch.histc(values, bins, low, high) for a float32 CPU tensor whose values all lie in [low, high],
+    bit for bit, about three times faster (torch.histc's CPU kernel does one element at a time);
+    anything else goes to torch.histc itself."""
+    import torch
+
+    left, right = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
+    if (values.dtype != torch.float32 or values.device.type != "cpu" or values.numel() >= _EXACT_FLOAT32_COUNT
+            or not bool(right > left)):
+        return torch.histc(values, bins=bins, min=low, max=high)
+    smallest, largest = torch.aminmax(values)
+    if not bool((smallest >= left) & (largest <= right)):
+        return torch.histc(values, bins=bins, min=low, max=high)
+    positions = _bin_positions(values.reshape(-1), left, right, bins, torch.int32)
+    return torch.bincount(positions, minlength=bins).to(torch.float32)
+
+
+@functools.cache
+def _fast_tf_enhanced_class():
+    """TfEnhancedEncodingAnalyzer with a cheaper `update_stats` that leaves bit-identical histograms.
+
+    Per call, aimet-torch 2.42 builds a full histogram of the batch in collect_stats and then
+    throws it away (merge_stats uses only its min and max and histograms the batch again over the
+    merged range), and finds the min and max through isfinite/where copies. After the first call
+    this keeps only what changes the result: one aminmax pass and merge_stats' own histogram over
+    the merged range (`histc`, exact and faster). The out-of-range counts merge_stats adds are computed only when the growth limit
+    actually clips (they are zero otherwise), and any non-finite value, non-float32 input,
+    per-channel or blockwise observer, and every weight quantizer, takes AIMET's own path.
+
+    AIMET also runs the whole tf-enhanced candidate search on every batch's own histogram, for a
+    per-batch encoding that a passthrough (activation) quantizer attaches to its output and never
+    applies; the only reader, the int32 bias-overflow fix of QuantizedLinear/Conv, takes its
+    `producer` and then that quantizer's final encoding. So the per-batch encoding here is the
+    batch's min-max. That shortcut is taken only for the statistics this update_stats returns, which
+    only activation quantizers produce (AIMET always calibrates those in passthrough); a weight
+    quantizer gets AIMET's own statistics and search."""
+    import torch
+    from aimet_torch.quantization.encoding_analyzer import TfEnhancedEncodingAnalyzer, _Histogram, adjust_min_max
+
+    class ExactFastTfEnhancedEncodingAnalyzer(TfEnhancedEncodingAnalyzer):
+        _searched = None  # (stats list, its histograms, num_steps, symmetric, result) of the last search
+        weights = False  # a weight quantizer applies its per-batch encoding: AIMET's own statistics only
+
+        @torch.no_grad()
+        def compute_encodings_from_stats(self, stats, num_steps, is_symmetric):
+            if len(stats) == 1 and stats[0].histogram is None and stats[0].min is not None:  # update_stats' batch
+                low, high = adjust_min_max(stats[0].min.clone(), stats[0].max.clone(), num_steps, is_symmetric)
+                return low.view(self.observer.shape), high.view(self.observer.shape)
+            # A weight is observed once, and AIMET searches its (per-channel) histograms twice: for the
+            # per-batch encoding and again for the final one, on the very same statistics objects.
+            last = self._searched
+            if (last is not None and last[0] is stats and last[2:4] == (num_steps, is_symmetric)
+                    and len(stats) == len(last[1]) and all(a is b for a, b in zip(stats, last[1]))):
+                return tuple(t.clone() for t in last[4])
+            result = super().compute_encodings_from_stats(stats, num_steps, is_symmetric)
+            self._searched = (stats, list(stats), num_steps, is_symmetric, tuple(t.clone() for t in result))
+            return result
+
+        def _per_channel_histograms(self, weight):
+            """collect_stats of a per-output-channel observer in one vectorized pass instead of a
+            Python loop of histc calls, one per channel; None where that is not this case. The bin
+            of each value is histc's own float32 arithmetic, pos = (x - left) * bins / (right - left)
+            truncated (pos == bins is the last bin), on the same edges AIMET makes."""
+            observer = self.observer
+            shape = tuple(observer.shape)
+            channels = shape[0] if shape else 1
+            if (observer.block_size is not None or weight.dtype != torch.float32 or len(shape) != weight.dim()
+                    or channels < 2 or weight.shape[0] != channels or any(dim != 1 for dim in shape[1:])):
+                return None
+            rows = weight.reshape(channels, -1)
+            mins, maxs = torch.aminmax(rows, dim=1)
+            if not bool(torch.isfinite(mins).all() & torch.isfinite(maxs).all()):
+                return None
+            bins = observer.num_bins
+            # _HistogramObserver._create_bin_edges, one row per channel.
+            low = torch.where(mins == maxs, mins - 0.5, mins).float()
+            high = torch.where(mins == maxs, maxs + 0.5, maxs).float()
+            step = (high - low) / bins
+            edges = torch.arange(0, bins + 1, device=weight.device)[None, :] * step[:, None] + low[:, None]
+            left, right = edges[:, :1], edges[:, -1:]
+            if not bool((right > left).all()):
+                return None
+            position = _bin_positions(rows, left, right, bins, torch.int64)
+            inside = (rows >= left) & (rows <= right)
+            index = (position + torch.arange(channels, device=weight.device)[:, None] * bins)[inside]
+            histograms = torch.bincount(index, minlength=channels * bins).reshape(channels, bins).float()
+            histograms[:, 0] += (rows < left).sum(dim=1)
+            histograms[:, -1] += (rows > right).sum(dim=1)
+            return [_Histogram(histograms[c], edges[c], mins[c], maxs[c]) for c in range(channels)]
+
+        @torch.no_grad()
+        def update_stats(self, input_tensor):
+            observer = self.observer
+            current = observer.stats[0]
+            if self.weights and current.histogram is None:
+                stats = self._per_channel_histograms(input_tensor)
+                if stats is not None:
+                    observer.merge_stats(stats, input_tensor)
+                    return stats
+            if (self.weights or current.histogram is None or len(observer.stats) != 1
+                    or observer.block_size is not None or input_tensor.dtype != torch.float32):
+                return super().update_stats(input_tensor)
+            low, high = torch.aminmax(input_tensor)
+            if not bool(torch.isfinite(low) & torch.isfinite(high)):
+                return super().update_stats(input_tensor)
+            stats = [_Histogram(None, None, low, high)]
+            # With an empty batch merge_stats does only the re-binning of the old histogram into the
+            # merged range; the batch's own histc and out-of-range counts are then added in the same
+            # order as merge_stats adds them, so the float32 counts round identically.
+            observer.merge_stats(stats, input_tensor.new_empty((0,)))
+            merged = observer.stats[0]
+            histogram = histc(input_tensor, observer.num_bins, merged.min, merged.max)
+            histogram += merged.histogram
+            if low < merged.min:
+                histogram[0] += torch.sum(input_tensor < merged.min)
+            if high > merged.max:
+                histogram[-1] += torch.sum(input_tensor > merged.max)
+            observer.stats[0] = _Histogram(histogram, merged.bin_edges, merged.min, merged.max)
+            return stats
+
+    return ExactFastTfEnhancedEncodingAnalyzer
+
+
+def use_fast_histograms(sim) -> int:
+    """Swap every tf-enhanced analyzer of the activation and weight quantizers for the exact fast
+    one (before calibration); returns how many were swapped."""
+    from aimet_torch.quantization.encoding_analyzer import TfEnhancedEncodingAnalyzer
+
+    fast = _fast_tf_enhanced_class()
+    swapped = 0
+    for module in sim.model.modules():
+        params = getattr(module, "param_quantizers", None) or {}
+        quantizers = [(quantizer, False) for _, _, quantizer in _activation_slots(module)]
+        quantizers += [(quantizer, True) for quantizer in params.values() if quantizer is not None]
+        for quantizer, weights in quantizers:
+            analyzer = getattr(quantizer, "encoding_analyzer", None)
+            if type(analyzer) is TfEnhancedEncodingAnalyzer:
+                quantizer.encoding_analyzer = fast(analyzer.observer.shape, block_size=analyzer.observer.block_size)
+                quantizer.encoding_analyzer.weights = weights
+                swapped += 1
+    return swapped
+
+
+def _fast_per_tensor_qdq(tensor, scale, offset, qmin: int, qmax: int, block_size, zero_point_shift):
+    """torch.fake_quantize_per_tensor_affine's CPU result, as AIMET calls it for one scale and offset
+    without autograd, from five vectorized passes; None where that is not the case or where the
+    kernel's int64 cast is undefined (non-finite or huge values), so AIMET's own path runs.
+
+    The kernel computes (clamp(int64(zp + nearbyint(x * (1/scale))), qmin, qmax) - zp) * scale, the
+    last product in double and then rounded to float; k * scale is exact in double for |k| < 2**29,
+    so it equals the float32 product. Adding zp before the clamp also turns -0.0 into +0.0 as the
+    int64 cast does."""
+    import torch
+    from aimet_torch.quantization.affine.backends import torch_builtins
+
+    if (block_size is not None or zero_point_shift != 0.0 or torch.is_grad_enabled() or torch.jit.is_tracing()
+            or type(tensor) is not torch.Tensor or tensor.dtype != torch.float32 or tensor.device.type != "cpu"
+            or scale.dtype != torch.float32 or scale.numel() != 1 or offset.numel() != 1
+            or torch_builtins._round_fn is not torch.round or max(abs(qmin), abs(qmax)) >= 2 ** 29):
+        return None
+    torch_builtins._validate_arguments(tensor, scale, qmin, qmax, block_size)
+    zero_point = float(-offset.reshape(()).to(torch.int32))
+    step = scale.reshape(())
+    scaled = torch.mul(tensor, 1.0 / step)
+    smallest, largest = torch.aminmax(scaled) if scaled.numel() else (step.new_zeros(()), step.new_zeros(()))
+    if not bool(torch.isfinite(smallest) & torch.isfinite(largest)) or max(-smallest, largest) >= _INT64_SAFE:
+        return None
+    scaled.round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point)
+    return scaled.mul_(step)
+
+
+@functools.cache
+def _fast_qdq_backend():
+    """AIMET's torch_builtins backend with the per-tensor no-autograd case of quantize_dequantize
+    replaced by `_fast_per_tensor_qdq`."""
+    from aimet_torch.quantization.affine.backends import torch_builtins
+    from aimet_torch.quantization.affine.backends.utils import add_backend
+
+    def quantize_dequantize(tensor, scale, offset, qmin, qmax, block_size=None, zero_point_shift=0.0):
+        fast = _fast_per_tensor_qdq(tensor, scale, offset, qmin, qmax, block_size, zero_point_shift)
+        if fast is not None:
+            return fast
+        return torch_builtins.quantize_dequantize(tensor, scale, offset, qmin, qmax, block_size, zero_point_shift)
+
+    backend = types.SimpleNamespace(__name__=FAST_QDQ_BACKEND, quantize=torch_builtins.quantize,
+                                    dequantize=torch_builtins.dequantize, quantize_dequantize=quantize_dequantize)
+    add_backend(FAST_QDQ_BACKEND, backend)
+    return backend
+
+
+@contextmanager
+def fast_quantize_dequantize() -> Iterator[None]:
+    """AIMET's quantization runs on `_fast_qdq_backend` inside the block (exports still use AIMET's
+    exportable builtins: AIMET picks those itself while exporting)."""
+    from aimet_torch.quantization.affine.backends.utils import set_backend
+
+    _fast_qdq_backend()
+    with set_backend(FAST_QDQ_BACKEND):
+        yield

@@ -1,0 +1,227 @@
+"""The exact fast kernels of lpcv_depth/backends/aimet_fast.py against AIMET's and torch's own, bit for
+bit: histograms, tf-enhanced statistics and encodings, fake quantization, and a whole calibration."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+pytest.importorskip("aimet_torch", reason="aimet-torch (the quant extra) is not installed")
+
+import torch  # noqa: E402
+
+from lpcv_depth.backends import aimet_fast  # noqa: E402
+from lpcv_depth.host import keep_freed_memory  # noqa: E402
+
+
+def _bits(tensor):
+    return tensor.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("kind", ["normal", "on-edges", "relu", "narrow", "wide", "right-edge"])
+def test_histc_is_torch_histc_bit_for_bit(kind):
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 70, 90, generator=generator)
+    bins = 512
+    if kind == "on-edges":  # every bin edge itself, where the float arithmetic decides the bin
+        x = torch.cat([x.flatten(), torch.linspace(float(x.min()), float(x.max()), bins + 1)])
+    elif kind == "relu":
+        x = x.clamp_min(0)
+    elif kind == "narrow":
+        x = 1.0 + x * 1e-6
+    elif kind == "wide":
+        x = x * 1e30
+    low, high = torch.aminmax(x)
+    if kind == "right-edge":
+        high = high * 0 + 7.0
+        x[0, 0, 0] = 7.0
+    want = torch.histc(x, bins=bins, min=low, max=high)
+    assert torch.equal(aimet_fast.histc(x, bins, low, high), want)
+    assert torch.equal(aimet_fast.histc(x, bins, low.item(), high.item()), want)
+
+
+@pytest.mark.parametrize("case", ["outside", "float64", "constant", "nan"])
+def test_histc_leaves_other_cases_to_torch(case):
+    x = torch.linspace(-2, 3, 1000)
+    low, high = -1.0, 2.0  # "outside": values beyond both edges are not counted
+    if case == "float64":
+        x, low, high = x.double(), -2.0, 3.0
+    elif case == "constant":
+        x, low, high = torch.full((100,), 0.5), 0.5, 0.5
+    elif case == "nan":
+        x[10] = float("nan")
+        low, high = -2.0, 3.0
+    assert torch.equal(aimet_fast.histc(x, 64, low, high), torch.histc(x, bins=64, min=low, max=high))
+
+
+QDQ_CASES = {  # (qmin, qmax, offset, scale): AIMET's encodings as its quantizers pass them
+    "uint8-asymmetric": (0, 255, -117.0, 0.0123),
+    "softmax-fixed": (0, 255, 0.0, 1 / 255),
+    "int8-symmetric": (-128, 127, 0.0, 0.031),
+    "uint16-asymmetric": (0, 65535, -30001.0, 1.3e-4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QDQ_CASES))
+def test_fast_quantize_dequantize_is_aimets_bit_for_bit(case):
+    from aimet_torch.quantization.affine.backends import torch_builtins
+
+    qmin, qmax, offset, scale = QDQ_CASES[case]
+    scale, offset = torch.tensor([scale], dtype=torch.float32), torch.tensor([offset])
+    generator = torch.Generator().manual_seed(3)
+    steps = torch.arange(-(qmax - qmin) - 40, (qmax - qmin) + 40, dtype=torch.float32)
+    x = torch.cat([torch.randn(20000, generator=generator) * float(scale) * (qmax - qmin) / 3,
+                   (steps + 0.5) * scale,  # exact ties: nearbyint rounds them to even
+                   -torch.rand(500, generator=generator) * scale * 0.49,  # round to -0.0
+                   torch.tensor([0.0, -0.0, 1e12, -1e12])])  # far outside: clamped
+    with torch.no_grad():
+        ours = aimet_fast._fast_per_tensor_qdq(x, scale, offset, qmin, qmax, None, 0.0)
+        want = torch_builtins.quantize_dequantize(x, scale, offset, qmin, qmax)
+    assert ours is not None
+    assert torch.equal(_bits(ours), _bits(want))
+
+
+def test_fast_quantize_dequantize_leaves_other_cases_to_aimet():
+    scale, offset = torch.tensor([0.1]), torch.tensor([-10.0])
+    with torch.no_grad():
+        for special in (float("inf"), float("nan"), 1e30):  # the kernel's int64 cast is undefined there
+            x = torch.tensor([0.3, special])
+            assert aimet_fast._fast_per_tensor_qdq(x, scale, offset, 0, 255, None, 0.0) is None
+        assert aimet_fast._fast_per_tensor_qdq(torch.ones(4).double(), scale, offset, 0, 255, None, 0.0) is None
+        assert aimet_fast._fast_per_tensor_qdq(torch.ones(4), scale, offset, 0, 255, None, 0.5) is None
+    assert aimet_fast._fast_per_tensor_qdq(torch.ones(4), scale, offset, 0, 255, None, 0.0) is None  # autograd on
+
+
+def test_fast_backend_is_used_inside_the_block_only():
+    from aimet_torch.quantization.affine.backends import get_backend
+
+    before = get_backend().__name__
+    with aimet_fast.fast_quantize_dequantize():
+        assert get_backend().__name__ == aimet_fast.FAST_QDQ_BACKEND
+    assert get_backend().__name__ == before != aimet_fast.FAST_QDQ_BACKEND
+
+
+class _Tiny(torch.nn.Module):
+    """Conv, ReLU, Linear, GELU and a softmax whose output the HTP config fixes to [0, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(8, 16)
+        self.gelu = torch.nn.GELU()
+        self.softmax = torch.nn.Softmax(dim=-1)
+        self.out = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.relu(self.conv(x)).flatten(2).transpose(1, 2)
+        return self.out(self.softmax(self.gelu(self.fc(y))))
+
+
+def _calibrated(model, batches, fast: bool):
+    import contextlib
+
+    from aimet_torch.common.defs import QuantScheme
+    from aimet_torch.quantsim import QuantizationSimModel
+
+    from lpcv_depth.backends.aimet import htp_v75_config_path
+
+    sim = QuantizationSimModel(copy.deepcopy(model), dummy_input=batches[0], default_output_bw=8, default_param_bw=8,
+                               quant_scheme=QuantScheme.post_training_tf_enhanced,
+                               config_file=str(htp_v75_config_path()))
+    if fast:
+        assert aimet_fast.use_fast_histograms(sim) > 0
+    with aimet_fast.fast_quantize_dequantize() if fast else contextlib.nullcontext(), torch.no_grad():
+        sim.compute_encodings(lambda m: [m(batch) for batch in batches])
+        held_out = sim.model(batches[0] * 1.5)
+    quantizers = {name: module for name, module in sim.model.named_modules() if hasattr(module, "get_encodings")}
+    return quantizers, held_out
+
+
+def test_calibration_with_the_fast_kernels_is_aimets_bit_for_bit(monkeypatch):
+    """The whole QuantSim calibration, on AIMET's kernels and on ours: every encoding and the
+    simulated output are the same bits; the fast paths were actually taken."""
+    torch.manual_seed(4)
+    model = _Tiny().eval()
+    batches = [torch.randn(1, 3, 12, 12) * (1 + i) + i * 0.3 for i in range(6)]
+    taken = {"qdq": 0}
+    original = aimet_fast._fast_per_tensor_qdq
+
+    def counting(*args):
+        result = original(*args)
+        taken["qdq"] += result is not None
+        return result
+
+    theirs, their_output = _calibrated(model, batches, fast=False)
+    monkeypatch.setattr(aimet_fast, "_fast_per_tensor_qdq", counting)
+    ours, our_output = _calibrated(model, batches, fast=True)
+    assert taken["qdq"] > 0
+    assert not theirs["softmax.output_quantizers.0"].is_overwrite_allowed()  # fixed [0, 1]: applied in calibration
+    assert theirs.keys() == ours.keys() and len(theirs) > 8
+    for name, quantizer in theirs.items():
+        if quantizer.get_encodings() is None:
+            assert ours[name].get_encodings() is None, name
+            continue
+        assert torch.equal(_bits(quantizer.get_min()), _bits(ours[name].get_min())), name
+        assert torch.equal(_bits(quantizer.get_max()), _bits(ours[name].get_max())), name
+    assert torch.equal(_bits(their_output), _bits(our_output))
+
+
+def test_keep_freed_memory_is_set_on_glibc():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert keep_freed_memory() is True
+
+
+@pytest.mark.parametrize("kind", ["normal", "growing", "shifting", "relu", "constant", "inf", "nan"])
+def test_fast_tf_enhanced_histograms_are_aimets_bit_for_bit(kind):
+    """The calibration's tf-enhanced observer skips AIMET's redundant passes; its histograms, and so
+    the encodings, must stay exactly AIMET's, including where the 3x growth limit clips."""
+    import torch
+    from aimet_torch.quantization.encoding_analyzer import TfEnhancedEncodingAnalyzer
+
+    from lpcv_depth.backends.aimet_fast import _fast_tf_enhanced_class
+
+    generator = torch.Generator().manual_seed(0)
+    aimet, fast = TfEnhancedEncodingAnalyzer(()), _fast_tf_enhanced_class()(())
+    for i in range(10):
+        x = torch.randn(2, 50, 64, generator=generator)
+        x = {"growing": x * (1 + 3 * i), "shifting": x + 2.0 * i, "relu": x.clamp_min(0),
+             "constant": torch.full_like(x, 0.5 if i < 3 else float(i))}.get(kind, x)
+        if kind in ("inf", "nan") and i == 5:
+            x[0, 0, 0] = float(kind)
+        aimet.update_stats(x)
+        fast.update_stats(x)
+    ours, theirs = fast.observer.stats[0], aimet.observer.stats[0]
+    for name in ("histogram", "bin_edges", "min", "max"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+    for want, got in zip(aimet.compute_encodings(255, False), fast.compute_encodings(255, False)):
+        assert torch.equal(want, got)
+
+
+@pytest.mark.parametrize("shape", [(16, 24), (12, 3, 3, 3)])
+def test_fast_tf_enhanced_weight_encodings_are_aimets(shape):
+    """Per-output-channel weight histograms come from one vectorized pass with histc's own bin
+    arithmetic, and must be AIMET's bit for bit; the second search on the same statistics (AIMET's
+    per-batch encoding, then the final one) is served from the first."""
+    import torch
+    from aimet_torch.quantization.encoding_analyzer import TfEnhancedEncodingAnalyzer
+
+    from lpcv_depth.backends.aimet_fast import _fast_tf_enhanced_class
+
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(shape, generator=generator) * torch.linspace(0.1, 3, shape[0]).view(-1, *[1] * (len(shape) - 1))
+    weight[1] = 0.25  # a constant channel: AIMET widens its range by 0.5 each way
+    observer_shape = (shape[0],) + (1,) * (len(shape) - 1)
+    aimet, fast = TfEnhancedEncodingAnalyzer(observer_shape), _fast_tf_enhanced_class()(observer_shape)
+    fast.weights = True
+    theirs, ours = aimet.update_stats(weight), fast.update_stats(weight)
+    for want, got in zip(theirs, ours):
+        for name in ("histogram", "bin_edges", "min", "max"):
+            assert torch.equal(getattr(want, name), getattr(got, name)), name
+    first = fast.compute_encodings_from_stats(ours, 254, True)
+    for want, got, again in zip(aimet.compute_encodings(254, True), fast.compute_encodings(254, True), first):
+        assert torch.equal(want, got) and torch.equal(want, again)
