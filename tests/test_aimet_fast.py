@@ -39,6 +39,7 @@ def test_histc_is_torch_histc_bit_for_bit(kind):
     want = torch.histc(x, bins=bins, min=low, max=high)
     assert torch.equal(aimet_fast.histc(x, bins, low, high), want)
     assert torch.equal(aimet_fast.histc(x, bins, low.item(), high.item()), want)
+    assert torch.equal(aimet_fast.histc(x, bins, low, high, extrema=torch.aminmax(x)), want)
 
 
 @pytest.mark.parametrize("case", ["outside", "float64", "constant", "nan"])

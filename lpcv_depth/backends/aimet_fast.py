@@ -42,17 +42,17 @@ def _bin_positions(values, left, right, bins: int, dtype):
     return positions.to(dtype).clamp_(max=bins - 1)
 
 
-def histc(values, bins: int, low, high):
+def histc(values, bins: int, low, high, extrema=None):
     """torch.histc(values, bins, low, high) for a float32 CPU tensor whose values all lie in [low, high],
     bit for bit, about three times faster (torch.histc's CPU kernel does one element at a time);
-    anything else goes to torch.histc itself."""
+    anything else goes to torch.histc itself. `extrema`: the values' (min, max) when the caller has them."""
     import torch
 
     left, right = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
     if (values.dtype != torch.float32 or values.device.type != "cpu" or values.numel() >= _EXACT_FLOAT32_COUNT
             or not bool(right > left)):
         return torch.histc(values, bins=bins, min=low, max=high)
-    smallest, largest = torch.aminmax(values)
+    smallest, largest = torch.aminmax(values) if extrema is None else extrema
     if not bool((smallest >= left) & (largest <= right)):
         return torch.histc(values, bins=bins, min=low, max=high)
     positions = _bin_positions(values.reshape(-1), left, right, bins, torch.int32)
@@ -153,7 +153,7 @@ def _fast_tf_enhanced_class():
             # order as merge_stats adds them, so the float32 counts round identically.
             observer.merge_stats(stats, input_tensor.new_empty((0,)))
             merged = observer.stats[0]
-            histogram = histc(input_tensor, observer.num_bins, merged.min, merged.max)
+            histogram = histc(input_tensor, observer.num_bins, merged.min, merged.max, extrema=(low, high))
             histogram += merged.histogram
             if low < merged.min:
                 histogram[0] += torch.sum(input_tensor < merged.min)

@@ -113,7 +113,8 @@ class PtqConfig:
     # over the whole map, so single pixels may differ by a few steps; SQNR is the real check.
     sim_max_abs_diff: float = option(0.5, help="QDQ ONNX vs AIMET QuantSim: largest absolute difference allowed")
     sim_min_sqnr: float = option(25.0, help="QDQ ONNX vs AIMET QuantSim: lowest SQNR allowed, dB")
-    latency_runs: int = option(10, help="host ONNX Runtime latency: runs per model (median); 0 skips it")
+    # A sanity figure (HOST_LATENCY_NOTE), so a short median: x86 runs a QDQ ViT slowly (docs/ptq.md).
+    latency_runs: int = option(3, help="host ONNX Runtime latency: runs per model (median); 0 skips it")
     out: Path | None = option(None, help="output folder (default: <fp32>/../ptq-<preset>)")
 
     def __post_init__(self):
