@@ -8,7 +8,7 @@ wherever that is not guaranteed (tests/test_aimet_fast.py compares them against 
 - `histc`: torch.histc's CPU result from vectorized arithmetic and one bincount;
 - `fast_quantize_dequantize()`: an AIMET quantization backend whose per-tensor fake quantization
   without autograd is plain vectorized arithmetic instead of torch's fake_quantize kernel, which also
-  writes a mask nobody reads and does not vectorize.
+  writes a mask that nothing reads without autograd.
 
 Where the time went, and what these changed: docs/ptq.md, "Calibration speed".
 """
@@ -67,9 +67,10 @@ def _fast_tf_enhanced_class():
     throws it away (merge_stats uses only its min and max and histograms the batch again over the
     merged range), and finds the min and max through isfinite/where copies. After the first call
     this keeps only what changes the result: one aminmax pass and merge_stats' own histogram over
-    the merged range (`histc`, exact and faster). The out-of-range counts merge_stats adds are computed only when the growth limit
-    actually clips (they are zero otherwise), and any non-finite value, non-float32 input,
-    per-channel or blockwise observer, and every weight quantizer, takes AIMET's own path.
+    the merged range (`histc`, exact and faster). The out-of-range counts merge_stats adds are
+    computed only when the growth limit actually clips (they are zero otherwise), and any
+    non-finite value, non-float32 input, per-channel or blockwise observer, and every weight
+    quantizer, takes AIMET's own path.
 
     AIMET also runs the whole tf-enhanced candidate search on every batch's own histogram, for a
     per-batch encoding that a passthrough (activation) quantizer attaches to its output and never
@@ -187,7 +188,7 @@ def use_fast_histograms(sim) -> int:
 
 def _fast_per_tensor_qdq(tensor, scale, offset, qmin: int, qmax: int, block_size, zero_point_shift):
     """torch.fake_quantize_per_tensor_affine's CPU result, as AIMET calls it for one scale and offset
-    without autograd, from five vectorized passes; None where that is not the case or where the
+    without autograd, from a few vectorized passes; None where that is not the case or where the
     kernel's int64 cast is undefined (non-finite or huge values), so AIMET's own path runs.
 
     The kernel computes (clamp(int64(zp + nearbyint(x * (1/scale))), qmin, qmax) - zp) * scale, the
