@@ -57,7 +57,7 @@ def calibration_analyzers(sim) -> dict[str, int]:
              "PercentileEncodingAnalyzer": "percentile"}
     counts: dict[str, int] = {}
     for module in sim.model.modules():
-        for _, _, quantizer in _activation_slots(module):
+        for _, _, quantizer in activation_slots(module):
             analyzer = getattr(quantizer, "encoding_analyzer", None)
             if analyzer is not None:
                 # By the AIMET class it behaves as: the exact fast histogram is still tf-enhanced.
@@ -67,7 +67,7 @@ def calibration_analyzers(sim) -> dict[str, int]:
     return counts
 
 
-def _activation_slots(module) -> Iterator[tuple[str, int, object]]:
+def activation_slots(module) -> Iterator[tuple[str, int, object]]:
     """("input"|"output", index, quantizer) for every enabled activation quantizer of one module."""
     for kind in ("input", "output"):
         for index, quantizer in enumerate(getattr(module, f"{kind}_quantizers", None) or []):
@@ -119,7 +119,7 @@ def widen_output_tail(sim, tail: list[str], bitwidth: int) -> list[str]:
         module = modules[name]
         if position == 0 and getattr(module, "input_quantizers", None) and module.input_quantizers[0] is None:
             module.input_quantizers[0] = QuantizeDequantize((), bitwidth, False, MinMaxEncodingAnalyzer(()))
-        for kind, index, quantizer in _activation_slots(module):
+        for kind, index, quantizer in activation_slots(module):
             quantizer.bitwidth = bitwidth
             quantizer.encoding_analyzer = MinMaxEncodingAnalyzer(quantizer.encoding_analyzer.observer.shape)
             widened.append(f"{name}:{kind}{index}")

@@ -20,7 +20,7 @@ import types
 from contextlib import contextmanager
 from typing import Iterator
 
-from lpcv_depth.backends.aimet import _activation_slots
+from lpcv_depth.backends.aimet import activation_slots
 
 __all__ = ["use_fast_histograms", "histc", "fast_quantize_dequantize", "FAST_QDQ_BACKEND"]
 
@@ -175,7 +175,7 @@ def use_fast_histograms(sim) -> int:
     swapped = 0
     for module in sim.model.modules():
         params = getattr(module, "param_quantizers", None) or {}
-        quantizers = [(quantizer, False) for _, _, quantizer in _activation_slots(module)]
+        quantizers = [(quantizer, False) for _, _, quantizer in activation_slots(module)]
         quantizers += [(quantizer, True) for quantizer in params.values() if quantizer is not None]
         for quantizer, weights in quantizers:
             analyzer = getattr(quantizer, "encoding_analyzer", None)
