@@ -19,8 +19,18 @@ def _bits(tensor):
     return tensor.contiguous().view(torch.int32)
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def kernels(request, monkeypatch):
+    """Each exactness test runs on the numba kernels and on the torch arithmetic used without numba."""
+    if request.param == "torch":
+        monkeypatch.setattr(aimet_fast, "_compiled_kernels", lambda: None)
+    else:
+        assert aimet_fast._compiled_kernels() is not None, "numba (the quant extra) is not installed"
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["normal", "on-edges", "relu", "narrow", "wide", "right-edge"])
-def test_histc_is_torch_histc_bit_for_bit(kind):
+def test_histc_is_torch_histc_bit_for_bit(kind, kernels):
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(3, 70, 90, generator=generator)
     bins = 512
@@ -38,12 +48,13 @@ def test_histc_is_torch_histc_bit_for_bit(kind):
         x[0, 0, 0] = 7.0
     want = torch.histc(x, bins=bins, min=low, max=high)
     assert torch.equal(aimet_fast.histc(x, bins, low, high), want)
+    assert torch.equal(aimet_fast.histc(torch.stack([x, x], -1)[..., 0], bins, low, high), want)  # strided
     assert torch.equal(aimet_fast.histc(x, bins, low.item(), high.item()), want)
     assert torch.equal(aimet_fast.histc(x, bins, low, high, extrema=torch.aminmax(x)), want)
 
 
 @pytest.mark.parametrize("case", ["outside", "float64", "constant", "nan"])
-def test_histc_leaves_other_cases_to_torch(case):
+def test_histc_leaves_other_cases_to_torch(case, kernels):
     x = torch.linspace(-2, 3, 1000)
     low, high = -1.0, 2.0  # "outside": values beyond both edges are not counted
     if case == "float64":
@@ -65,7 +76,7 @@ QDQ_CASES = {  # (qmin, qmax, offset, scale): AIMET's encodings as its quantizer
 
 
 @pytest.mark.parametrize("case", sorted(QDQ_CASES))
-def test_fast_quantize_dequantize_is_aimets_bit_for_bit(case):
+def test_fast_quantize_dequantize_is_aimets_bit_for_bit(case, kernels):
     from aimet_torch.quantization.affine.backends import torch_builtins
 
     qmin, qmax, offset, scale = QDQ_CASES[case]
@@ -79,15 +90,17 @@ def test_fast_quantize_dequantize_is_aimets_bit_for_bit(case):
     with torch.no_grad():
         ours = aimet_fast._fast_per_tensor_qdq(x, scale, offset, qmin, qmax, None, 0.0)
         want = torch_builtins.quantize_dequantize(x, scale, offset, qmin, qmax)
+        strided = aimet_fast._fast_per_tensor_qdq(x.view(2, -1).t(), scale, offset, qmin, qmax, None, 0.0)
     assert ours is not None
     assert torch.equal(_bits(ours), _bits(want))
+    assert torch.equal(_bits(strided), _bits(want.view(2, -1).t()))
 
 
-def test_fast_quantize_dequantize_leaves_other_cases_to_aimet():
+def test_fast_quantize_dequantize_leaves_other_cases_to_aimet(kernels):
     scale, offset = torch.tensor([0.1]), torch.tensor([-10.0])
     with torch.no_grad():
-        for special in (float("inf"), float("nan"), 1e30):  # the kernel's int64 cast is undefined there
-            x = torch.tensor([0.3, special])
+        for special in (float("inf"), float("-inf"), float("nan"), 1e30, -1e30):  # int64 cast undefined there
+            x = torch.cat([torch.linspace(-1, 1, 3000), torch.tensor([special])])
             assert aimet_fast._fast_per_tensor_qdq(x, scale, offset, 0, 255, None, 0.0) is None
         assert aimet_fast._fast_per_tensor_qdq(torch.ones(4).double(), scale, offset, 0, 255, None, 0.0) is None
         assert aimet_fast._fast_per_tensor_qdq(torch.ones(4), scale, offset, 0, 255, None, 0.5) is None
@@ -140,13 +153,14 @@ def _calibrated(model, batches, fast: bool):
     return quantizers, held_out
 
 
-def test_calibration_with_the_fast_kernels_is_aimets_bit_for_bit(monkeypatch):
+def test_calibration_with_the_fast_kernels_is_aimets_bit_for_bit(monkeypatch, kernels):
     """The whole QuantSim calibration, on AIMET's kernels and on ours: every encoding and the
-    simulated output are the same bits; the fast paths were actually taken."""
+    simulated output are the same bits; the fast paths were actually taken, and each weight was
+    fake-quantized once per encoding instead of once per forward."""
     torch.manual_seed(4)
     model = _Tiny().eval()
     batches = [torch.randn(1, 3, 12, 12) * (1 + i) + i * 0.3 for i in range(6)]
-    taken = {"qdq": 0}
+    taken = {"qdq": 0, "memo_hits": 0}
     original = aimet_fast._fast_per_tensor_qdq
 
     def counting(*args):
@@ -154,10 +168,21 @@ def test_calibration_with_the_fast_kernels_is_aimets_bit_for_bit(monkeypatch):
         taken["qdq"] += result is not None
         return result
 
+    memo_class = aimet_fast._ParameterMemo
+
+    class CountingMemo(memo_class):
+        def quantize_dequantize(self, *args):
+            hits = self.hits
+            result = super().quantize_dequantize(*args)
+            taken["memo_hits"] += self.hits - hits
+            return result
+
     theirs, their_output = _calibrated(model, batches, fast=False)
     monkeypatch.setattr(aimet_fast, "_fast_per_tensor_qdq", counting)
+    monkeypatch.setattr(aimet_fast, "_ParameterMemo", CountingMemo)
     ours, our_output = _calibrated(model, batches, fast=True)
     assert taken["qdq"] > 0
+    assert taken["memo_hits"] >= 3 * (len(batches) - 1)  # three weights, every forward after the first
     assert not theirs["softmax.output_quantizers.0"].is_overwrite_allowed()  # fixed [0, 1]: applied in calibration
     assert theirs.keys() == ours.keys() and len(theirs) > 8
     for name, quantizer in theirs.items():
@@ -226,3 +251,63 @@ def test_fast_tf_enhanced_weight_encodings_are_aimets(shape):
     first = fast.compute_encodings_from_stats(ours, 254, True)
     for want, got, again in zip(aimet.compute_encodings(254, True), fast.compute_encodings(254, True), first):
         assert torch.equal(want, got) and torch.equal(want, again)
+
+
+def _memo_case():
+    """A per-channel weight quantizer and its weight, as AIMET's quantized layers hold them."""
+    from aimet_torch.quantization.affine import QuantizeDequantize
+
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.nn.Parameter(torch.randn(6, 10, generator=generator))
+    quantizer = QuantizeDequantize((6, 1), 8, True)
+    quantizer.set_range(-weight.detach().abs().amax(1, keepdim=True), weight.detach().abs().amax(1, keepdim=True))
+    return weight, quantizer
+
+
+def _plain_qdq(quantizer, weight):
+    """AIMET's own fake quantization of `weight` with the quantizer's current encoding."""
+    from aimet_torch.quantization.affine.backends import torch_builtins
+
+    with torch.no_grad():
+        return torch_builtins.quantize_dequantize(weight.detach(), quantizer.get_scale(), quantizer.get_offset(),
+                                                  quantizer.qmin, quantizer.qmax)
+
+
+def test_parameter_memo_serves_a_weight_until_it_or_its_encoding_changes():
+    weight, quantizer = _memo_case()
+    with aimet_fast.fast_quantize_dequantize(), torch.no_grad():
+        memo = aimet_fast._parameter_memo.get()
+        first = quantizer(weight)
+        assert torch.equal(_bits(quantizer(weight)), _bits(first)) and memo.hits == 1
+        assert torch.equal(_bits(first), _bits(_plain_qdq(quantizer, weight)))
+
+        weight.mul_(0.5)  # the parameter changed in place: its version moved on
+        halved = quantizer(weight)
+        assert memo.hits == 1 and torch.equal(_bits(halved), _bits(_plain_qdq(quantizer, weight)))
+
+        quantizer.set_range(quantizer.get_min() * 2, quantizer.get_max() * 2)  # a new encoding
+        widened = quantizer(weight)
+        assert memo.hits == 1 and torch.equal(_bits(widened), _bits(_plain_qdq(quantizer, weight)))
+
+        widened.as_subclass(torch.Tensor).add_(1.0)  # somebody wrote into the shared result
+        again = quantizer(weight)
+        assert memo.hits == 1 and torch.equal(_bits(again), _bits(_plain_qdq(quantizer, weight)))
+        assert quantizer(weight) is not None and memo.hits == 2
+    assert aimet_fast._parameter_memo.get() is None  # the memo, and what it holds, ends with the block
+
+
+def test_parameter_memo_keeps_nothing_beyond_its_budget_and_skips_activations(monkeypatch):
+    weight, quantizer = _memo_case()
+    monkeypatch.setattr(aimet_fast, "_PARAMETER_MEMO_BYTES", weight.numel() * 4 - 1)
+    with aimet_fast.fast_quantize_dequantize(), torch.no_grad():
+        memo = aimet_fast._parameter_memo.get()
+        for _ in range(3):
+            assert torch.equal(_bits(quantizer(weight)), _bits(_plain_qdq(quantizer, weight)))
+        activation = weight.detach().clone()  # no grad: an activation, computed every time
+        for _ in range(2):
+            quantizer(activation)
+        assert memo.hits == 0 and not memo.entries
+    with aimet_fast.fast_quantize_dequantize():  # autograd on: never served from the memo
+        quantizer(weight)
+        quantizer(weight)
+        assert aimet_fast._parameter_memo.get().hits == 0

@@ -10,15 +10,21 @@ wherever that is not guaranteed (tests/test_aimet_fast.py compares them against 
   without autograd is plain vectorized arithmetic instead of torch's fake_quantize kernel, which also
   writes a mask that nothing reads without autograd.
 
+Both run their arithmetic in one compiled pass (cpu_kernels.py) when numba is installed (the quant
+extra installs it), and as a few torch passes otherwise.
+
 Where the time went, and what these changed: docs/ptq.md, "Calibration speed".
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import types
 from contextlib import contextmanager
 from typing import Iterator
+
+import numpy as np
 
 from lpcv_depth.backends.aimet import activation_slots
 
@@ -29,6 +35,30 @@ FAST_QDQ_BACKEND = "lpcv_depth_exact_cpu"
 _EXACT_FLOAT32_COUNT = 2 ** 24
 # torch's fake quantization casts the scaled value to int64; beyond this the cast is undefined.
 _INT64_SAFE = 2.0 ** 62
+
+
+@functools.cache
+def _compiled_kernels():
+    """lpcv_depth.backends.cpu_kernels, or None without numba (the torch arithmetic runs instead)."""
+    try:
+        import numba
+
+        from lpcv_depth.backends import cpu_kernels
+    except ImportError:
+        return None
+    # numba's own pool, not a second OpenMP runtime spinning beside torch's between calls.
+    numba.config.THREADING_LAYER = "workqueue"
+    return cpu_kernels
+
+
+def _kernel_threads() -> int:
+    """As many threads as torch uses (a search trial limits both), within numba's pool."""
+    import numba
+    import torch
+
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
 
 
 def _bin_positions(values, left, right, bins: int, dtype):
@@ -55,6 +85,11 @@ def histc(values, bins: int, low, high, extrema=None):
     smallest, largest = torch.aminmax(values) if extrema is None else extrema
     if not bool((smallest >= left) & (largest <= right)):
         return torch.histc(values, bins=bins, min=low, max=high)
+    kernels = _compiled_kernels()
+    if kernels is not None and values.is_contiguous():
+        counts = kernels.histogram(values.detach().view(-1).numpy(), np.float32(left.item()), np.float32(right.item()),
+                                   bins, 4 * _kernel_threads())
+        return torch.from_numpy(counts).to(torch.float32)
     positions = _bin_positions(values.reshape(-1), left, right, bins, torch.int32)
     return torch.bincount(positions, minlength=bins).to(torch.float32)
 
@@ -206,7 +241,15 @@ def _fast_per_tensor_qdq(tensor, scale, offset, qmin: int, qmax: int, block_size
     torch_builtins._validate_arguments(tensor, scale, qmin, qmax, block_size)
     zero_point = float(-offset.reshape(()).to(torch.int32))
     step = scale.reshape(())
-    scaled = torch.mul(tensor, 1.0 / step)
+    inverse_step = 1.0 / step
+    kernels = _compiled_kernels()
+    if kernels is not None and tensor.is_contiguous():
+        out = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+        valid = kernels.quantize_dequantize(
+            tensor.detach().view(-1).numpy(), out.view(-1).numpy(), np.float32(inverse_step.item()), np.float32(zero_point),
+            np.float32(qmin), np.float32(qmax), np.float32(step.item()), _kernel_threads())
+        return out if valid else None
+    scaled = torch.mul(tensor, inverse_step)
     smallest, largest = torch.aminmax(scaled) if scaled.numel() else (step.new_zeros(()), step.new_zeros(()))
     if not bool(torch.isfinite(smallest) & torch.isfinite(largest)) or max(-smallest, largest) >= _INT64_SAFE:
         return None
@@ -214,18 +257,83 @@ def _fast_per_tensor_qdq(tensor, scale, offset, qmin: int, qmax: int, block_size
     return scaled.mul_(step)
 
 
+class _ParameterMemo:
+    """Fake-quantized parameters, kept while neither the parameter nor its encoding changes.
+
+    A calibration or simulation forward fake-quantizes every weight again with the same encoding.
+    AIMET passes each one as a fresh alias of the parameter (same storage, same version counter),
+    so an entry is found by storage address and layout, and holds the alias so that the storage
+    cannot be freed and its address reused. An entry is used only while the parameter's version,
+    the bits of its scale and offset and the result's own version are what they were."""
+
+    def __init__(self, max_bytes: int):
+        self.entries: dict = {}
+        self.free_bytes = max_bytes
+        self.hits = 0
+
+    @staticmethod
+    def applies(tensor) -> bool:
+        """A trainable tensor outside autograd: an alias of a parameter (activations never require grad)."""
+        import torch
+
+        return tensor.requires_grad and not torch.is_grad_enabled() and tensor.device.type == "cpu"
+
+    def quantize_dequantize(self, compute, tensor, scale, offset, *args):
+        key = (tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        entry = self.entries.get(key)
+        if (entry is not None and entry["version"] == tensor._version and entry["args"] == args
+                and entry["result"]._version == entry["result_version"]
+                and _same_bits(entry["scale"], scale) and _same_bits(entry["offset"], offset)):
+            self.hits += 1
+            return entry["result"]
+        result = compute(tensor, scale, offset, *args)
+        size = result.numel() * result.element_size()
+        if entry is None and size <= self.free_bytes:
+            self.free_bytes -= size
+        elif entry is None:
+            return result
+        self.entries[key] = {"source": tensor, "version": tensor._version, "args": args, "result": result,
+                             "result_version": result._version, "scale": scale.detach().clone(),
+                             "offset": offset.detach().clone()}
+        return result
+
+
+def _same_bits(a, b) -> bool:
+    import torch
+
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.detach().reshape(-1).contiguous().view(torch.uint8),
+                            b.detach().reshape(-1).contiguous().view(torch.uint8)))
+
+
+# Room for every fake-quantized weight of the models here (a ViT-S needs 88 MB); beyond it, none are kept.
+_PARAMETER_MEMO_BYTES = 2 ** 30
+_parameter_memo: contextvars.ContextVar[_ParameterMemo | None] = contextvars.ContextVar("parameter_memo",
+                                                                                         default=None)
+
+
+def _quantize_dequantize(tensor, scale, offset, qmin, qmax, block_size=None, zero_point_shift=0.0):
+    from aimet_torch.quantization.affine.backends import torch_builtins
+
+    fast = _fast_per_tensor_qdq(tensor, scale, offset, qmin, qmax, block_size, zero_point_shift)
+    if fast is not None:
+        return fast
+    return torch_builtins.quantize_dequantize(tensor, scale, offset, qmin, qmax, block_size, zero_point_shift)
+
+
 @functools.cache
 def _fast_qdq_backend():
-    """AIMET's torch_builtins backend with the per-tensor no-autograd case of quantize_dequantize
-    replaced by `_fast_per_tensor_qdq`."""
+    """AIMET's torch_builtins backend whose quantize_dequantize computes each parameter once (while the
+    block's memo lasts) and the per-tensor no-autograd case with `_fast_per_tensor_qdq`."""
     from aimet_torch.quantization.affine.backends import torch_builtins
     from aimet_torch.quantization.affine.backends.utils import add_backend
 
     def quantize_dequantize(tensor, scale, offset, qmin, qmax, block_size=None, zero_point_shift=0.0):
-        fast = _fast_per_tensor_qdq(tensor, scale, offset, qmin, qmax, block_size, zero_point_shift)
-        if fast is not None:
-            return fast
-        return torch_builtins.quantize_dequantize(tensor, scale, offset, qmin, qmax, block_size, zero_point_shift)
+        memo = _parameter_memo.get()
+        if memo is not None and memo.applies(tensor):
+            return memo.quantize_dequantize(_quantize_dequantize, tensor, scale, offset, qmin, qmax, block_size,
+                                            zero_point_shift)
+        return _quantize_dequantize(tensor, scale, offset, qmin, qmax, block_size, zero_point_shift)
 
     backend = types.SimpleNamespace(__name__=FAST_QDQ_BACKEND, quantize=torch_builtins.quantize,
                                     dequantize=torch_builtins.dequantize, quantize_dequantize=quantize_dequantize)
@@ -235,10 +343,15 @@ def _fast_qdq_backend():
 
 @contextmanager
 def fast_quantize_dequantize() -> Iterator[None]:
-    """AIMET's quantization runs on `_fast_qdq_backend` inside the block (exports still use AIMET's
-    exportable builtins: AIMET picks those itself while exporting)."""
+    """AIMET's quantization runs on `_fast_qdq_backend` inside the block, with a memo of the
+    fake-quantized parameters that ends with it (exports still use AIMET's exportable builtins:
+    AIMET picks those itself while exporting)."""
     from aimet_torch.quantization.affine.backends.utils import set_backend
 
     _fast_qdq_backend()
-    with set_backend(FAST_QDQ_BACKEND):
-        yield
+    token = _parameter_memo.set(_ParameterMemo(_PARAMETER_MEMO_BYTES))
+    try:
+        with set_backend(FAST_QDQ_BACKEND):
+            yield
+    finally:
+        _parameter_memo.reset(token)
