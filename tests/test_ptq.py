@@ -95,6 +95,7 @@ def test_int8_is_verified_against_fp32_and_aimet(w8a8):
     gt = report.ground_truth
     assert gt.frames == 5 and abs(gt.fscore_drop) < 5
     assert report.host_latency_ms.fp32 > 0 and "not" in report.host_latency_ms.note
+    assert report.host_latency_ms.runs == 3  # the 4 held-out runs, less each session's warm-up: no extra run
     markdown = (w8a8.out_dir / "report.md").read_text()
     assert "SQNR" in markdown and "F-score" in markdown and "sanity figure" in markdown
 
@@ -315,6 +316,21 @@ def test_docs_flag_table_matches_the_config():
     flags = {flag for row in rows for flag in re.findall(r"--[a-z0-9-]+", row[1]) if not flag.startswith("--no-")}
     assert {flag_name(field.name) for field, _ in cli_fields(PtqConfig)} | {"--workspace"} == flags
     assert {row[2].strip().strip("`") for row in rows} - {"–"} == {field.name for field, _ in cli_fields(PtqConfig)}
+
+
+def test_host_latency_counts_the_runs_a_session_already_made(tmp_path):
+    from lpcv_depth.verify import OrtRunner
+
+    _exporter_leaving_debris(tmp_path / "add.onnx", external=False)
+    images = np.random.default_rng(0).random((5, 4096), dtype=np.float32)
+    fresh = OrtRunner(tmp_path / "add.onnx")
+    assert fresh.median_latency_ms(images[:1], 2) > 0 and len(fresh.batch_ms) == 3  # warm-up + 2 timed
+    checked = OrtRunner(tmp_path / "add.onnx")
+    np.testing.assert_array_equal(checked.run(images), images + np.arange(4096, dtype=np.float32))
+    latency = checked.median_latency_ms(images[:1], 3)
+    assert len(checked.batch_ms) == 5 and latency == float(np.median(checked.batch_ms[1:]))  # nothing rerun
+    checked.median_latency_ms(images[:1], 6)
+    assert len(checked.batch_ms) == 7  # only the shortfall
 
 
 def test_latency_runs_zero_skips_host_latency(fastdepth_export, calib_subset, tmp_path):
