@@ -202,8 +202,9 @@ def test_keep_freed_memory_is_set_on_glibc():
     assert keep_freed_memory() is True
 
 
-@pytest.mark.parametrize("kind", ["normal", "growing", "shifting", "relu", "constant", "inf", "nan"])
-def test_fast_tf_enhanced_histograms_are_aimets_bit_for_bit(kind):
+@pytest.mark.parametrize("kind", ["normal", "growing", "shifting", "clipped", "relu", "signed-zeros", "constant",
+                                  "far-edge", "inf", "nan", "inf-first"])
+def test_fast_tf_enhanced_histograms_are_aimets_bit_for_bit(kind, kernels):
     """The calibration's tf-enhanced observer skips AIMET's redundant passes; its histograms, and so
     the encodings, must stay exactly AIMET's, including where the 3x growth limit clips."""
     import torch
@@ -216,16 +217,22 @@ def test_fast_tf_enhanced_histograms_are_aimets_bit_for_bit(kind):
     for i in range(10):
         x = torch.randn(2, 50, 64, generator=generator)
         x = {"growing": x * (1 + 3 * i), "shifting": x + 2.0 * i, "relu": x.clamp_min(0),
+             "clipped": x * (1 + 30 * i),  # beyond the 3x growth limit: the end bins take the rest
+             "signed-zeros": torch.where(x < 0, x * 0, x),  # -0.0 and +0.0 at the minimum
              "constant": torch.full_like(x, 0.5 if i < 3 else float(i))}.get(kind, x)
-        if kind in ("inf", "nan") and i == 5:
-            x[0, 0, 0] = float(kind)
+        if kind == "far-edge" and i == 0:  # float32 puts the last bin edge of [-1000, 0.001] below 0.001
+            x = x.clamp(max=0.0)
+            x[0, 0, :2] = torch.tensor([-1000.0, 0.001])
+        if kind in ("inf", "nan") and i == 5 or kind == "inf-first" and i == 0:
+            x[0, 0, 0] = float(kind.split("-")[0])
         aimet.update_stats(x)
         fast.update_stats(x)
     ours, theirs = fast.observer.stats[0], aimet.observer.stats[0]
     for name in ("histogram", "bin_edges", "min", "max"):
         assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+    assert torch.equal(_bits(ours.bin_edges), _bits(theirs.bin_edges))
     for want, got in zip(aimet.compute_encodings(255, False), fast.compute_encodings(255, False)):
-        assert torch.equal(want, got)
+        assert torch.equal(_bits(want), _bits(got))
 
 
 @pytest.mark.parametrize("shape", [(16, 24), (12, 3, 3, 3)])

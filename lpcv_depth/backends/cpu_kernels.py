@@ -20,11 +20,12 @@ _INT64_SAFE = np.float32(2.0 ** 62)
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def histogram(values, left, right, bins, chunks):
-    """Counts of `values` (1-D float32, all within [left, right]) in `bins` linear bins, each bin found
-    as torch.histc finds it on CPU: (x - left) * bins / (right - left) in float32, truncated, with
-    the right edge in the last bin. `chunks` slices are counted in parallel, then summed."""
+    """Counts of the finite 1-D float32 `values` in `bins` linear bins over [left, right], as
+    torch.histc counts them on CPU: the bin is (x - left) * bins / (right - left) in float32,
+    truncated, the right edge falls in the last bin, and values outside are not counted. `chunks`
+    slices are counted in parallel, then summed."""
     size = values.size
-    counts = np.zeros((chunks, bins), dtype=np.int64)
+    counts = np.zeros((chunks, bins + 1), dtype=np.int64)
     width = right - left
     scale = np.float32(bins)
     last = bins - 1
@@ -35,10 +36,13 @@ def histogram(values, left, right, bins, chunks):
         for block in range(start, stop, _BLOCK):
             length = min(_BLOCK, stop - block)
             for i in range(length):
-                positions[i] = np.int32((values[block + i] - left) * scale / width)
+                value = values[block + i]
+                # Clamped first so that the float-to-int conversion is defined for every lane.
+                position = np.int32((min(max(value, left), right) - left) * scale / width)
+                positions[i] = min(position, last) if value >= left and value <= right else bins
             for i in range(length):
-                row[min(positions[i], last)] += 1
-    return counts.sum(axis=0)
+                row[positions[i]] += 1
+    return counts[:, :bins].sum(axis=0)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
