@@ -19,18 +19,8 @@ def _bits(tensor):
     return tensor.contiguous().view(torch.int32)
 
 
-@pytest.fixture(params=["compiled", "torch"])
-def kernels(request, monkeypatch):
-    """Each exactness test runs on the numba kernels and on the torch arithmetic used without numba."""
-    if request.param == "torch":
-        monkeypatch.setattr(aimet_fast, "_compiled_kernels", lambda: None)
-    else:
-        assert aimet_fast._compiled_kernels() is not None, "numba (the quant extra) is not installed"
-    return request.param
-
-
 @pytest.mark.parametrize("kind", ["normal", "on-edges", "relu", "narrow", "wide", "right-edge"])
-def test_histc_is_torch_histc_bit_for_bit(kind, kernels):
+def test_histc_is_torch_histc_bit_for_bit(kind):
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(3, 70, 90, generator=generator)
     bins = 512
@@ -54,7 +44,7 @@ def test_histc_is_torch_histc_bit_for_bit(kind, kernels):
 
 
 @pytest.mark.parametrize("case", ["outside", "float64", "constant", "nan"])
-def test_histc_leaves_other_cases_to_torch(case, kernels):
+def test_histc_leaves_other_cases_to_torch(case):
     x = torch.linspace(-2, 3, 1000)
     low, high = -1.0, 2.0  # "outside": values beyond both edges are not counted
     if case == "float64":
@@ -76,7 +66,7 @@ QDQ_CASES = {  # (qmin, qmax, offset, scale): AIMET's encodings as its quantizer
 
 
 @pytest.mark.parametrize("case", sorted(QDQ_CASES))
-def test_fast_quantize_dequantize_is_aimets_bit_for_bit(case, kernels):
+def test_fast_quantize_dequantize_is_aimets_bit_for_bit(case):
     from aimet_torch.quantization.affine.backends import torch_builtins
 
     qmin, qmax, offset, scale = QDQ_CASES[case]
@@ -96,7 +86,7 @@ def test_fast_quantize_dequantize_is_aimets_bit_for_bit(case, kernels):
     assert torch.equal(_bits(strided), _bits(want.view(2, -1).t()))
 
 
-def test_fast_quantize_dequantize_leaves_other_cases_to_aimet(kernels):
+def test_fast_quantize_dequantize_leaves_other_cases_to_aimet():
     scale, offset = torch.tensor([0.1]), torch.tensor([-10.0])
     with torch.no_grad():
         for special in (float("inf"), float("-inf"), float("nan"), 1e30, -1e30):  # int64 cast undefined there
@@ -153,7 +143,7 @@ def _calibrated(model, batches, fast: bool):
     return quantizers, held_out
 
 
-def test_calibration_with_the_fast_kernels_is_aimets_bit_for_bit(monkeypatch, kernels):
+def test_calibration_with_the_fast_kernels_is_aimets_bit_for_bit(monkeypatch):
     """The whole QuantSim calibration, on AIMET's kernels and on ours: every encoding and the
     simulated output are the same bits; the fast paths were actually taken, and each weight was
     fake-quantized once per encoding instead of once per forward."""
@@ -204,7 +194,7 @@ def test_keep_freed_memory_is_set_on_glibc():
 
 @pytest.mark.parametrize("kind", ["normal", "growing", "shifting", "clipped", "relu", "signed-zeros", "constant",
                                   "far-edge", "inf", "nan", "inf-first"])
-def test_fast_tf_enhanced_histograms_are_aimets_bit_for_bit(kind, kernels):
+def test_fast_tf_enhanced_histograms_are_aimets_bit_for_bit(kind):
     """The calibration's tf-enhanced observer skips AIMET's redundant passes; its histograms, and so
     the encodings, must stay exactly AIMET's, including where the 3x growth limit clips."""
     import torch
