@@ -8,7 +8,8 @@ wherever that is not guaranteed (tests/test_aimet_fast.py compares them against 
 - `histc`: torch.histc's CPU result from vectorized arithmetic and one bincount;
 - `fast_quantize_dequantize()`: an AIMET quantization backend whose per-tensor fake quantization
   without autograd is plain vectorized arithmetic instead of torch's fake_quantize kernel, which also
-  writes a mask that nothing reads without autograd.
+  writes a mask that nothing reads without autograd, and which fake-quantizes each weight once per
+  encoding instead of once per forward (`_ParameterMemo`).
 
 Where the time went, and what these changed: docs/ptq.md, "Calibration speed".
 """
