@@ -228,8 +228,7 @@ def _fast_per_tensor_qdq(tensor, scale, offset, qmin: int, qmax: int, block_size
     torch_builtins._validate_arguments(tensor, scale, qmin, qmax, block_size)
     zero_point = float(-offset.reshape(()).to(torch.int32))
     step = scale.reshape(())
-    inverse_step = 1.0 / step
-    scaled = torch.mul(tensor, inverse_step)
+    scaled = torch.mul(tensor, 1.0 / step)
     smallest, largest = torch.aminmax(scaled) if scaled.numel() else (step.new_zeros(()), step.new_zeros(()))
     if not bool(torch.isfinite(smallest) & torch.isfinite(largest)) or max(-smallest, largest) >= _INT64_SAFE:
         return None
