@@ -149,9 +149,14 @@ class OrtRunner:
         """Median wall time of one batch over at least `runs` timed runs. Every batch this session
         already ran counts except its first (the warm-up, which allocates); only the shortfall is
         run, on `image`."""
-        while len(self.batch_ms) < runs + 1:
+        while len(self.timed_ms) < runs:
             self.run(image)
-        return float(np.median(self.batch_ms[1:]))
+        return float(np.median(self.timed_ms))
+
+    @property
+    def timed_ms(self) -> list[float]:
+        """The session's run times that count as latency: all but the first (the warm-up)."""
+        return self.batch_ms[1:]
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Run all `images` (N,3,H,W), padding the last batch by repetition to the static batch size."""

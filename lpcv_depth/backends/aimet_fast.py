@@ -74,9 +74,9 @@ def _fast_tf_enhanced_class():
 
     Per call, aimet-torch 2.42 builds a full histogram of the batch in collect_stats and then
     throws it away (merge_stats uses only its min and max and histograms the batch again over the
-    merged range), and finds the min and max through isfinite/where copies. After the first call
-    this keeps only what changes the result: one aminmax pass and merge_stats' own histogram over
-    the merged range (`histc`, exact and faster). The out-of-range counts merge_stats adds are
+    merged range), and finds the min and max through isfinite/where copies. This keeps only what
+    changes the result: one aminmax pass and one histogram (`histc`, exact and faster), over
+    AIMET's own bin edges on the first call and over merge_stats' merged range after it. The out-of-range counts merge_stats adds are
     computed only when the growth limit actually clips (they are zero otherwise), and any
     non-finite value, non-float32 input, per-channel or blockwise observer, and every weight
     quantizer, takes AIMET's own path.
@@ -266,11 +266,11 @@ class _ParameterMemo:
             self.hits += 1
             return entry["result"]
         result = compute(tensor, scale, offset, *args)
-        size = result.numel() * result.element_size()
-        if entry is None and size <= self.free_bytes:
+        if entry is None:  # a stale entry is replaced in place: same layout, same size
+            size = result.numel() * result.element_size()
+            if size > self.free_bytes:
+                return result
             self.free_bytes -= size
-        elif entry is None:
-            return result
         self.entries[key] = {"source": tensor, "version": tensor._version, "args": args, "result": result,
                              "result_version": result._version, "scale": scale.detach().clone(),
                              "offset": offset.detach().clone()}

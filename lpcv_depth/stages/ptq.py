@@ -600,7 +600,7 @@ def _host_latency(config: PtqConfig, fp32: _Fp32, int8_runner: OrtRunner, holdou
     with log.step("host-latency") as step:
         fp32_ms = fp32.runner.median_latency_ms(holdout[:1], config.latency_runs)
         int8_ms = int8_runner.median_latency_ms(holdout[:1], config.latency_runs)
-        runs = min(len(fp32.runner.batch_ms), len(int8_runner.batch_ms)) - 1  # each session's first is its warm-up
+        runs = min(len(fp32.runner.timed_ms), len(int8_runner.timed_ms))
         latency = HostLatency(fp32=fp32_ms, int8_qdq=int8_ms, runs=runs, note=HOST_LATENCY_NOTE)
         step.detail = f"fp32 {latency.fp32:.0f} ms, int8 QDQ {latency.int8_qdq:.0f} ms (host ORT, not the phone)"
     return latency
