@@ -308,3 +308,47 @@ def test_parameter_memo_keeps_nothing_beyond_its_budget_and_skips_activations(mo
         quantizer(weight)
         quantizer(weight)
         assert aimet_fast._parameter_memo.get().hits == 0
+
+
+class _ConvChain(torch.nn.Module):
+    """Conv-ReLU-Conv-ReLU-Conv: two pairs that cross-layer scaling equalizes, optionally with BatchNorm."""
+
+    def __init__(self, batch_norm: bool):
+        super().__init__()
+        generator = torch.Generator().manual_seed(5)
+        self.first, self.second, self.last = (torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1),
+                                              torch.nn.Conv2d(8, 1, 1))
+        self.norm = torch.nn.BatchNorm2d(8) if batch_norm else torch.nn.Identity()
+        self.relu1, self.relu2 = torch.nn.ReLU(), torch.nn.ReLU()
+        with torch.no_grad():
+            for conv in (self.first, self.second, self.last):
+                # Channels of very different ranges, so that scaling has something to even out.
+                gains = torch.logspace(-2, 2, conv.out_channels)[:, None, None, None]
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * gains)
+
+    def forward(self, x):
+        return self.last(self.relu2(self.second(self.relu1(self.norm(self.first(x))))))
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_cross_layer_equalize_is_aimets_equalize_model(batch_norm, monkeypatch):
+    """Without a BatchNorm the shortcut skips equalize_model's fold (a whole trace that finds nothing);
+    the equalized weights are AIMET's bit for bit, with or without one."""
+    from aimet_torch import cross_layer_equalization
+
+    from lpcv_depth.backends import aimet as aimet_sim
+
+    model = _ConvChain(batch_norm).eval()
+    dummy = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+    folds, fold = [], cross_layer_equalization.fold_all_batch_norms
+    monkeypatch.setattr(cross_layer_equalization, "fold_all_batch_norms",
+                        lambda *args, **kwargs: folds.append(1) or fold(*args, **kwargs))
+    aimet_sim.cross_layer_equalize(ours, dummy)
+    monkeypatch.undo()
+    assert len(folds) == int(batch_norm)
+    cross_layer_equalization.equalize_model(theirs, dummy_input=dummy)
+    for (name, want), (_, got) in zip(theirs.state_dict().items(), ours.state_dict().items()):
+        assert torch.equal(_bits(got) if got.is_floating_point() else got,
+                           _bits(want) if want.is_floating_point() else want), name
+    assert not torch.equal(ours.second.weight, model.second.weight), "CLE changed nothing: the test is void"

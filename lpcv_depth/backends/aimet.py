@@ -156,13 +156,17 @@ def prepare_for_quantsim(model):
     return prepared, Preparation(traced=True, modules_added=sum(1 for _ in prepared.modules()) - before)
 
 
-def fold_batch_norms(model, dummy) -> int:
+def has_batch_norm(model) -> bool:
     from torch.nn.modules.batchnorm import _BatchNorm
 
+    return any(isinstance(module, _BatchNorm) for module in model.modules())
+
+
+def fold_batch_norms(model, dummy) -> int:
     from aimet_torch.batch_norm_fold import fold_all_batch_norms
 
     # AIMET traces the whole model to find conv/BN pairs even when there is no BatchNorm (a ViT).
-    if not any(isinstance(module, _BatchNorm) for module in model.modules()):
+    if not has_batch_norm(model):
         return 0
     return len(fold_all_batch_norms(model, input_shapes=None, dummy_input=dummy))
 
@@ -170,12 +174,17 @@ def fold_batch_norms(model, dummy) -> int:
 def cross_layer_equalize(model, dummy) -> None:
     import warnings
 
-    from aimet_torch.cross_layer_equalization import equalize_model
+    from aimet_torch.cross_layer_equalization import equalize_bn_folded_model, equalize_model
 
     with warnings.catch_warnings():
         # AIMET warns that conv-ReLU6-conv pairs are not scaled; that is expected and reported as "no pairs".
         warnings.simplefilter("ignore", DeprecationWarning)
-        equalize_model(model, dummy_input=dummy)
+        if has_batch_norm(model):
+            equalize_model(model, dummy_input=dummy)
+        else:
+            # equalize_model = fold_all_batch_norms + this; without a BatchNorm the fold finds no pair
+            # and changes nothing, but traces the whole model once more to find that out.
+            equalize_bn_folded_model(model, None, [], dummy_input=dummy)
 
 
 def torch_batches(batches: Iterable[np.ndarray]):
