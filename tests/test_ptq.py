@@ -67,12 +67,12 @@ def test_exports_keep_only_their_artifacts(tmp_path, monkeypatch):
 
     sim = types.SimpleNamespace(onnx=types.SimpleNamespace(export=sim_export), model=None)
     staging = tmp_path / "staging"
-    onnx_path, encodings = aimet_sim.export_for_ai_hub(sim, None, staging / "m.aimet", "m", 18)
+    onnx_path, encodings = aimet_sim.export_for_ai_hub(sim, None, staging / "m.aimet", "m", 18, dynamo=True)
     assert sorted(p.name for p in (staging / "m.aimet").iterdir()) == ["m.encodings", "m.onnx"]
     assert np.array_equal(numpy_weights(onnx_path), np.arange(4096, dtype=np.float32).reshape(1, 4096))
     monkeypatch.setattr(aimet_torch.onnx, "export",
                         lambda model, args, path, **options: _exporter_leaving_debris(path, external=False))
-    qdq = aimet_sim.export_qdq(sim, None, staging / "model_qdq.onnx", 18)
+    qdq = aimet_sim.export_qdq(sim, None, staging / "model_qdq.onnx", 18, dynamo=True)
     assert sorted(p.name for p in staging.iterdir()) == ["m.aimet", "model_qdq.onnx"] and qdq.is_file()
 
 
@@ -347,3 +347,25 @@ def test_latency_runs_zero_skips_host_latency(fastdepth_export, calib_subset, tm
     assert json.loads((result.out_dir / "report.json").read_text())["host_latency_ms"] is None
     assert "not measured" in (result.out_dir / "report.md").read_text()
     assert result.results.qdq_vs_aimet_sim["sqnr_db"] > 25 and result.qdq_onnx.is_file()
+
+
+def test_both_exporters_build_the_same_int8_model(w8a8, fastdepth_export, calib_subset, tmp_path):
+    """The default TorchScript exporter and the dynamo one: the same QDQ outputs bit for bit, and every
+    encoding of the dynamo export among the TorchScript export's (which also names the outputs of
+    data-movement ops that carry their input's encoding)."""
+    assert w8a8.manifest["config"]["exporter"] == "legacy"
+    dynamo = run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "dynamo", exporter="dynamo",
+                                          latency_runs=0))
+    with np.load(dynamo.out_dir / "holdout_outputs.npz") as theirs, np.load(w8a8.out_dir / "holdout_outputs.npz") as ours:
+        assert np.array_equal(theirs["int8_qdq"], ours["int8_qdq"]) and np.array_equal(theirs["aimet_sim"],
+                                                                                       ours["aimet_sim"])
+
+    def values(path: Path, kind: str) -> list:
+        return sorted(json.dumps({key: entry[key] for key in ("dtype", "bw", "is_sym", "scale", "offset")})
+                      for entry in json.loads(path.read_text())[kind])
+
+    ours_file, theirs_file = w8a8.aimet_dir / "fastdepth.encodings", dynamo.aimet_dir / "fastdepth.encodings"
+    assert values(ours_file, "param_encodings") == values(theirs_file, "param_encodings")
+    ours_activations = values(ours_file, "activation_encodings")
+    for entry in values(theirs_file, "activation_encodings"):
+        ours_activations.remove(entry)  # ValueError: an encoding the TorchScript export lost

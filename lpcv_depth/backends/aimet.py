@@ -296,12 +296,13 @@ def _weight_encoding_frozen(module) -> bool:
     return weight is not None and not weight.is_overwrite_allowed()
 
 
-def export_for_ai_hub(sim, dummy, folder: Path, name: str, opset: int) -> tuple[Path, Path]:
+def export_for_ai_hub(sim, dummy, folder: Path, name: str, opset: int, *, dynamo: bool) -> tuple[Path, Path]:
     """ONNX + AIMET .encodings, the layout AI Hub takes for pre-quantized models: a `<name>.aimet`
-    folder holding exactly one .onnx and one .encodings (weights kept inside the .onnx)."""
+    folder holding exactly one .onnx and one .encodings (weights kept inside the .onnx). `dynamo`
+    picks torch's dynamo exporter over the TorchScript one."""
     with _export_folder(folder.parent) as work:
         sim.onnx.export((dummy,), os.fspath(work / f"{name}.onnx"), input_names=["image"], output_names=["depth"],
-                        opset_version=opset, dynamo=True)
+                        opset_version=opset, dynamo=dynamo)
         if not (work / f"{name}.encodings").is_file():
             raise RuntimeError(f"AIMET did not write {name}.encodings")
         _inline_external_data(work / f"{name}.onnx")
@@ -309,14 +310,14 @@ def export_for_ai_hub(sim, dummy, folder: Path, name: str, opset: int) -> tuple[
         return _keep(work / f"{name}.onnx", folder), _keep(work / f"{name}.encodings", folder)
 
 
-def export_qdq(sim, dummy, path: Path, opset: int) -> Path:
-    """A QuantizeLinear/DequantizeLinear ONNX that ONNX Runtime runs on the host."""
+def export_qdq(sim, dummy, path: Path, opset: int, *, dynamo: bool) -> Path:
+    """A QuantizeLinear/DequantizeLinear ONNX that ONNX Runtime runs on the host (`dynamo`: as above)."""
     from aimet_torch.onnx import export as aimet_onnx_export
 
     with _export_folder(path.parent) as work:
         # prequantize_constants stores weights as int8 + DequantizeLinear: a quarter of the float size.
         aimet_onnx_export(sim.model, (dummy,), os.fspath(work / path.name), input_names=["image"],
-                          output_names=["depth"], opset_version=opset, dynamo=True, prequantize_constants=True)
+                          output_names=["depth"], opset_version=opset, dynamo=dynamo, prequantize_constants=True)
         _inline_external_data(work / path.name)
         return _keep(work / path.name, path.parent)
 

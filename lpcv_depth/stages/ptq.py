@@ -37,6 +37,7 @@ from lpcv_depth.results import ExportResults, Fidelity, GroundTruthPair, HostLat
 from lpcv_depth.schema import SchemaError, from_json
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
+from lpcv_depth.stages.export import EXPORTERS, ExportConfig, tracer_warnings_silenced
 from lpcv_depth.verify import (OrtRunner, ParityThresholds, check_output_range, compare_outputs,
                                scale_aligned_sqnr_db, sqnr_db)
 from lpcv_depth.workspace import build_dir, in_workspace
@@ -117,6 +118,10 @@ class PtqConfig:
     # The held-out checks' own runs are timed and count, so it usually costs no extra run.
     latency_runs: int = option(3, help="host ONNX Runtime latency: median of at least N timed runs per model "
                                        "(the held-out checks' runs count); 0 skips it")
+    # The TorchScript exporter builds the same int8 graph (AIMET sim, QDQ ONNX Runtime and the HTP emulator
+    # give bit-identical outputs) in a third of the dynamo exporter's time (docs/ptq.md, "The exporter").
+    exporter: str = inherit(ExportConfig, "exporter", help="TorchScript (legacy) or dynamo exporter of the AI Hub "
+                                                           "and QDQ models")
     out: Path | None = option(None, help="output folder (default: <fp32>/../ptq-<preset>)")
 
     def __post_init__(self):
@@ -134,6 +139,8 @@ class PtqConfig:
                               hint="pass --latency-runs 0 to skip the host latency")
         if self.num_calib is not None and self.num_calib < 1:
             raise ConfigError(f"num_calib must be >= 1, got {self.num_calib}", hint="leave --num-calib out to use all")
+        if self.exporter not in EXPORTERS:
+            raise ConfigError(f"exporter must be one of {EXPORTERS}, got {self.exporter!r}")
         if self.output_tail_bits not in (8, 16):
             raise ConfigError(f"output_tail_bits must be 8 or 16, got {self.output_tail_bits}")
         if self.holdout < 1:
@@ -312,8 +319,6 @@ def _calibration_data(config: PtqConfig, log: StageLog) -> _Inputs:
 
 def _exported_config(manifest: Manifest):
     """The export stage's config, typed (model, output mode, GELU mode as it was exported)."""
-    from lpcv_depth.stages.export import ExportConfig
-
     fields = {key: value for key, value in manifest.config.items() if key != "destination"}
     try:
         return from_json(ExportConfig, fields, where="export config")
@@ -553,12 +558,13 @@ def _aimet_sim_outputs(sim, inputs: _Inputs, fp32: _Fp32, log: StageLog) -> np.n
 def _export_artifacts(config: PtqConfig, sim, dummy, folder: Path, name: str, log: StageLog) -> _Artifacts:
     from lpcv_depth.backends import aimet as aimet_sim
 
-    with log.step("export-aimet") as step:
+    dynamo = config.exporter == "dynamo"
+    with log.step("export-aimet") as step, tracer_warnings_silenced():
         aimet_dir = folder / f"{name}.aimet"
-        aimet_onnx, encodings = aimet_sim.export_for_ai_hub(sim, dummy, aimet_dir, name, config.opset)
+        aimet_onnx, encodings = aimet_sim.export_for_ai_hub(sim, dummy, aimet_dir, name, config.opset, dynamo=dynamo)
         step.artifact = aimet_dir
-    with log.step("export-qdq") as step:
-        qdq = aimet_sim.export_qdq(sim, dummy, folder / QDQ_ONNX, config.opset)
+    with log.step("export-qdq") as step, tracer_warnings_silenced():
+        qdq = aimet_sim.export_qdq(sim, dummy, folder / QDQ_ONNX, config.opset, dynamo=dynamo)
         step.artifact = qdq
     return _Artifacts(aimet_dir=aimet_dir, aimet_onnx=aimet_onnx, encodings=encodings, qdq=qdq)
 
