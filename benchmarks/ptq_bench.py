@@ -4,6 +4,7 @@
     python benchmarks/ptq_bench.py fastdepth --ptq-args "--calibration-scheme tf-enhanced" --out build/bench/tfe
     python benchmarks/ptq_bench.py vits          # DA-V2 ViT-S, random weights, full size, 64 calibration images
     python benchmarks/ptq_bench.py vits --vs-ort # the same PTQ, then ONNX Runtime's quantize_static on the same data
+    python benchmarks/ptq_bench.py vits --trial  # the same PTQ again with a search trial's checks; artifacts compared
 
 Each stage runs in its own process, so its peak RSS is its own (os.wait4). The figures measured
 with it are in docs/ptq.md.
@@ -52,24 +53,44 @@ def calibration_subset(count: int, folder: Path) -> Path:
     return folder
 
 
-def bench_vits(out: Path, num_calib: int, vs_ort: bool = False) -> dict:
+def bench_vits(out: Path, num_calib: int, vs_ort: bool = False, ptq_args: list[str] = (), trial: bool = False) -> dict:
     export_dir, ptq_dir = out / "vits-export", out / "vits-ptq"
     export_wall, export_rss = run_stage(["-m", "lpcv_depth.cli", "export", "--weights", "None", "--out", str(export_dir),
                                          "--check-images", str(CALIBRATION)])
     calib = calibration_subset(num_calib, out / f"calib{num_calib}")
-    wall, rss = run_stage(["-m", "lpcv_depth.cli", "ptq", "--calib", str(calib), "--fp32", str(export_dir), "--out", str(ptq_dir)])
+    ptq = ["-m", "lpcv_depth.cli", "ptq", "--calib", str(calib), "--fp32", str(export_dir), *ptq_args]
+    wall, rss = run_stage([*ptq, "--out", str(ptq_dir)])
     report = json.loads((ptq_dir / "report.json").read_text())
-    result = {"model": "depth_anything_v2_vits (random weights)", "calibration_images": num_calib,
+    result = {"model": "depth_anything_v2_vits (random weights)", "calibration_images": num_calib, "ptq_args": ptq_args,
               "export_wall_s": round(export_wall, 1), "export_peak_rss_gib": round(export_rss, 2),
               "ptq_wall_s": round(wall, 1), "ptq_peak_rss_gib": round(rss, 2),
               "ptq_steps_s": {name: round(seconds, 1) for name, seconds in _step_timings(ptq_dir).items()},
               "int8_vs_fp32_sqnr_db": round(report["int8_vs_fp32"]["sqnr_db"], 2),
               "fscore_vs_fp32": round(report["int8_vs_fp32"]["fscore_vs_fp32"], 2),
               "qdq_vs_sim_sqnr_db": round(report["qdq_vs_aimet_sim"]["sqnr_db"], 2)}
+    if trial:
+        result["search_trial"] = bench_trial(ptq, ptq_dir, out / "vits-ptq-trial")
     if vs_ort:
         result["ort_quantize_static"] = bench_ort_static(export_dir / "model.onnx", calib, out / "vits-ort")
         result["ptq_vs_ort_wall_ratio"] = round(wall / result["ort_quantize_static"]["wall_s"], 2)
     return result
+
+
+def bench_trial(ptq: list[str], full_dir: Path, trial_dir: Path) -> dict:
+    """The same PTQ with the checks a search trial runs (search's TRIAL_PTQ_CHECKS), and whether its
+    int8 artifacts are byte-identical to the full stage's."""
+    from lpcv_depth.options import flag_name
+    from lpcv_depth.stages.search import TRIAL_PTQ_CHECKS
+
+    checks = [text for name, value in TRIAL_PTQ_CHECKS.items() for text in (flag_name(name), str(value))]
+    wall, rss = run_stage([*ptq, *checks, "--out", str(trial_dir)])
+    artifacts = [path.relative_to(full_dir) for path in sorted(full_dir.rglob("*"))
+                 if path.suffix in (".onnx", ".encodings")]
+    return {"ptq_args": checks, "ptq_wall_s": round(wall, 1), "ptq_peak_rss_gib": round(rss, 2),
+            "ptq_steps_s": {name: round(seconds, 1) for name, seconds in _step_timings(trial_dir).items()},
+            "int8_artifacts_identical_to_full_stage": {
+                path.as_posix(): (full_dir / path).read_bytes() == (trial_dir / path).read_bytes()
+                for path in artifacts}}
 
 
 def _step_timings(stage_dir: Path) -> dict[str, float]:
@@ -150,7 +171,9 @@ def main() -> int:
     parser.add_argument("which", choices=("fastdepth", "vits"))
     parser.add_argument("--num-calib", type=int, default=64)
     parser.add_argument("--out", type=Path, default=build_dir("bench", "ptq"))
-    parser.add_argument("--ptq-args", default="", help='extra ptq.py flags for fastdepth, e.g. "--preset mixed"')
+    parser.add_argument("--ptq-args", default="", help='extra ptq.py flags, e.g. "--preset mixed"')
+    parser.add_argument("--trial", action="store_true",
+                        help="vits: also run the PTQ with a search trial's checks and compare the int8 artifacts")
     parser.add_argument("--vs-ort", action="store_true",
                         help="vits: also time ONNX Runtime's quantize_static (min-max, per-channel, QDQ) on the "
                              "same model and images, and print the wall-time ratio and both SQNRs")
@@ -158,7 +181,7 @@ def main() -> int:
     if args.which == "fastdepth":
         result = bench_fastdepth(args.out, args.ptq_args.split())
     else:
-        result = bench_vits(args.out, args.num_calib, args.vs_ort)
+        result = bench_vits(args.out, args.num_calib, args.vs_ort, args.ptq_args.split(), args.trial)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -349,6 +349,23 @@ def test_latency_runs_zero_skips_host_latency(fastdepth_export, calib_subset, tm
     assert result.results.qdq_vs_aimet_sim["sqnr_db"] > 25 and result.qdq_onnx.is_file()
 
 
+def test_fewer_checked_images_calibrate_and_export_the_same_model(w8a8, fastdepth_export, calib_subset, tmp_path):
+    """What a search trial runs (--verify-images 2 --latency-runs 0): the same int8 model as the full
+    stage, its checks on the first held-out images only."""
+    with pytest.raises(ConfigError, match="verify_images must be >= 1"):
+        PtqConfig(calib=calib_subset, fp32=fastdepth_export, verify_images=0)
+    trial = run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "trial", verify_images=2,
+                                         latency_runs=0))
+    for name in ("fastdepth.encodings", "fastdepth.onnx"):
+        assert (trial.aimet_dir / name).read_bytes() == (w8a8.aimet_dir / name).read_bytes()
+    assert trial.qdq_onnx.read_bytes() == w8a8.qdq_onnx.read_bytes()
+    assert trial.results.int8_vs_fp32.holdout_images == 2
+    assert trial.manifest["inputs"]["calibration"] == w8a8.manifest["inputs"]["calibration"]
+    saved, full = np.load(trial.out_dir / "holdout_outputs.npz"), np.load(w8a8.out_dir / "holdout_outputs.npz")
+    for name in ("fp32", "aimet_sim", "int8_qdq"):
+        assert np.array_equal(saved[name], full[name][:2])
+
+
 def test_both_exporters_build_the_same_int8_model(w8a8, fastdepth_export, calib_subset, tmp_path):
     """The default TorchScript exporter and the dynamo one: the same QDQ outputs bit for bit, and every
     encoding of the dynamo export among the TorchScript export's (which also names the outputs of

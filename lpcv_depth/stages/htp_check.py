@@ -350,11 +350,14 @@ def _image_files(config: HtpCheckConfig, ptq: Manifest | None) -> tuple[Path, li
 
 
 def _saved_outputs(ptq: Manifest, count: int) -> dict:
-    """fp32 / AIMET-sim / QDQ outputs the ptq stage saved on its held-out images (hash-checked)."""
+    """fp32 / AIMET-sim / QDQ outputs the ptq stage saved on its first held-out images (hash-checked);
+    none where it checked fewer than `count` (ptq --verify-images), so all are computed here alike."""
     saved = ptq.folder / HOLDOUT_OUTPUTS
     if not saved.is_file():
         return {}
     with np.load(saved) as arrays:
+        if any(len(arrays[name]) < count for name in arrays.files):
+            return {}
         return {name: arrays[name][:count] for name in arrays.files}
 
 

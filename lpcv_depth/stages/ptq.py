@@ -95,6 +95,10 @@ class PtqConfig:
     seq_mse_candidates: int = option(20, help="candidate weight ranges SeqMSE scores per layer")
     num_calib: int | None = option(None, help="use only the first N calibration images (default: all)")
     holdout: int = option(8, help="the last N sorted images are held out for verification and never calibrate")
+    # A search trial is scored by the evaluate stage on RGB-D frames; its held-out checks only have to
+    # catch a broken export, which the first images already do (search wires 2).
+    verify_images: int | None = option(None, help="run the int8 checks on at most the first N held-out "
+                                                  "images (default: all of --holdout; calibration is the same)")
     min_calib: int = option(32, help="fewer calibration images is an error")
     # Before the contract's per-image normalisation the tail carries absolute depth on one grid for every
     # scene, which 8 bits cannot resolve; its tensors have one channel, so 16 bits cost little (docs/ptq.md).
@@ -146,6 +150,9 @@ class PtqConfig:
         if self.holdout < 1:
             raise ConfigError("holdout must be >= 1: verification needs images that calibration did not see",
                               hint="pass --holdout 8 (the default) or more")
+        if self.verify_images is not None and self.verify_images < 1:
+            raise ConfigError(f"verify_images must be >= 1, got {self.verify_images}",
+                              hint="leave --verify-images out to check every held-out image")
         if self.max_fscore_drop is not None and self.max_fscore_drop < 0:
             raise ConfigError(f"max_fscore_drop must be >= 0, got {self.max_fscore_drop}")
         if self.eval_data is not None and not Path(self.eval_data).is_dir():
@@ -202,10 +209,12 @@ class PtqResult:
 
 @dataclass(frozen=True)
 class _Inputs:
-    """The images of one run: the calibration split and the held-out images as arrays and tensors."""
+    """The images of one run: the calibration split, the held-out images the int8 checks run on as
+    arrays and tensors, and those the mixed preset's sensitivity is measured on."""
 
     split: CalibrationSplit
     holdout: np.ndarray
+    sensitivity: np.ndarray
     calibration_batches: list
     holdout_batches: list
     dummy: Any
@@ -307,11 +316,14 @@ def _calibration_data(config: PtqConfig, log: StageLog) -> _Inputs:
     with log.step("calibration-data") as step:
         split = split_calibration_folder(config.calib_dir, num_calibration=config.num_calib,
                                          num_holdout=config.holdout, min_images=config.min_calib)
-        holdout = np.concatenate(list(iter_batches(split.holdout)))
+        held_out = np.concatenate(list(iter_batches(split.holdout)))
+        holdout = held_out[:config.verify_images]
         step.detail = f"{len(split.calibration)} calibration + {len(split.holdout)} held-out images"
+        if len(holdout) < len(held_out):
+            step.detail += f" (int8 checks on the first {len(holdout)})"
     if len(split.calibration) < RECOMMENDED_IMAGES:
         log.warn(f"{len(split.calibration)} calibration images; use >= {RECOMMENDED_IMAGES} for a real run")
-    return _Inputs(split=split, holdout=holdout,
+    return _Inputs(split=split, holdout=holdout, sensitivity=held_out[:config.mixed_images],
                    calibration_batches=[torch.from_numpy(b) for b in iter_batches(split.calibration)],
                    holdout_batches=[torch.from_numpy(holdout[i:i + 1]) for i in range(len(holdout))],
                    dummy=torch.from_numpy(holdout[:1]))
@@ -533,7 +545,7 @@ def _sensitivity(config: PtqConfig, sim, reference_model, inputs: _Inputs, log: 
 
     if not config.preset_spec.mixed:
         return None
-    images = torch.from_numpy(inputs.holdout[:config.mixed_images])
+    images = torch.from_numpy(inputs.sensitivity)
     with log.step("sensitivity") as step:
         quantizers = aimet_sim.activation_quantizers(sim, max_bitwidth=8)
         with _progress(len(quantizers), "per-layer sensitivity") as tick:

@@ -50,6 +50,10 @@ LOG_NAME = "log.txt"
 UNIT_STATE = "state.json"
 HUB_STATE = "hub_state.json"
 HUB_THREADS = 8
+# What a trial's ptq checks: host latency on x86 says nothing about the phone (the search's latency is
+# the S24 profile), and the trial is scored by the evaluate stage, so the held-out checks only guard
+# the export. Not wired: --ptq-args "--verify-images 8" restores the full check.
+TRIAL_PTQ_CHECKS = {"latency_runs": 0, "verify_images": 2}
 LOCAL_RAY, NO_RAY = "local", "none"
 # What search sets on each stage itself; --<stage>-args may set anything else.
 WIRED = {"export": ("model", "weights", "input_size", "check_images", "out"),
@@ -262,8 +266,7 @@ def _trial_units(config: SearchConfig, folder: Path, export: Unit, preset: str, 
                  tail: int | None, *, htp: bool, hub: bool) -> tuple[Unit, Unit | None]:
     export_dir, ptq_dir = export.steps[0].folder, folder / "ptq"
     wiring = {"calib": in_workspace(config.calib), "fp32": export_dir, "preset": preset, "eval_data": None,
-              # Host latency on x86 says nothing about the phone; the search's latency is the S24 profile.
-              "latency_runs": 0}
+              **TRIAL_PTQ_CHECKS}
     if scheme is not None:
         wiring["calibration_scheme"] = scheme
     if tail is not None:
