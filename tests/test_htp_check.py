@@ -312,3 +312,18 @@ def test_fastdepth_w8a8_on_the_htp_all_rgbd_sets(fastdepth_ptq_dir, rgbd_dir):
     for set_name, scores in report.ground_truth.sets.items():
         drop = scores["fp32"] - scores["int8_htp"]
         assert drop <= 1.0, f"{set_name}: HTP int8 loses {drop:.2f} F-score points vs fp32"
+
+
+def test_saved_outputs_are_used_only_when_they_cover_every_checked_image(tmp_path):
+    """ptq --verify-images N saves outputs for its first N held-out images; an HTP check of more
+    images computes every reference itself rather than pairing images with the wrong outputs."""
+    import types
+
+    from lpcv_depth.stages.htp_check import _saved_outputs
+
+    outputs = {name: np.full((2, 1, 4, 4), index, np.float32) for index, name in enumerate(("fp32", "aimet_sim"))}
+    np.savez(tmp_path / "holdout_outputs.npz", **outputs)
+    ptq = types.SimpleNamespace(folder=tmp_path)
+    assert _saved_outputs(ptq, 3) == {}
+    saved = _saved_outputs(ptq, 1)
+    assert set(saved) == {"fp32", "aimet_sim"} and all(np.array_equal(saved[n], outputs[n][:1]) for n in outputs)
