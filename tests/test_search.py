@@ -32,8 +32,9 @@ from lpcv_depth.track3_metric import FSCORE
 from tests.fake_qai_hub import write_client_ini
 from tests.hub_rest_double import HubRestDouble
 
-# Quick PTQs, as the conftest's PTQ fixture: 16 calibration + 4 held-out images, no CLE.
-PTQ_ARGS = "--holdout 4 --min-calib 8 --no-cle"
+# Quick PTQs, as the conftest's PTQ fixture: 16 calibration + 4 held-out images, no CLE; the int8
+# checks on all 4 held-out images, as the stage itself runs them (a trial's default is the first 2).
+PTQ_ARGS = "--holdout 4 --min-calib 8 --no-cle --verify-images 4"
 HUB_ARGS = "--poll 0.01 --timeout 120 --threads 1"
 SIZES = "224x224,192x256"
 PRESETS = "w8a8,w8a16"
@@ -176,6 +177,7 @@ def test_grid_runs_every_trial_in_ray_worker_processes(searched):
         assert node.removeprefix("ray node ") in worker_nodes  # the CPU node, not the head (0 CPUs)
         assert int(pid) != os.getpid()
         assert row.gmacs > 0 and row.sqnr_db > 15
+        assert json.loads((Path(row.ptq_dir) / "report.json").read_text())["int8_vs_fp32"]["holdout_images"] == 4
         assert 0 < row.fscore_int8 <= 100 and 0 < row.fscore_fp32 <= 100
         if qnn.unavailable_reason() is None:  # coverage from the compile alone, without emulating the model
             assert row.htp_full is True and row.htp_cpu_nodes == 0
@@ -371,6 +373,21 @@ def test_out_that_is_not_a_search_folder_is_refused(fastdepth_tflite, calib_subs
     assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
     with pytest.raises(ConfigError, match="--eval-data is required"):
         SearchConfig(model="fastdepth", weights=str(fastdepth_tflite), calib=calib_subset)
+
+
+def test_a_trials_ptq_checks_two_held_out_images_unless_told_otherwise(fastdepth_tflite, calib_subset, rgbd_dir,
+                                                                         tmp_path):
+    from lpcv_depth.stages.search import plan_trials
+
+    def ptq_config(**options):
+        config = SearchConfig(model="fastdepth", weights=str(fastdepth_tflite), calib=calib_subset,
+                              eval_data=rgbd_dir / "kinect_home", **options)
+        trial = plan_trials(config, tmp_path, htp=False, hub=False)[0]
+        return next(step for step in trial.local.steps if step.stage == "ptq").config
+
+    trial = ptq_config()
+    assert (trial.verify_images, trial.latency_runs, trial.holdout) == (2, 0, 8)
+    assert ptq_config(ptq_args="--verify-images 8").verify_images == 8
 
 
 def test_htp_frames_turn_the_emulation_and_its_score_on(fastdepth_tflite, calib_subset, rgbd_dir, tmp_path):
