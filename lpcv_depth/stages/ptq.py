@@ -10,7 +10,7 @@ with the HTP V75 (Snapdragon 8 Gen 3) rules, and writes to OUT (default <fp32>/.
   <model>.aimet/          one .onnx + one .encodings: the layout AI Hub takes for AIMET models
   model_qdq.onnx          QuantizeLinear/DequantizeLinear ONNX for ONNX Runtime on the host
   report.json, report.md, report.png, manifest.json
-  holdout_outputs.npz     fp32 / AIMET-sim / QDQ outputs on the held-out images (for later checks)
+  holdout_outputs.npz     fp32 / AIMET-sim / QDQ outputs on the held-out images checked (for later checks)
   eval/fp32/, eval/int8/  with --eval-data: the evaluate stage's per-frame scores of both models
 Every option, and the measurements behind the defaults: docs/ptq.md.
 """
