@@ -54,7 +54,8 @@ def calibration_subset(count: int, folder: Path) -> Path:
     return folder
 
 
-def bench_vits(out: Path, num_calib: int, vs_ort: bool = False, ptq_args: Sequence[str] = (), trial: bool = False) -> dict:
+def bench_vits(out: Path, num_calib: int, vs_ort: bool = False, ptq_args: Sequence[str] = (),
+               trial: bool = False) -> dict:
     export_dir, ptq_dir = out / "vits-export", out / "vits-ptq"
     export_wall, export_rss = run_stage(["-m", "lpcv_depth.cli", "export", "--weights", "None", "--out", str(export_dir),
                                          "--check-images", str(CALIBRATION)])
@@ -62,7 +63,8 @@ def bench_vits(out: Path, num_calib: int, vs_ort: bool = False, ptq_args: Sequen
     ptq = ["-m", "lpcv_depth.cli", "ptq", "--calib", str(calib), "--fp32", str(export_dir), *ptq_args]
     wall, rss = run_stage([*ptq, "--out", str(ptq_dir)])
     report = json.loads((ptq_dir / "report.json").read_text())
-    result = {"model": "depth_anything_v2_vits (random weights)", "calibration_images": num_calib, "ptq_args": list(ptq_args),
+    result = {"model": "depth_anything_v2_vits (random weights)", "calibration_images": num_calib,
+              "ptq_args": list(ptq_args),
               "export_wall_s": round(export_wall, 1), "export_peak_rss_gib": round(export_rss, 2),
               "ptq_wall_s": round(wall, 1), "ptq_peak_rss_gib": round(rss, 2),
               "ptq_steps_s": {name: round(seconds, 1) for name, seconds in _step_timings(ptq_dir).items()},

@@ -373,9 +373,10 @@ def test_both_exporters_build_the_same_int8_model(w8a8, fastdepth_export, calib_
     assert w8a8.manifest["config"]["exporter"] == "legacy"
     dynamo = run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "dynamo", exporter="dynamo",
                                           latency_runs=0))
-    with np.load(dynamo.out_dir / "holdout_outputs.npz") as theirs, np.load(w8a8.out_dir / "holdout_outputs.npz") as ours:
-        assert np.array_equal(theirs["int8_qdq"], ours["int8_qdq"]) and np.array_equal(theirs["aimet_sim"],
-                                                                                       ours["aimet_sim"])
+    with (np.load(dynamo.out_dir / "holdout_outputs.npz") as theirs,
+          np.load(w8a8.out_dir / "holdout_outputs.npz") as ours):
+        assert np.array_equal(theirs["int8_qdq"], ours["int8_qdq"])
+        assert np.array_equal(theirs["aimet_sim"], ours["aimet_sim"])
 
     def values(path: Path, kind: str) -> list:
         return sorted(json.dumps({key: entry[key] for key in ("dtype", "bw", "is_sym", "scale", "offset")})

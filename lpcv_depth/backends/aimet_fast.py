@@ -76,8 +76,9 @@ def _fast_tf_enhanced_class():
     throws it away (merge_stats uses only its min and max and histograms the batch again over the
     merged range), and finds the min and max through isfinite/where copies. This keeps only what
     changes the result: one aminmax pass and one histogram (`histc`, exact and faster), over
-    AIMET's own bin edges on the first call and over merge_stats' merged range after it. The out-of-range counts merge_stats adds are
-    computed only when the growth limit actually clips (they are zero otherwise), and any
+    AIMET's own bin edges on the first call and over merge_stats' merged range after it. The
+    out-of-range counts merge_stats adds are computed only when the growth limit actually clips
+    (they are zero otherwise), and any
     non-finite value, non-float32 input, per-channel or blockwise observer, and every weight
     quantizer, takes AIMET's own path.
 

@@ -96,7 +96,7 @@ class PtqConfig:
     num_calib: int | None = option(None, help="use only the first N calibration images (default: all)")
     holdout: int = option(8, help="the last N sorted images are held out for verification and never calibrate")
     # A search trial is scored by the evaluate stage on RGB-D frames; its held-out checks only have to
-    # catch a broken export, which the first images already do (search wires 2).
+    # catch a broken export, which the first images already do (search sets 2).
     verify_images: int | None = option(None, help="run the int8 checks on at most the first N held-out "
                                                   "images (default: all of --holdout; calibration is the same)")
     min_calib: int = option(32, help="fewer calibration images is an error")

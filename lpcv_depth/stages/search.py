@@ -52,7 +52,8 @@ HUB_STATE = "hub_state.json"
 HUB_THREADS = 8
 # What a trial's ptq checks: host latency on x86 says nothing about the phone (the search's latency is
 # the S24 profile), and the trial is scored by the evaluate stage, so the held-out checks only guard
-# the export. Not wired: --ptq-args "--verify-images 8" restores the full check.
+# the export. latency_runs is wired (a trial reads no host latency); verify_images is not, so
+# --ptq-args "--verify-images 8" restores the full check.
 TRIAL_PTQ_CHECKS = {"latency_runs": 0, "verify_images": 2}
 LOCAL_RAY, NO_RAY = "local", "none"
 # What search sets on each stage itself; --<stage>-args may set anything else.
