@@ -19,11 +19,11 @@ def _bits(tensor):
     return tensor.contiguous().view(torch.int32)
 
 
-@pytest.mark.parametrize("kind", ["normal", "on-edges", "relu", "narrow", "wide", "right-edge"])
-def test_histc_is_torch_histc_bit_for_bit(kind):
+@pytest.mark.parametrize("bins", [512, 500])  # a power of two takes the one-division path
+@pytest.mark.parametrize("kind", ["normal", "on-edges", "relu", "narrow", "wide", "right-edge", "huge", "subnormal"])
+def test_histc_is_torch_histc_bit_for_bit(kind, bins):
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(3, 70, 90, generator=generator)
-    bins = 512
     if kind == "on-edges":  # every bin edge itself, where the float arithmetic decides the bin
         x = torch.cat([x.flatten(), torch.linspace(float(x.min()), float(x.max()), bins + 1)])
     elif kind == "relu":
@@ -32,6 +32,10 @@ def test_histc_is_torch_histc_bit_for_bit(kind):
         x = 1.0 + x * 1e-6
     elif kind == "wide":
         x = x * 1e30
+    elif kind == "huge":  # width * bins overflows float32
+        x = x * 1e37
+    elif kind == "subnormal":  # the step width / bins is not exact
+        x = x * 1e-41
     low, high = torch.aminmax(x)
     if kind == "right-edge":
         high = high * 0 + 7.0

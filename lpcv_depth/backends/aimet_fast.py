@@ -36,12 +36,29 @@ _INT64_SAFE = 2.0 ** 62
 def _bin_positions(values, left, right, bins: int, dtype):
     """The bin of each value exactly as torch.histc computes it on CPU (linear bins, no search):
     (x - left) * bins / (right - left) in float32, truncated; the right edge falls in the last bin."""
+    return _unclamped_positions(values, left, right, bins).to(dtype).clamp_(max=bins - 1)
+
+
+def _unclamped_positions(values, left, right, bins: int):
+    """(x - left) * bins / (right - left) in float32 as torch.histc computes it, not yet truncated (a
+    value on the right edge gives `bins`); the caller makes sure that width * bins is finite. With a
+    power-of-two `bins` whose step (right - left) / bins is exact, (x - left) * bins / width and
+    (x - left) / step are the same real number rounded once: one pass less."""
     import torch
 
     positions = torch.sub(values, left)
-    positions.mul_(bins)
-    positions.div_(right - left)
-    return positions.to(dtype).clamp_(max=bins - 1)
+    width = right - left
+    step = width / bins
+    if bins & (bins - 1) == 0 and bool((step * bins == width).all()):
+        return positions.div_(step)
+    return positions.mul_(bins).div_(width)
+
+
+def _binnable(left, right, bins: int) -> bool:
+    """(x - left) * bins stays finite for every x in [left, right] (torch.histc's own arithmetic)."""
+    import torch
+
+    return bool(torch.isfinite((right - left) * bins).all())
 
 
 def histc(values, bins: int, low, high, extrema=None):
@@ -53,19 +70,21 @@ def histc(values, bins: int, low, high, extrema=None):
 
     left, right = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
     if (values.dtype != torch.float32 or values.device.type != "cpu" or values.numel() >= _EXACT_FLOAT32_COUNT
-            or not bool(right > left)):
+            or not bool(right > left) or not _binnable(left, right, bins)):
         return torch.histc(values, bins=bins, min=low, max=high)
     smallest, largest = torch.aminmax(values) if extrema is None else extrema
     if not bool(torch.isfinite(smallest) & torch.isfinite(largest)):
         return torch.histc(values, bins=bins, min=low, max=high)
     flat = values.reshape(-1)
     if bool((smallest >= left) & (largest <= right)):
-        positions = _bin_positions(flat, left, right, bins, torch.int32)
-        return torch.bincount(positions, minlength=bins).to(torch.float32)
-    # Some values lie outside: they are binned as if clamped, then moved to an extra bin that is dropped.
-    positions = _bin_positions(torch.clamp(flat, left, right), left, right, bins, torch.int32)
-    positions.masked_fill_((flat < left) | (flat > right), bins)
-    return torch.bincount(positions, minlength=bins + 1)[:bins].to(torch.float32)
+        counts = torch.bincount(_unclamped_positions(flat, left, right, bins).to(torch.int32), minlength=bins + 1)
+    else:
+        # Values outside are binned as if clamped, then moved to an extra bin that is dropped.
+        positions = _unclamped_positions(torch.clamp(flat, left, right), left, right, bins).to(torch.int32)
+        positions.masked_fill_((flat < left) | (flat > right), bins + 1)
+        counts = torch.bincount(positions, minlength=bins + 2)
+    counts[bins - 1] += counts[bins]  # the right edge itself belongs to the last bin
+    return counts[:bins].to(torch.float32)
 
 
 @functools.cache
@@ -133,7 +152,7 @@ def _fast_tf_enhanced_class():
             step = (high - low) / bins
             edges = torch.arange(0, bins + 1, device=weight.device)[None, :] * step[:, None] + low[:, None]
             left, right = edges[:, :1], edges[:, -1:]
-            if not bool((right > left).all()):
+            if not bool((right > left).all()) or not _binnable(left, right, bins):
                 return None
             position = _bin_positions(rows, left, right, bins, torch.int64)
             inside = (rows >= left) & (rows <= right)
@@ -233,7 +252,9 @@ def _fast_per_tensor_qdq(tensor, scale, offset, qmin: int, qmax: int, block_size
     smallest, largest = torch.aminmax(scaled) if scaled.numel() else (step.new_zeros(()), step.new_zeros(()))
     if not bool(torch.isfinite(smallest) & torch.isfinite(largest)) or max(-smallest, largest) >= _INT64_SAFE:
         return None
-    scaled.round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point)
+    scaled.round_().add_(zero_point).clamp_(qmin, qmax)
+    if zero_point:  # subtracting 0.0 changes no bit, not even of -0.0
+        scaled.sub_(zero_point)
     return scaled.mul_(step)
 
 
