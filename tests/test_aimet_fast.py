@@ -141,10 +141,104 @@ def _calibrated(model, batches, fast: bool):
     if fast:
         assert aimet_fast.use_fast_histograms(sim) > 0
     with aimet_fast.fast_quantize_dequantize() if fast else contextlib.nullcontext(), torch.no_grad():
-        sim.compute_encodings(lambda m: [m(batch) for batch in batches])
+        with aimet_fast.calibration_without_output_copies(sim) if fast else contextlib.nullcontext(0) as uncopied:
+            sim.compute_encodings(lambda m: [m(batch) for batch in batches])
+        assert uncopied == (len(_uncopied_outputs(sim)) if fast else 0)
+        assert not any("_compute_encodings" in vars(quantizer) for quantizer in sim.model.modules())
         held_out = sim.model(batches[0] * 1.5)
     quantizers = {name: module for name, module in sim.model.named_modules() if hasattr(module, "get_encodings")}
     return quantizers, held_out
+
+
+def _uncopied_outputs(sim) -> list[str]:
+    """Output quantizers that calibration_without_output_copies hands on without a copy."""
+    return [f"{name}.output_quantizers.{index}" for name, module in sim.model.named_modules()
+            if isinstance(module, aimet_fast._fresh_output_types()) and not getattr(module, "inplace", False)
+            for index, quantizer in enumerate(getattr(module, "output_quantizers", None) or []) if quantizer is not None]
+
+
+def _uncopied_outputs_of(model) -> list[str]:
+    from aimet_torch.common.defs import QuantScheme
+    from aimet_torch.quantsim import QuantizationSimModel
+
+    sim = QuantizationSimModel(copy.deepcopy(model), dummy_input=torch.randn(1, 3, 10, 10), default_output_bw=8,
+                               default_param_bw=8, quant_scheme=QuantScheme.post_training_tf_enhanced)
+    return _uncopied_outputs(sim)
+
+
+class _InPlaceFanOut(torch.nn.Module):
+    """In-place ops on tensors that another branch reads afterwards: a copy that is left out where it
+    is needed changes what the later branch sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.fc = torch.nn.Linear(8, 8)
+        self.gelu = torch.nn.GELU()
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.relu(y)  # y itself, changed in place: held by the sum below as well
+        z = z.mul_(2.0)
+        tokens = (y + z).flatten(2).transpose(1, 2)
+        h = self.fc(tokens)
+        g = self.gelu(h)
+        g = g.add_(1.0)  # in place on the GELU's output, which nothing else reads
+        return h - g
+
+
+def test_uncopied_outputs_only_where_nothing_else_holds_them():
+    import sys
+
+    fresh = torch.randn(4, 4)
+    assert aimet_fast._unshared(fresh)
+    # (pytest's assert would hold the base for its message: the result is taken first)
+    view_of_unheld_base = aimet_fast._unshared(torch.randn(4, 4).view(16))
+    assert view_of_unheld_base
+    held = torch.randn(4, 4)
+    assert not aimet_fast._unshared(held.view(16))  # its base is held here
+    viewed = torch.randn(4, 4)
+    other_view = viewed[0]
+    assert not aimet_fast._unshared(viewed)  # another view shares its memory
+    assert not aimet_fast._unshared(torch.nn.Parameter(torch.randn(4)))
+    assert sys.getrefcount(other_view) >= 2 and sys.getrefcount(held) >= 2
+    alias = aimet_fast._alias_if_unshared(fresh)
+    assert alias.data_ptr() == fresh.data_ptr() and alias is not fresh
+    copy_ = aimet_fast._alias_if_unshared(viewed)
+    assert copy_.data_ptr() != viewed.data_ptr() and torch.equal(copy_, viewed)
+
+
+def test_calibration_without_output_copies_is_aimets_with_in_place_ops(monkeypatch):
+    """Encodings and the simulated output of a model with in-place ops and fan-out are AIMET's bit
+    for bit; the in-place ReLU's output is copied, the fresh outputs are not."""
+    from lpcv_depth.backends.aimet import prepare_for_quantsim
+
+    torch.manual_seed(5)
+    model, preparation = prepare_for_quantsim(_InPlaceFanOut().eval())  # the sum and difference become modules
+    assert preparation.traced
+    batches = [torch.randn(1, 3, 10, 10) * (1 + i) - i * 0.2 for i in range(5)]
+    theirs, their_output = _calibrated(model, batches, fast=False)
+    aliases = []
+    original = aimet_fast._alias_if_unshared
+
+    def counting(tensor, *args, **kwargs):
+        result = original(tensor, *args, **kwargs)
+        aliases.append(result.data_ptr() == tensor.data_ptr())
+        return result
+
+    monkeypatch.setattr(aimet_fast, "_alias_if_unshared", counting)
+    ours, our_output = _calibrated(model, batches, fast=True)
+    assert sum(aliases) >= 4 * len(batches)  # fc, gelu, the sum and the difference, every batch
+    assert "relu.output_quantizers.0" in ours and "relu.output_quantizers.0" not in _uncopied_outputs_of(model)
+    assert theirs.keys() == ours.keys()
+    for name, quantizer in theirs.items():
+        if quantizer.get_encodings() is None:
+            assert ours[name].get_encodings() is None, name
+            continue
+        assert torch.equal(_bits(quantizer.get_min()), _bits(ours[name].get_min())), name
+        assert torch.equal(_bits(quantizer.get_max()), _bits(ours[name].get_max())), name
+    assert torch.equal(_bits(their_output), _bits(our_output))
 
 
 def test_calibration_with_the_fast_kernels_is_aimets_bit_for_bit(monkeypatch):

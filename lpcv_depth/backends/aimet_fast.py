@@ -9,7 +9,9 @@ wherever that is not guaranteed (tests/test_aimet_fast.py compares them against 
 - `fast_quantize_dequantize()`: an AIMET quantization backend whose per-tensor fake quantization
   without autograd is plain vectorized arithmetic instead of torch's fake_quantize kernel, which also
   writes a mask that nothing reads without autograd, and which fake-quantizes each weight once per
-  encoding instead of once per forward (`_ParameterMemo`).
+  encoding instead of once per forward (`_ParameterMemo`);
+- `calibration_without_output_copies(sim)`: calibration hands the fresh output of an op on as it
+  is, where AIMET copies every activation first.
 
 Where the time went, and what these changed: docs/ptq.md, "Calibration speed".
 """
@@ -19,12 +21,13 @@ from __future__ import annotations
 import contextvars
 import functools
 import types
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
 from lpcv_depth.backends.aimet import activation_slots
 
-__all__ = ["use_fast_histograms", "histc", "fast_quantize_dequantize", "FAST_QDQ_BACKEND"]
+__all__ = ["use_fast_histograms", "histc", "fast_quantize_dequantize", "calibration_without_output_copies",
+           "FAST_QDQ_BACKEND"]
 
 FAST_QDQ_BACKEND = "lpcv_depth_exact_cpu"
 # torch.histc counts in the input's float32, exact only below 2**24 per bin.
@@ -340,6 +343,110 @@ def _fast_qdq_backend():
                                     dequantize=torch_builtins.dequantize, quantize_dequantize=quantize_dequantize)
     add_backend(FAST_QDQ_BACKEND, backend)
     return backend
+
+
+def _fresh_output_types() -> tuple:
+    """Modules whose forward returns a tensor its own op has just made: never one of its inputs, a
+    tensor it keeps, or a view of either (when they do not work in place)."""
+    from aimet_torch.nn.modules import custom
+    from torch import nn
+
+    return (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+            nn.LayerNorm, nn.GroupNorm, nn.GELU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.SiLU, nn.Sigmoid,
+            nn.Tanh, nn.Softmax, nn.Upsample, custom.MatMul, custom.Add, custom.Subtract, custom.Multiply,
+            custom.Divide, custom.Interpolate, custom.Concat)
+
+
+def _unshared(tensor) -> bool:
+    """Nothing but this one tensor object reaches its memory: no other tensor uses its storage, and
+    if it is a view, nothing but the view holds its base (whose Python object then has three
+    references: the view's, `base` here and getrefcount's argument). More Python names for the same
+    tensor object are not visible here: `_fresh_output_types` rules those out."""
+    import sys
+
+    import torch
+
+    if type(tensor) is not torch.Tensor or tensor._use_count() != 1:
+        return False
+    users = torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) - 1  # less the storage object just made
+    base = tensor._base
+    if base is None:
+        return users == 1
+    return (users == 2 and type(base) is torch.Tensor and base._base is None and base._use_count() == 2
+            and sys.getrefcount(base) == 3)
+
+
+def _alias_if_unshared(tensor, *args, **kwargs):
+    """torch.Tensor.clone, except that an unshared tensor is passed on as an alias of itself."""
+    import torch
+
+    if args or kwargs or not _unshared(tensor):
+        return torch._C.TensorBase.clone(tensor, *args, **kwargs)
+    return tensor.view_as(tensor)
+
+
+@contextmanager
+def _tensor_clone_replaced(replacement) -> Iterator[None]:
+    import torch
+
+    own = "clone" in vars(torch.Tensor)
+    original = vars(torch.Tensor).get("clone")
+    torch.Tensor.clone = replacement
+    try:
+        yield
+    finally:
+        if own:
+            torch.Tensor.clone = original
+        else:
+            del torch.Tensor.clone
+
+
+def _passthrough_without_copy(quantizer):
+    """The quantizer's `_compute_encodings` with `_alias_if_unshared` in place of the copy AIMET's
+    passthrough makes (it picks `torch.Tensor.clone` as it enters, and only then)."""
+    original = quantizer._compute_encodings
+
+    @contextmanager
+    def compute_encodings(passthrough: bool = False):
+        if not passthrough:
+            with original(passthrough=False):
+                yield
+            return
+        with ExitStack() as stack:
+            with _tensor_clone_replaced(_alias_if_unshared):
+                stack.enter_context(original(passthrough=True))
+            yield
+
+    return compute_encodings
+
+
+@contextmanager
+def calibration_without_output_copies(sim) -> Iterator[int]:
+    """Inside the block, AIMET's calibration passes the fresh output of an op on without copying it.
+
+    While calibrating, every activation quantizer hands its input on as a copy, so that the encoding
+    AIMET attaches to what it returns does not land on a tensor that anything else holds. The output
+    of an op that has just made it (`_fresh_output_types`, not in place) is held by nothing else: its
+    output quantizers hand it on as an alias instead, which every later op and observer sees with
+    the same values. `_unshared` checks that at run time as well, and the copy is made wherever it
+    fails. Input quantizers always copy (the caller may still hold the tensor). Yields how many
+    quantizers take this path."""
+    from aimet_torch.quantization.affine.quantizer import AffineQuantizerBase
+
+    fresh = _fresh_output_types()
+    patched = []
+    for module in sim.model.modules():
+        if not isinstance(module, fresh) or getattr(module, "inplace", False):
+            continue
+        for quantizer in getattr(module, "output_quantizers", None) or []:
+            if isinstance(quantizer, AffineQuantizerBase) and "_compute_encodings" not in vars(quantizer):
+                quantizer._compute_encodings = _passthrough_without_copy(quantizer)
+                patched.append(quantizer)
+    try:
+        yield len(patched)
+    finally:
+        for quantizer in patched:
+            del quantizer._compute_encodings
 
 
 @contextmanager

@@ -507,8 +507,9 @@ def _seq_mse_step(config: PtqConfig, sim, inputs: _Inputs, techniques: dict, log
 
 def _calibrate(sim, batches) -> None:
     from lpcv_depth.backends import aimet as aimet_sim
+    from lpcv_depth.backends.aimet_fast import calibration_without_output_copies
 
-    with _progress(len(batches), "calibrating") as tick:
+    with _progress(len(batches), "calibrating") as tick, calibration_without_output_copies(sim):
         sim.compute_encodings(lambda m: aimet_sim.run_forward(m, batches, tick))
 
 
