@@ -75,7 +75,12 @@ def bench_vits(out: Path, num_calib: int, vs_ort: bool = False, ptq_args: Sequen
         result["search_trial"] = bench_trial(ptq, ptq_dir, out / "vits-ptq-trial")
     if vs_ort:
         result["ort_quantize_static"] = bench_ort_static(export_dir / "model.onnx", calib, out / "vits-ort")
-        result["ptq_vs_ort_wall_ratio"] = round(wall / result["ort_quantize_static"]["wall_s"], 2)
+        ort = result["ort_quantize_static"]
+        result["ptq_vs_ort_wall_ratio"] = round(wall / ort["wall_s"], 2)
+        result["ptq_vs_ort_call_ratio"] = round(wall / ort["quantize_static_s"], 2)
+        if trial:
+            result["search_trial"]["ptq_vs_ort_call_ratio"] = round(
+                result["search_trial"]["ptq_wall_s"] / ort["quantize_static_s"], 2)
     return result
 
 
