@@ -366,6 +366,7 @@ def test_fewer_checked_images_calibrate_and_export_the_same_model(w8a8, fastdept
         assert np.array_equal(saved[name], full[name][:2])
 
 
+@pytest.mark.slow  # a second FastDepth PTQ through the non-default dynamo exporter; keeps the suite under 15 min
 def test_both_exporters_build_the_same_int8_model(w8a8, fastdepth_export, calib_subset, tmp_path):
     """The default TorchScript exporter and the dynamo one: the same QDQ outputs bit for bit, and every
     encoding of the dynamo export among the TorchScript export's (which also names the outputs of
