@@ -150,6 +150,18 @@ def _calibrated(model, batches, fast: bool):
     return quantizers, held_out
 
 
+def _assert_same_encodings_and_output(theirs: dict, their_output, ours: dict, our_output) -> None:
+    """Every quantizer's encoding, and the simulated output, the same bits in both calibrations."""
+    assert theirs.keys() == ours.keys()
+    for name, quantizer in theirs.items():
+        if quantizer.get_encodings() is None:
+            assert ours[name].get_encodings() is None, name
+            continue
+        assert torch.equal(_bits(quantizer.get_min()), _bits(ours[name].get_min())), name
+        assert torch.equal(_bits(quantizer.get_max()), _bits(ours[name].get_max())), name
+    assert torch.equal(_bits(their_output), _bits(our_output))
+
+
 def _uncopied_outputs(sim) -> list[str]:
     """Output quantizers that calibration_without_output_copies hands on without a copy."""
     return [f"{name}.output_quantizers.{index}" for name, module in sim.model.named_modules()
@@ -231,14 +243,7 @@ def test_calibration_without_output_copies_is_aimets_with_in_place_ops(monkeypat
     ours, our_output = _calibrated(model, batches, fast=True)
     assert sum(aliases) >= 4 * len(batches)  # fc, gelu, the sum and the difference, every batch
     assert "relu.output_quantizers.0" in ours and "relu.output_quantizers.0" not in _uncopied_outputs_of(model)
-    assert theirs.keys() == ours.keys()
-    for name, quantizer in theirs.items():
-        if quantizer.get_encodings() is None:
-            assert ours[name].get_encodings() is None, name
-            continue
-        assert torch.equal(_bits(quantizer.get_min()), _bits(ours[name].get_min())), name
-        assert torch.equal(_bits(quantizer.get_max()), _bits(ours[name].get_max())), name
-    assert torch.equal(_bits(their_output), _bits(our_output))
+    _assert_same_encodings_and_output(theirs, their_output, ours, our_output)
 
 
 def test_calibration_with_the_fast_kernels_is_aimets_bit_for_bit(monkeypatch):
@@ -272,14 +277,8 @@ def test_calibration_with_the_fast_kernels_is_aimets_bit_for_bit(monkeypatch):
     assert taken["qdq"] > 0
     assert taken["memo_hits"] >= 3 * (len(batches) - 1)  # three weights, every forward after the first
     assert not theirs["softmax.output_quantizers.0"].is_overwrite_allowed()  # fixed [0, 1]: applied in calibration
-    assert theirs.keys() == ours.keys() and len(theirs) > 8
-    for name, quantizer in theirs.items():
-        if quantizer.get_encodings() is None:
-            assert ours[name].get_encodings() is None, name
-            continue
-        assert torch.equal(_bits(quantizer.get_min()), _bits(ours[name].get_min())), name
-        assert torch.equal(_bits(quantizer.get_max()), _bits(ours[name].get_max())), name
-    assert torch.equal(_bits(their_output), _bits(our_output))
+    assert len(theirs) > 8
+    _assert_same_encodings_and_output(theirs, their_output, ours, our_output)
 
 
 def test_keep_freed_memory_is_set_on_glibc():
