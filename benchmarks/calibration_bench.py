@@ -1,0 +1,102 @@
+"""Calibration forward benchmark: DA-V2 ViT-S (random weights, full size) calibrated twice at once,
+with AIMET's passthrough copy of every activation and without the copies of fresh outputs
+(`calibration_without_output_copies`), alternating image by image in one process so that the
+host's drift falls on both alike; prints the median seconds per image of each and whether their
+encodings are the same bits.
+
+    python benchmarks/calibration_bench.py              # 24 images, 11 timed per side
+    python benchmarks/calibration_bench.py --images 40
+
+The figures measured with it are in docs/ptq.md ("Fifth pass").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from ptq_bench import CALIBRATION, calibration_subset, run_stage
+
+from lpcv_depth.workspace import build_dir
+
+
+def build_sims(export_dir: Path, calib: Path, count: int):
+    """Two QuantSims of the same float model, built by the PTQ stage's own steps, and the images."""
+    from lpcv_depth.stage import StageLog
+    from lpcv_depth.stages import ptq
+
+    config = ptq.PtqConfig(calib=calib, fp32=export_dir, out=export_dir.parent / "unused", min_calib=4)
+    log = StageLog("calibration-bench")
+    export, results = ptq._read_export(config, log)
+    inputs = ptq._calibration_data(config, log)
+    fp32 = ptq._fp32_model(config, export, results, inputs, log)
+    model, _ = ptq._float_techniques(config, fp32.model, inputs.dummy, {}, log)
+    tail = ptq._output_tail(config, model, inputs.dummy)
+    sims = [ptq._quantsim(config, model, inputs.dummy, None, tail)[0] for _ in range(2)]
+    return sims, inputs.calibration_batches[:count]
+
+
+def alternate(copying, uncopied, batches) -> dict:
+    """Both sims calibrate on the same images, one forward each per image, in turn."""
+    import torch
+
+    from lpcv_depth.backends.aimet_fast import calibration_without_output_copies, fast_quantize_dequantize
+
+    seconds: dict[str, list[float]] = {"aimet_copies": [], "no_copies_of_fresh_outputs": []}
+
+    def forwards(copying_model, uncopied_model):
+        with torch.no_grad():
+            for index, batch in enumerate(batches):
+                order = [("aimet_copies", copying_model), ("no_copies_of_fresh_outputs", uncopied_model)]
+                for name, model in order if index % 2 else order[::-1]:
+                    start = time.perf_counter()
+                    model(batch)
+                    if index >= 2:  # the first image per side builds the histograms' ranges
+                        seconds[name].append(time.perf_counter() - start)
+
+    with fast_quantize_dequantize(), calibration_without_output_copies(uncopied) as quantizers:
+        copying.compute_encodings(lambda m: uncopied.compute_encodings(lambda n: forwards(m, n)))
+    return {"quantizers_without_copy": quantizers,
+            **{f"{name}_s_per_image": round(statistics.median(values), 3) for name, values in seconds.items()},
+            "timed_images_per_side": len(seconds["aimet_copies"]),
+            "encodings_identical": _same_encodings(copying, uncopied)}
+
+
+def _same_encodings(a, b) -> bool:
+    import torch
+
+    def encodings(sim):
+        return {name: (q.get_min(), q.get_max()) for name, q in sim.model.named_modules()
+                if hasattr(q, "get_min") and q.get_encodings() is not None}
+
+    ours, theirs = encodings(a), encodings(b)
+    return ours.keys() == theirs.keys() and all(
+        torch.equal(ours[k][i].view(torch.int32), theirs[k][i].view(torch.int32)) for k in ours for i in (0, 1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=24, help="calibration images (default 24)")
+    parser.add_argument("--out", type=Path, default=build_dir() / "bench" / "calibration")
+    args = parser.parse_args()
+    if args.images < 4:
+        parser.error("--images must be at least 4")
+    from lpcv_depth.host import keep_freed_memory
+
+    keep_freed_memory()
+    export_dir = args.out / "vits-export"
+    if not (export_dir / "manifest.json").is_file():
+        run_stage(["-m", "lpcv_depth.cli", "export", "--weights", "None", "--out", str(export_dir),
+                   "--check-images", str(CALIBRATION)])
+    (copying, uncopied), batches = build_sims(export_dir, calibration_subset(args.images, args.out / "calib"),
+                                              args.images)
+    print(json.dumps(alternate(copying, uncopied, batches), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
