@@ -60,7 +60,7 @@ def alternate(copying, uncopied, batches) -> dict:
 
     with fast_quantize_dequantize(), calibration_without_output_copies(uncopied) as quantizers:
         copying.compute_encodings(lambda m: uncopied.compute_encodings(lambda n: forwards(m, n)))
-    return {"quantizers_without_copy": quantizers,
+    return {"quantizers_without_copy": len(quantizers),
             **{f"{name}_s_per_image": round(statistics.median(values), 3) for name, values in seconds.items()},
             "timed_images_per_side": len(seconds["aimet_copies"]),
             "encodings_identical": _same_encodings(copying, uncopied)}

@@ -421,7 +421,7 @@ def _passthrough_without_copy(quantizer):
 
 
 @contextmanager
-def calibration_without_output_copies(sim) -> Iterator[int]:
+def calibration_without_output_copies(sim) -> Iterator[list[str]]:
     """Inside the block, AIMET's calibration passes the fresh output of an op on without copying it.
 
     While calibrating, every activation quantizer hands its input on as a copy, so that the encoding
@@ -429,23 +429,23 @@ def calibration_without_output_copies(sim) -> Iterator[int]:
     of an op that has just made it (`_fresh_output_types`, not in place) is held by nothing else: its
     output quantizers hand it on as an alias instead, which every later op and observer sees with
     the same values. `_unshared` checks that at run time as well, and the copy is made wherever it
-    fails. Input quantizers always copy (the caller may still hold the tensor). Yields how many
-    quantizers take this path."""
+    fails. Input quantizers always copy (the caller may still hold the tensor). Yields the names of
+    the quantizers that take this path (`<module>.output_quantizers.<index>`)."""
     from aimet_torch.quantization.affine.quantizer import AffineQuantizerBase
 
     fresh = _fresh_output_types()
-    patched = []
-    for module in sim.model.modules():
+    patched = {}
+    for name, module in sim.model.named_modules():
         if not isinstance(module, fresh) or getattr(module, "inplace", False):
             continue
-        for quantizer in getattr(module, "output_quantizers", None) or []:
+        for index, quantizer in enumerate(getattr(module, "output_quantizers", None) or []):
             if isinstance(quantizer, AffineQuantizerBase) and "_compute_encodings" not in vars(quantizer):
                 quantizer._compute_encodings = _passthrough_without_copy(quantizer)
-                patched.append(quantizer)
+                patched[f"{name}.output_quantizers.{index}"] = quantizer
     try:
-        yield len(patched)
+        yield list(patched)
     finally:
-        for quantizer in patched:
+        for quantizer in patched.values():
             del quantizer._compute_encodings
 
 
