@@ -25,19 +25,14 @@ from lpcv_depth.workspace import build_dir
 
 
 def build_sims(export_dir: Path, calib: Path, count: int):
-    """Two QuantSims of the same float model, built by the PTQ stage's own steps, and the images."""
+    """Two QuantSims of the same float model, built as the PTQ stage builds its own, and the images."""
     from lpcv_depth.stage import StageLog
     from lpcv_depth.stages import ptq
 
     config = ptq.PtqConfig(calib=calib, fp32=export_dir, out=export_dir.parent / "unused", min_calib=4)
-    log = StageLog("calibration-bench")
-    export, results = ptq._read_export(config, log)
-    inputs = ptq._calibration_data(config, log)
-    fp32 = ptq._fp32_model(config, export, results, inputs, log)
-    model, _ = ptq._float_techniques(config, fp32.model, inputs.dummy, {}, log)
-    tail = ptq._output_tail(config, model, inputs.dummy)
-    sims = [ptq._quantsim(config, model, inputs.dummy, None, tail)[0] for _ in range(2)]
-    return sims, inputs.calibration_batches[:count]
+    start = ptq.prepare_float_model(config, StageLog("calibration-bench"))
+    sims = [ptq.build_quantsim(config, start.model, start.inputs.dummy, start.tail)[0] for _ in range(2)]
+    return sims, start.inputs.calibration_batches[:count]
 
 
 def alternate(copying, uncopied, batches) -> dict:

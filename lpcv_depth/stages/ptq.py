@@ -42,8 +42,9 @@ from lpcv_depth.verify import (OrtRunner, ParityThresholds, check_output_range, 
                                scale_aligned_sqnr_db, sqnr_db)
 from lpcv_depth.workspace import build_dir, in_workspace
 
-__all__ = ["PtqConfig", "PtqResult", "Preset", "PRESETS", "run_ptq", "rebuild_fp32_model", "check_torch_contract",
-           "score_against_ground_truth", "GateError", "DEFINITION"]
+__all__ = ["PtqConfig", "PtqResult", "Preset", "PRESETS", "run_ptq", "FloatStart", "prepare_float_model",
+           "build_quantsim", "rebuild_fp32_model", "check_torch_contract", "score_against_ground_truth", "GateError",
+           "DEFINITION"]
 
 STAGE = "ptq"
 DEFAULT_FP32_MODEL = "depth_anything_v2_vits"
@@ -235,6 +236,21 @@ class _Fp32:
 
 
 @dataclass(frozen=True)
+class FloatStart:
+    """What a QuantSim is built from: the export stage's manifest, the images, the fp32 references, and
+    the float model after its own rewrite, AIMET's preparation, BN fold and CLE (recorded in
+    `techniques`), with the names of its output-tail activations."""
+
+    export: Manifest
+    inputs: _Inputs
+    fp32: _Fp32
+    model: Any
+    preparation: Any
+    tail: list[str]
+    techniques: dict
+
+
+@dataclass(frozen=True)
 class _Artifacts:
     aimet_dir: Path
     aimet_onnx: Path
@@ -253,38 +269,31 @@ class _Verification:
 
 def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
     """Calibrate, export both int8 artifacts, verify them against fp32 on held-out images, report."""
-    from lpcv_depth.backends import aimet as aimet_sim
     from lpcv_depth.backends.aimet_fast import fast_quantize_dequantize
 
     log = log or StageLog(STAGE)
-    aimet_sim.import_aimet()  # before any work: a missing install fails with the command that fixes it
-    keep_freed_memory()
-    export, export_results = _read_export(config, log)
-    inputs = _calibration_data(config, log)
-    fp32 = _fp32_model(config, export, export_results, inputs, log)
-    techniques: dict = {}
-    float_model, preparation = _float_techniques(config, fp32.model, inputs.dummy, techniques, log)
-    tail = _output_tail(config, float_model, inputs.dummy)
+    start = prepare_float_model(config, log)
+    inputs, fp32, tail, techniques = start.inputs, start.fp32, start.tail, start.techniques
     with StagingDir(config.destination, stage=STAGE, inputs=[config.fp32_dir, config.calib_dir, config.eval_data],
                     scratch=True) as staging, fast_quantize_dequantize():
-        sim, sim_source, analyzers = _quantsim_step(config, float_model, inputs, tail, techniques, staging.scratch, log)
+        sim, sim_source, analyzers = _quantsim_step(config, start.model, inputs, tail, techniques, staging.scratch, log)
         _seq_mse_step(config, sim, inputs, techniques, log)
         _calibrate_step(sim, inputs, log)
-        ablation = _rounding_ablation(config, float_model, sim, inputs, fp32, tail, log)
+        ablation = _rounding_ablation(config, start.model, sim, inputs, fp32, tail, log)
         mixed = _sensitivity(config, sim, sim_source, inputs, log)
         sim_holdout = _aimet_sim_outputs(sim, inputs, fp32, log)
         artifacts = _export_artifacts(config, sim, inputs.dummy, staging.path, fp32.name, log)
         checks = _verify(config, fp32, artifacts.qdq, sim_holdout, inputs.holdout, log)
         results = PtqResults(model=fp32.name, preset=config.preset, techniques=techniques,
                              fp32_contract=fp32.contract, calibration_analyzers=analyzers,
-                             preparation=asdict(preparation), qdq_vs_aimet_sim=checks.qdq_vs_aimet_sim,
+                             preparation=asdict(start.preparation), qdq_vs_aimet_sim=checks.qdq_vs_aimet_sim,
                              int8_vs_fp32=checks.fidelity, sizes_bytes=_sizes(fp32, artifacts),
                              host_latency_ms=checks.latency, ground_truth=checks.ground_truth, ablation=ablation,
                              mixed_precision=mixed)
         report_files = _report(config, staging.path, results, fp32, checks, log)
         holdout_outputs = _save_holdout_outputs(staging.path, fp32, sim_holdout, checks)
         manifest_path = write_manifest(
-            staging.path, stage=STAGE, config=config.as_dict(), inputs=_manifest_inputs(export, fp32, inputs),
+            staging.path, stage=STAGE, config=config.as_dict(), inputs=_manifest_inputs(start.export, fp32, inputs),
             outputs=[artifacts.aimet_onnx, artifacts.encodings, artifacts.qdq, holdout_outputs, *report_files],
             timings=log.timings, results=results)
     out = config.destination
@@ -293,6 +302,22 @@ def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
     log.info(f"ok {log.total_seconds:.1f}s -> {display_path(out)}; report: {display_path(out / 'report.md')}")
     enforce_gates(_gates(config, results), subject="int8 model", hint=GATE_HINT)
     return result
+
+
+def prepare_float_model(config: PtqConfig, log: StageLog) -> FloatStart:
+    """run_ptq's steps up to the QuantSim: the export checked against its manifest, the calibration and
+    held-out images, the fp32 references, and the float techniques applied to the torch model."""
+    from lpcv_depth.backends import aimet as aimet_sim
+
+    aimet_sim.import_aimet()  # before any work: a missing install fails with the command that fixes it
+    keep_freed_memory()
+    export, export_results = _read_export(config, log)
+    inputs = _calibration_data(config, log)
+    fp32 = _fp32_model(config, export, export_results, inputs, log)
+    techniques: dict = {}
+    model, preparation = _float_techniques(config, fp32.model, inputs.dummy, techniques, log)
+    return FloatStart(export=export, inputs=inputs, fp32=fp32, model=model, preparation=preparation,
+                      tail=_output_tail(config, model, inputs.dummy), techniques=techniques)
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -446,7 +471,7 @@ def _output_tail(config: PtqConfig, model, dummy) -> list[str]:
 
 # --- quantsim -------------------------------------------------------------------------------------
 
-def _quantsim(config: PtqConfig, model, dummy, param_encodings: Path | None, tail: list[str]):
+def build_quantsim(config: PtqConfig, model, dummy, tail: list[str], param_encodings: Path | None = None):
     """AIMET's QuantSim of `model` with the HTP V75 rules and the output tail widened, optionally with
     frozen (AdaRound) weight encodings; returns the sim and the names of the widened quantizers."""
     from lpcv_depth.backends import aimet as aimet_sim
@@ -482,7 +507,7 @@ def _quantsim_step(config: PtqConfig, model, inputs: _Inputs, tail: list[str], t
                 config_file=aimet_sim.htp_v75_config_path(), workdir=scratch)
             step.detail = f"{config.adaround_iterations} iterations per layer"
     with log.step("quantsim") as step:
-        sim, widened = _quantsim(config, model, inputs.dummy, param_encodings, tail)
+        sim, widened = build_quantsim(config, model, inputs.dummy, tail, param_encodings)
         analyzers = aimet_sim.calibration_analyzers(sim)
         step.detail = (f"HTP V75 config, {config.calibration_scheme}, w{preset.param_bw}a{preset.activation_bw}; "
                        "activation ranges: " + ", ".join(f"{count} {label}" for label, count in analyzers.items()))
@@ -528,7 +553,7 @@ def _rounding_ablation(config: PtqConfig, float_model, sim, inputs: _Inputs, fp3
     if not applied:
         return None
     with log.step("rounding-ablation") as step:
-        nearest, _ = _quantsim(config, float_model, inputs.dummy, None, tail)
+        nearest, _ = build_quantsim(config, float_model, inputs.dummy, tail)
         _calibrate(nearest, inputs.calibration_batches)
         without = sqnr_db(fp32.holdout, aimet_sim.run_forward(nearest.model, inputs.holdout_batches))
         with_ = sqnr_db(fp32.holdout, aimet_sim.run_forward(sim.model, inputs.holdout_batches))
