@@ -13,6 +13,7 @@ from torch import nn
 
 from lpcv_depth.errors import MissingDependencyError, WeightsError
 from lpcv_depth.manifest import sha256_file
+from lpcv_depth.network import unreachable_reason
 from lpcv_depth.models.registry import HubWeights, ModelSpec
 
 _MAX_KEYS_SHOWN = 12
@@ -57,19 +58,30 @@ def resolve_weights(spec: ModelSpec, weights: str | os.PathLike | None) -> tuple
     return path, WeightsInfo(source="file", path=os.fspath(path.resolve()), sha256=sha256_file(path))
 
 
+# How long the Hugging Face Hub gets to answer before the download is given up as offline.
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
 def download_hub_weights(hub: HubWeights) -> Path:
+    """The checkpoint from the Hugging Face Hub's cache, downloading it first when the hub answers.
+
+    huggingface_hub retries an unreachable hub with backoff for about 23 s before it gives up; one
+    probe decides at once, and a copy already in the cache is still used without the network."""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
     except ImportError as err:
         raise MissingDependencyError("huggingface_hub is not installed",
                                      hint='pip install "huggingface_hub==2.4.0"') from err
+    unreachable = None if constants.is_offline_mode() else unreachable_reason(constants.ENDPOINT, HUB_PROBE_TIMEOUT_S)
     try:
-        # etag_timeout bounds the metadata request so an unreachable hub fails fast instead of hanging.
+        # etag_timeout bounds the metadata request so a hub that stops answering fails fast instead of hanging.
         return Path(hf_hub_download(repo_id=hub.repo_id, filename=hub.filename, revision=hub.revision,
-                                    etag_timeout=15))
+                                    etag_timeout=15, local_files_only=unreachable is not None))
     except Exception as err:  # huggingface_hub raises many types for "offline"; all mean the same here
+        why = f"cannot reach {unreachable}, and it is not in the cache" if unreachable else (
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         raise WeightsError(
-            f"could not download {hub.url}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+            f"could not download {hub.url}: {why}",
             hint=f"you appear to be offline or the hub is unreachable. Download {hub.filename} on a machine "
                  f"with internet from {hub.url} and pass it with --weights PATH") from err
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import ConfigError, OutputDirError, ParityError, UnknownModelError, WeightsError
 from lpcv_depth.images import list_images, load_contract_batch
 from lpcv_depth.verify import OrtRunner, ParityThresholds
-from lpcv_depth.models import create_model, list_models
-from lpcv_depth.models.weights import load_torch_checkpoint
+from lpcv_depth.models import create_model, get_spec, list_models
+from lpcv_depth.models.weights import HUB_PROBE_TIMEOUT_S, download_hub_weights, load_torch_checkpoint
 from tests.conftest import REPO_ROOT
 from tests.test_wrapper import FAST_INPUT_SIZE, registered_models
 
@@ -141,9 +142,27 @@ def test_matching_checkpoint_loads_strictly(tmp_path):
         assert torch.equal(source(image), loaded(image))
 
 
+def _hub_environment(monkeypatch, **variables: str | None) -> None:
+    """Set huggingface_hub's environment variables, and the constants it reads them into once, at its
+    import: when an earlier test has imported it, the variables alone change nothing (the download then
+    went to huggingface.co and waited for its timeout instead of failing at once)."""
+    from huggingface_hub import constants
+
+    for name, value in variables.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    if "HF_HUB_OFFLINE" in variables:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", variables["HF_HUB_OFFLINE"] == "1")
+    if variables.get("HF_ENDPOINT"):
+        monkeypatch.setattr(constants, "ENDPOINT", variables["HF_ENDPOINT"])
+    if variables.get("HF_HOME"):
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", os.path.join(variables["HF_HOME"], "hub"))
+
+
 def test_hf_weights_offline_says_how_to_pass_a_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    _hub_environment(monkeypatch, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     with pytest.raises(WeightsError) as excinfo:
         create_model("depth_anything_v2_vits", weights="hf")
     message = str(excinfo.value)
@@ -152,12 +171,30 @@ def test_hf_weights_offline_says_how_to_pass_a_file(tmp_path, monkeypatch):
 
 
 def test_hf_weights_without_network_fail_fast(tmp_path, monkeypatch):
-    # No HF_HUB_OFFLINE: the real download path must fail with the same clear error, not hang.
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # closed port: refused at once
-    with pytest.raises(WeightsError, match="--weights PATH"):
+    # No HF_HUB_OFFLINE: the real download path must fail with the same clear error, not hang (the hub
+    # client alone retries a refused connection for about 23 s).
+    _hub_environment(monkeypatch, HF_HUB_OFFLINE=None, HF_HOME=str(tmp_path / "hf"),
+                     HF_ENDPOINT="http://127.0.0.1:9")  # closed port: refused at once
+    start = time.monotonic()
+    with pytest.raises(WeightsError, match="--weights PATH") as excinfo:
         create_model("depth_anything_v2_vits", weights="hf")
+    assert time.monotonic() - start < HUB_PROBE_TIMEOUT_S + 5
+    assert "cannot reach 127.0.0.1:9 (ConnectionRefusedError" in str(excinfo.value)
+    assert "not in the cache" in str(excinfo.value)
+
+
+def test_hf_weights_in_the_cache_are_used_without_the_network(tmp_path, monkeypatch):
+    hub = get_spec("depth_anything_v2_vits").hub_weights
+    _hub_environment(monkeypatch, HF_HUB_OFFLINE=None, HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    # The layout huggingface_hub leaves behind a download: the revision's commit, then its snapshot.
+    repo = tmp_path / "hf" / "hub" / f"models--{hub.repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / hub.revision).write_text(commit)
+    cached = repo / "snapshots" / commit / hub.filename
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"a checkpoint")
+    assert download_hub_weights(hub) == cached
 
 
 def test_unwritable_output_dir(tmp_path):
