@@ -7,6 +7,7 @@ from torch import nn
 from lpcv_depth import models
 from lpcv_depth.errors import UnknownModelError, WeightsError
 from lpcv_depth.models import ModelSpec, create_model, get_spec, list_models, register_model
+from tests.test_wrapper import registered_models
 
 
 def test_registry_lists_all_builtin_models():
@@ -131,7 +132,8 @@ def test_input_size_must_fit_the_patch_multiple():
         create_model("depth_anything_v2_vits", weights=None, input_size=(480, 640))
 
 
-@pytest.mark.parametrize("name", list_models())
+# The metric ViT-B/L and ViT-L build the same classes as ViT-S/B, only wider: -m slow traces them.
+@pytest.mark.parametrize("name", registered_models(slow=("depth_anything_v2_vitl",)))
 def test_every_model_traces_with_torch_fx_so_aimet_quantizes_every_op(name):
     # AIMET's QuantSim only quantizes nn.Modules; its model preparation turns functional ops into
     # modules with torch.fx, which fails on Python control flow over tensor shapes.
