@@ -11,6 +11,7 @@ with their subcommand, so both spellings take the same options.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import signal
@@ -118,6 +119,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def console_main() -> int:
+    """The `lpcv-depth` console script and `python -m lpcv_depth.cli`: `main` in a process that ends with it."""
+    return _before_exit(main())
+
+
+def _before_exit(status: int) -> int:
+    """Move every object into the collector's permanent generation as the process ends, so that the
+    interpreter's teardown no longer runs collections over the whole torch / AIMET / ONNX Runtime
+    heap (docs/ptq.md, "Sixth pass"). Objects are still freed by reference counting and atexit
+    handlers still run; only garbage in reference cycles is left to the operating system. Not for
+    `main` itself: tests and library users call it in a process that goes on."""
+    gc.freeze()
+    return status
+
+
 def script_main(command: str, script: str) -> int:
     """Entry point of the repo's scripts: `python export/to_onnx.py ...` is `lpcv-depth export ...`.
 
@@ -133,8 +149,8 @@ def script_main(command: str, script: str) -> int:
               f"{running}; reinstall with pip install -e {os.fspath(checkout)} to run this checkout's code",
               file=sys.stderr)
     hint_with_scripts()
-    return main([command, *sys.argv[1:]], prog=f"python {os.path.relpath(script)}")
+    return _before_exit(main([command, *sys.argv[1:]], prog=f"python {os.path.relpath(script)}"))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

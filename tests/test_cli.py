@@ -13,6 +13,7 @@ import pytest
 from lpcv_depth import cli
 from lpcv_depth.errors import ExitCode
 from lpcv_depth.options import cli_fields, config_from_args, config_to_argv, field_default, flag_name
+from tests.conftest import REPO_ROOT
 
 
 def _changed_value(config, field: dataclasses.Field, spec, tmp_path: Path):
@@ -133,6 +134,23 @@ def test_config_error_exits_2_with_a_fix_line(capsys):
     assert status == ExitCode.ERROR
     err = capsys.readouterr().err
     assert "unknown model 'nope'" in err and "fix:" in err
+
+
+def test_process_entry_points_freeze_the_collector_and_main_does_not(monkeypatch):
+    import tomllib
+
+    frozen = []
+    monkeypatch.setattr(cli.gc, "freeze", lambda: frozen.append("freeze"))
+    monkeypatch.setattr(cli, "run_command", lambda command, args: ExitCode.GATE_FAILED)
+    assert cli.main(["export"]) == ExitCode.GATE_FAILED and frozen == []  # in-process callers go on
+    monkeypatch.setattr(cli.sys, "argv", ["lpcv-depth", "export"])
+    assert cli.console_main() == ExitCode.GATE_FAILED and frozen == ["freeze"]
+    monkeypatch.setattr(cli, "hint_with_scripts", lambda: None)  # a process-wide setting of the hints
+    monkeypatch.setattr(cli.sys, "argv", ["export/to_onnx.py"])
+    assert cli.script_main("export", str(REPO_ROOT / "export" / "to_onnx.py")) == ExitCode.GATE_FAILED
+    assert frozen == ["freeze", "freeze"]
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["lpcv-depth"] == "lpcv_depth.cli:console_main"
 
 
 def test_exit_codes_are_distinct():
