@@ -302,12 +302,38 @@ def test_fast_tf_enhanced_histograms_are_aimets_bit_for_bit(kind):
             x[0, 0, 0] = float(kind.split("-")[0])
         aimet.update_stats(x)
         fast.update_stats(x)
-    ours, theirs = fast.observer.stats[0], aimet.observer.stats[0]
-    for name in ("histogram", "bin_edges", "min", "max"):
-        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
-    assert torch.equal(_bits(ours.bin_edges), _bits(theirs.bin_edges))
+        ours, theirs = fast.observer.stats[0], aimet.observer.stats[0]
+        for name in ("histogram", "bin_edges", "min", "max"):
+            assert torch.equal(getattr(ours, name), getattr(theirs, name)), (name, i)
+            assert torch.equal(_bits(getattr(ours, name)), _bits(getattr(theirs, name))), (name, i)
     for want, got in zip(aimet.compute_encodings(255, False), fast.compute_encodings(255, False)):
         assert torch.equal(_bits(want), _bits(got))
+
+
+def test_a_batch_inside_the_histograms_range_skips_the_merge(monkeypatch):
+    """A batch that leaves the range as it is (merge_stats' own test) is added without merge_stats;
+    one that widens it still goes through merge_stats' re-binning. The histograms stay AIMET's
+    (the test above, batch by batch)."""
+    import torch
+    from aimet_torch.quantization.encoding_analyzer import _HistogramObserver
+
+    from lpcv_depth.backends.aimet_fast import _fast_tf_enhanced_class
+
+    merges = []
+    merge = _HistogramObserver.merge_stats
+    monkeypatch.setattr(_HistogramObserver, "merge_stats", lambda self, *args: merges.append(1) or merge(self, *args))
+    fast = _fast_tf_enhanced_class()(())
+    generator = torch.Generator().manual_seed(0)
+    fast.update_stats(torch.randn(2000, generator=generator) * 4)  # the first batch sets the range
+    inside = fast.observer.stats[0].max.item() * 0.25
+    # The first merge may still move the range: the float32 last edge need not equal the first max.
+    fast.update_stats(torch.rand(500, generator=generator) * inside)
+    merges.clear()
+    for _ in range(3):
+        fast.update_stats(torch.rand(500, generator=generator) * inside)
+    assert merges == []
+    fast.update_stats(torch.randn(500, generator=generator) * 10)  # beyond the range: re-binned
+    assert merges == [1]
 
 
 @pytest.mark.parametrize("shape", [(16, 24), (12, 3, 3, 3)])

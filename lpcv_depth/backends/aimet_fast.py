@@ -176,6 +176,15 @@ def _fast_tf_enhanced_class():
             observer.merge_stats([_Histogram(histogram, edges, low, high)], input_tensor)
             return [_Histogram(None, None, low, high)]
 
+        def _kept_range(self, current, low, high):
+            """merge_stats' own test for a batch whose range, clamped to the growth limit, leaves the
+            histogram's range as it is: then the (min, max) it would store (the clamped values, equal to
+            the current ones), else None. merge_stats would only copy the histogram and rebuild the
+            same edges, at 0.3 ms per quantizer and image."""
+            left_limit, right_limit = self.observer._histogram_range_limit[0]
+            low, high = low.clamp(left_limit, current.bin_edges[0]), high.clamp(current.bin_edges[-1], right_limit)
+            return (low, high) if bool(low == current.min) and bool(high == current.max) else None
+
         @torch.no_grad()
         def update_stats(self, input_tensor):
             observer = self.observer
@@ -194,11 +203,15 @@ def _fast_tf_enhanced_class():
             if current.histogram is None:
                 return self._first_batch(input_tensor, low, high)
             stats = [_Histogram(None, None, low, high)]
-            # With an empty batch merge_stats does only the re-binning of the old histogram into the
-            # merged range; the batch's own histc and out-of-range counts are then added in the same
-            # order as merge_stats adds them, so the float32 counts round identically.
-            observer.merge_stats(stats, input_tensor.new_empty((0,)))
-            merged = observer.stats[0]
+            kept = self._kept_range(current, low, high)
+            if kept is not None:  # what merge_stats would rebuild: the same counts and edges
+                merged = _Histogram(current.histogram, current.bin_edges, *kept)
+            else:
+                # With an empty batch merge_stats does only the re-binning of the old histogram into the
+                # merged range; the batch's own histc and out-of-range counts are then added in the same
+                # order as merge_stats adds them, so the float32 counts round identically.
+                observer.merge_stats(stats, input_tensor.new_empty((0,)))
+                merged = observer.stats[0]
             histogram = histc(input_tensor, observer.num_bins, merged.min, merged.max, extrema=(low, high))
             histogram += merged.histogram
             if low < merged.min:
