@@ -9,18 +9,25 @@ from __future__ import annotations
 import base64
 import socket
 import threading
+import urllib.request
 from urllib.parse import unquote, urlparse
 
 __all__ = ["unreachable_reason", "proxy_for"]
 
 
 def proxy_for(url: str) -> str | None:
-    """The proxy `requests` would use for `url` (HTTPS_PROXY / ALL_PROXY, minus NO_PROXY), or None."""
+    """The proxy `requests` would use for `url` (HTTPS_PROXY / ALL_PROXY, minus NO_PROXY), or None;
+    httpx, Hugging Face's client, reads the same variables."""
     try:
         from requests.utils import get_environ_proxies, select_proxy
-    except ImportError:  # qai-hub depends on requests; without it there is no client to match
-        return None
-    proxy = select_proxy(url, get_environ_proxies(url))
+    except ImportError:  # an install without the hub extra: the standard library reads the same variables
+        parsed = urlparse(url)
+        if urllib.request.proxy_bypass(parsed.hostname or ""):
+            return None
+        proxies = urllib.request.getproxies()
+        proxy = proxies.get(parsed.scheme) or proxies.get("all")
+    else:
+        proxy = select_proxy(url, get_environ_proxies(url))
     if proxy and "://" not in proxy:
         proxy = "http://" + proxy  # what requests assumes for a bare host:port
     return proxy
