@@ -69,6 +69,7 @@ def download_hub_weights(hub: HubWeights) -> Path:
     probe decides at once, and a copy already in the cache is still used without the network."""
     try:
         from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError as err:
         raise MissingDependencyError("huggingface_hub is not installed",
                                      hint='pip install "huggingface_hub==2.4.0"') from err
@@ -78,8 +79,11 @@ def download_hub_weights(hub: HubWeights) -> Path:
         return Path(hf_hub_download(repo_id=hub.repo_id, filename=hub.filename, revision=hub.revision,
                                     etag_timeout=15, local_files_only=unreachable is not None))
     except Exception as err:  # huggingface_hub raises many types for "offline"; all mean the same here
-        why = f"cannot reach {unreachable}, and it is not in the cache" if unreachable else (
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if unreachable:  # only the cache was asked: say why it did not serve the file
+            missing = isinstance(err, LocalEntryNotFoundError)
+            why = f"cannot reach {unreachable}, and " + ("it is not in the cache" if missing
+                                                         else f"reading the cache failed: {why}")
         raise WeightsError(
             f"could not download {hub.url}: {why}",
             hint=f"you appear to be offline or the hub is unreachable. Download {hub.filename} on a machine "

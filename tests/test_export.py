@@ -183,6 +183,21 @@ def test_hf_weights_without_network_fail_fast(tmp_path, monkeypatch):
     assert "not in the cache" in str(excinfo.value)
 
 
+def test_hf_weights_unreachable_hub_and_a_failing_cache_say_both(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def cache_fails(**kwargs):
+        assert kwargs["local_files_only"]  # the hub did not answer: only the cache is asked
+        raise PermissionError("the cache is locked")
+
+    _hub_environment(monkeypatch, HF_HUB_OFFLINE=None, HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cache_fails)
+    with pytest.raises(WeightsError, match="--weights PATH") as excinfo:
+        download_hub_weights(get_spec("depth_anything_v2_vits").hub_weights)
+    assert "cannot reach 127.0.0.1:9 (ConnectionRefusedError" in str(excinfo.value)
+    assert "reading the cache failed: PermissionError: the cache is locked" in str(excinfo.value)
+
+
 def test_hf_weights_in_the_cache_are_used_without_the_network(tmp_path, monkeypatch):
     hub = get_spec("depth_anything_v2_vits").hub_weights
     _hub_environment(monkeypatch, HF_HUB_OFFLINE=None, HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
