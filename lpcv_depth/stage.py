@@ -143,7 +143,7 @@ class StagingDir:
         if self.stage is not None and written_by != self.stage:
             raise OutputDirError(
                 f"output folder {final} holds a {written_by!r} stage output, not an earlier {self.stage!r} run",
-                hint=f"pass another --out; lpcv-depth only replaces an earlier output of the same stage")
+                hint="pass another --out; lpcv-depth only replaces an earlier output of the same stage")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self.path is not None

@@ -10,8 +10,12 @@ from __future__ import annotations
 import os
 import textwrap
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["colorize", "depth_comparison_panel", "BarPanel", "bar_chart", "COLORMAP"]
 

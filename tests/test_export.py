@@ -18,7 +18,7 @@ from lpcv_depth.stages.export import ExportConfig, run_export
 from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import ConfigError, OutputDirError, ParityError, UnknownModelError, WeightsError
 from lpcv_depth.images import list_images, load_contract_batch
-from lpcv_depth.verify import OrtRunner, ParityThresholds
+from lpcv_depth.verify import OrtRunner
 from lpcv_depth.models import create_model, get_spec, list_models
 from lpcv_depth.models.weights import HUB_PROBE_TIMEOUT_S, download_hub_weights, load_torch_checkpoint
 from tests.conftest import REPO_ROOT
