@@ -79,7 +79,7 @@ def thread_scaling(float_model, sim, batches) -> dict:
         torch.set_num_threads(count)
         start = time.perf_counter()
         model(batch)
-        if index >= 2:  # the first image per side builds the histograms' ranges
+        if index >= 2:  # one warm-up image per thread count; the very first builds the histograms' ranges
             seconds[f"{kind}_{count}_thread"].append(time.perf_counter() - start)
 
     def calibration_forwards(model):
