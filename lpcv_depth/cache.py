@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lpcv_depth.errors import LpcvError
+from lpcv_depth.files import write_text_atomically
 from lpcv_depth.manifest import MANIFEST_NAME, Manifest, config_as_dict, sha256_file, sha256_of_files
 from lpcv_depth.schema import to_json
 
@@ -71,9 +72,14 @@ def read_records(path: Path, key: str = "stages") -> dict:
 
 
 def write_records(path: Path, records: Mapping, key: str = "stages") -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({key: to_json(dict(records))}, indent=2) + "\n")
-    os.replace(tmp, path)
+    """The records under `key`, keeping whatever else the file holds (e.g. which command made it)."""
+    try:
+        content = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        content = {}
+    if not isinstance(content, dict):
+        content = {}
+    write_text_atomically(path, json.dumps({**content, key: to_json(dict(records))}, indent=2) + "\n")
 
 
 def _images_hash(folder: Path, limit: int | None = None) -> str:

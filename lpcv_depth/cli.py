@@ -22,7 +22,7 @@ from lpcv_depth.errors import ExitCode, LpcvError, Terminated
 from lpcv_depth.host import keep_freed_memory
 from lpcv_depth.options import add_config_arguments, config_from_args
 from lpcv_depth.stage import StageDefinition, StageLog, exit_status, hint_with_scripts
-from lpcv_depth.workspace import ENV_VAR, use_workspace
+from lpcv_depth.workspace import ENV_VAR, check_workspace, use_workspace
 
 __all__ = ["main", "script_main", "STAGE_MODULES", "stage_definition", "build_parser"]
 
@@ -89,6 +89,7 @@ def run_command(name: str, args: argparse.Namespace) -> int:
     try:
         if args.workspace is not None:
             use_workspace(args.workspace)
+        check_workspace()
         if definition.before_run is not None:
             status = definition.before_run(args)
             if status is not None:

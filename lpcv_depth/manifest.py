@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lpcv_depth.errors import ConfigError, LpcvError
+from lpcv_depth.files import write_text_atomically
 from lpcv_depth.schema import SchemaError, from_json, to_json
 
 __all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "Manifest", "OutputFile", "ArtifactMismatchError", "write_manifest",
@@ -196,11 +197,7 @@ def write_manifest(folder: Path, *, stage: str, config: dict[str, Any], inputs: 
         "results": results,
         "source": source_tree(),
     }
-    path = folder / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(to_json(manifest), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomically(folder / MANIFEST_NAME, json.dumps(to_json(manifest), indent=2, allow_nan=False) + "\n")
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:

@@ -11,10 +11,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["ENV_VAR", "workspace_root", "build_dir", "in_workspace", "use_workspace"]
+from lpcv_depth.errors import ConfigError
+
+__all__ = ["ENV_VAR", "workspace_root", "build_dir", "in_workspace", "use_workspace", "check_workspace",
+           "where_to_write_hint"]
 
 ENV_VAR = "LPCV_DEPTH_WORKSPACE"
 BUILD = "build"
+# Set when the CLI's --workspace chose the workspace (it passes it on through ENV_VAR): messages
+# then name the flag, not the variable the user never set.
+_from_flag = {"value": False}
 
 
 def workspace_root() -> Path:
@@ -37,4 +43,27 @@ def use_workspace(path: str | os.PathLike) -> Path:
     """Make `path` the workspace of this process (the CLI's --workspace)."""
     root = Path(path).expanduser().resolve()
     os.environ[ENV_VAR] = os.fspath(root)
+    _from_flag["value"] = True
     return root
+
+
+def _origin() -> str:
+    configured = os.environ.get(ENV_VAR)
+    if not configured:
+        return "the current folder"
+    return f"--workspace {configured}" if _from_flag["value"] else f"${ENV_VAR}={configured}"
+
+
+def check_workspace() -> None:
+    """A workspace that is not a folder fails here, naming where it came from."""
+    root = workspace_root()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"the workspace {root} (from {_origin()}) is not a folder",
+                          hint=f"point {'--workspace' if _from_flag['value'] else '$' + ENV_VAR} at a folder, "
+                               f"or unset {ENV_VAR} to work in the current folder")
+
+
+def where_to_write_hint() -> str:
+    """The fix for an output location that cannot be written: what to change, naming the workspace's origin."""
+    return (f"choose a writable location with --out, or a writable workspace (now {workspace_root()}, from "
+            f"{_origin()}) with --workspace DIR or ${ENV_VAR}")

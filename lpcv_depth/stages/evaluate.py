@@ -127,11 +127,6 @@ class EvaluateConfig:
             get_spec(self.model)  # unknown names fail here, listing the valid ones
         if self.output not in OUTPUT_MODES:
             raise ConfigError(f"output must be one of {OUTPUT_MODES}, got {self.output!r}")
-        if self.onnx is not None and not Path(self.onnx).is_file():
-            raise ConfigError(f"ONNX file not found: {self.onnx}", hint=f"export one with {command_line('export')}")
-        if self.predictions is not None and not Path(self.predictions).is_dir():
-            raise ConfigError(f"predictions folder not found: {self.predictions}",
-                              hint="pass the folder holding <frame id>.npy files")
 
     @property
     def weights_file(self) -> Path | None:
@@ -277,6 +272,7 @@ def _open_source(config: EvaluateConfig, log: StageLog):
 def run_evaluate(config: EvaluateConfig, log: StageLog | None = None) -> EvaluateResult:
     """Score every frame of config.data; write the per-frame CSV, summaries, panels and manifest."""
     log = log or StageLog(STAGE)
+    _check_source_exists(config)
     frames, sets = _discover(config, log)
     data_inputs = _hash_data(config, frames, sets, log)
     source = _load_source(config, log)
@@ -298,6 +294,16 @@ def run_evaluate(config: EvaluateConfig, log: StageLog | None = None) -> Evaluat
                        "the reports list the frames")
     return EvaluateResult(destination, results, summary, destination / manifest_path.name,
                           read_manifest(destination), config)
+
+
+def _check_source_exists(config: EvaluateConfig) -> None:
+    """The ONNX file or predictions folder to score, checked when the stage starts (a command that
+    chains stages builds this config before the stage that writes them has run)."""
+    if config.onnx is not None and not Path(config.onnx).is_file():
+        raise ConfigError(f"ONNX file not found: {config.onnx}", hint=f"export one with {command_line('export')}")
+    if config.predictions is not None and not Path(config.predictions).is_dir():
+        raise ConfigError(f"predictions folder not found: {config.predictions}",
+                          hint="pass the folder holding <frame id>.npy files")
 
 
 def _discover(config: EvaluateConfig, log: StageLog) -> tuple[list[Frame], list[str]]:

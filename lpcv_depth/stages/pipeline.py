@@ -13,48 +13,27 @@ passed on with --<stage>-args "...". Writes under OUT (default build/<model>/), 
 
 from __future__ import annotations
 
-import argparse
-import shlex
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
-from lpcv_depth.cache import is_up_to_date, read_records, stage_fingerprint, stage_record, write_records
-from lpcv_depth.errors import ConfigError, LpcvError
+from lpcv_depth.errors import ConfigError
+from lpcv_depth.files import write_text_atomically
 from lpcv_depth.manifest import Manifest, config_as_dict
-from lpcv_depth.options import (add_config_arguments, cli_fields, config_from_args, field_default, inherit,
-                                option)
+from lpcv_depth.options import inherit, option
 from lpcv_depth.report import markdown_table
+from lpcv_depth.runner import (AUTO_ON_OFF, Step, backend_wanted, check_input_folders, check_stage_args, check_steps,
+                               check_output_root, create_output_root, run_step, stage_args_option)
 from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import ExportConfig
 from lpcv_depth.stages.ptq import PtqConfig
 from lpcv_depth.workspace import build_dir, in_workspace
 
-__all__ = ["RunConfig", "RunResult", "StageOutcome", "run_pipeline", "PIPELINE_STAGES", "parse_stage_args",
-           "stage_config", "stage_args_option", "check_stage_args", "AUTO_ON_OFF"]
+__all__ = ["RunConfig", "RunResult", "StageOutcome", "run_pipeline", "plan_steps", "PIPELINE_STAGES"]
 
 STAGE = "run"
 PIPELINE_STAGES = ("export", "ptq", "htp-check", "hub", "compare")
 STATE_NAME = "pipeline.json"
-AUTO_ON_OFF = ("auto", "on", "off")
-
-
-def stage_args_option(stage: str) -> Any:
-    """The --<stage>-args option of a command that runs other stages (run, search)."""
-    return option("", metavar='"ARGS"',
-                  help=f"more {stage} options, as on its command line (lpcv-depth {stage} --help)")
-
-
-def check_stage_args(config: Any, wired: dict[str, tuple[str, ...]] | None = None, command: str = "run") -> None:
-    """Every --<stage>-args of `config` parsed now: bad flags fail before any stage runs."""
-    for stage in ("export", "ptq", "htp-check", "hub"):
-        try:
-            parse_stage_args(stage, getattr(config, f"{stage.replace('-', '_')}_args"),
-                             None if wired is None else wired[stage], command)
-        except ValueError as err:
-            raise ConfigError(f"--{stage}-args cannot be split into arguments: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -81,14 +60,10 @@ class RunConfig:
 
     def __post_init__(self):
         ExportConfig(model=self.model, weights=self.weights, input_size=self.input_size)  # validates these
-        if not in_workspace(self.calib).is_dir():
-            raise ConfigError(f"--calib folder not found: {self.calib}",
-                              hint="pass a folder of photos; a fresh clone ships calibration_data/ (run from the "
-                                   "checkout, or pass --calib with its path)")
-        if self.eval_data is not None and not in_workspace(self.eval_data).is_dir():
-            raise ConfigError(f"--eval-data folder not found: {self.eval_data}")
+        check_input_folders(self.calib, self.eval_data)
         if self.max_frames is not None and self.max_frames < 1:
-            raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}")
+            raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}",
+                              hint="leave --max-frames out to use every frame")
         check_stage_args(self)
 
     @property
@@ -121,187 +96,99 @@ class RunResult:
         return next(o for o in self.outcomes if o.stage == stage)
 
 
-@dataclass
-class _Pipeline:
-    """What the stages of one run share: the config, the state file, the folders made so far."""
-
-    config: RunConfig
-    log: StageLog
-    state: dict
-    folders: dict[str, Path] = field(default_factory=dict)
-    fingerprints: dict[str, str] = field(default_factory=dict)
-    outcomes: list[StageOutcome] = field(default_factory=list)
-    redo: bool = False
-
-
 def run_pipeline(config: RunConfig, log: StageLog | None = None) -> RunResult:
-    """Each stage in turn: skipped when up to date, run otherwise; then the summary."""
+    """Check everything, then each stage in turn: skipped when up to date, run otherwise; then the summary."""
     log = log or StageLog(STAGE)
-    root = config.destination
-    root.mkdir(parents=True, exist_ok=True)
-    pipe = _Pipeline(config, log, read_records(root / STATE_NAME))
-    steps: list[tuple[str, Callable[[_Pipeline], Any], Callable[[_Pipeline], str | None]]] = [
-        ("export", _export_config, _always),
-        ("ptq", _ptq_config, _always),
-        ("htp-check", _htp_check_config, _htp_check_unavailable),
-        ("hub", _hub_configs, _hub_unavailable),
-        ("compare", _compare_config, _always),
-    ]
-    for index, (stage, build_config, unavailable) in enumerate(steps, 1):
-        prefix = f"[{index}/{len(steps)}] {stage}"
-        reason = unavailable(pipe)
-        if reason:
-            pipe.outcomes.append(StageOutcome(stage, "skipped", None, reason=reason))
-            log.info(f"{prefix} skipped: {reason}")
+    skipped = _skipped_stages(config)
+    root = config.destination.absolute()
+    check_output_root(root, command=STAGE, marker=STATE_NAME, model=config.model, inputs=_inputs(config))
+    plan = plan_steps(config, root, skipped)
+    check_steps(plan)
+    create_output_root(root, command=STAGE, marker=STATE_NAME, model=config.model)
+    outcomes, redo = [], False
+    planned = {step.stage: step for step in plan}
+    for index, stage in enumerate(PIPELINE_STAGES, 1):
+        prefix = f"[{index}/{len(PIPELINE_STAGES)}] {stage}"
+        if stage in skipped:
+            outcomes.append(StageOutcome(stage, "skipped", None, reason=skipped[stage]))
+            log.info(f"{prefix} skipped: {skipped[stage]}")
             continue
-        _run_stage(pipe, stage, build_config(pipe), prefix)
-        write_records(root / STATE_NAME, pipe.state)
-    summary = summarize(pipe)
-    (root / "summary.md").write_text(summary)
+        step = planned[stage]
+        redo = redo or config.forced(stage)  # a redone stage redoes everything after it
+        start = log.total_seconds
+        status = run_step(step, root / STATE_NAME, StageLog(stage), force=redo,
+                          on_start=lambda: log.info(f"{prefix} running ..."))
+        if status == "up to date":
+            log.info(f"{prefix} up to date, skipped -> {display_path(step.folder)}")
+            outcomes.append(StageOutcome(stage, status, step.folder))
+            continue
+        seconds = log.total_seconds - start
+        log.info(f"{prefix} ok {seconds:.1f}s -> {display_path(step.folder)}")
+        outcomes.append(StageOutcome(stage, status, step.folder, seconds))
+        redo = True
+    summary = summarize(config, outcomes)
+    write_text_atomically(root / "summary.md", summary)
     log.info(f"ok {log.total_seconds:.1f}s -> {display_path(root)}")
     for line in summary.splitlines():
         log.info(line)
-    return RunResult(root, pipe.outcomes, summary)
+    return RunResult(root, outcomes, summary)
 
 
-def _always(pipe: _Pipeline) -> str | None:
-    return None
+def _skipped_stages(config: RunConfig) -> dict[str, str]:
+    """The stages this run leaves out, and why: decided before anything runs."""
+    skipped = {}
+    for stage, mode in (("htp-check", config.htp_check), ("hub", config.hub)):
+        wanted, reason = backend_wanted(stage, mode)
+        if not wanted:
+            skipped[stage] = reason if mode == "off" else f"{reason}; --{stage} on to insist"
+    return skipped
 
 
-# The options `run` sets on each stage itself, to chain their folders and pass its own options on.
-WIRED = {"export": ("model", "weights", "input_size", "check_images", "out"),
-         "ptq": ("calib", "fp32", "preset", "eval_data", "median", "out"),
-         "htp-check": ("ptq", "eval_data", "median", "max_frames", "out"),
-         "hub": ("artifact", "eval_data", "median", "max_frames", "out"),
-         "compare": ("fp32", "int8", "htp_check", "int8_hub", "out")}
+def _inputs(config: RunConfig) -> list[Path | None]:
+    """What the run reads: its output folder must be none of these, hold none and lie in none."""
+    weights = Path(config.weights) if config.weights and Path(config.weights).is_file() else None
+    return [in_workspace(config.calib), in_workspace(config.eval_data) if config.eval_data else None, weights]
 
 
-def parse_stage_args(stage: str, extra_args: str, wired: tuple[str, ...] | None = None,
-                     command: str = "run") -> dict:
-    """The flags given in --<stage>-args, checked against the stage's own options and refused where
-    they set an option that `lpcv-depth COMMAND` wires itself (`wired`, default: run's WIRED)."""
-    from lpcv_depth.cli import stage_definition
-
-    parser = argparse.ArgumentParser(prog=f"--{stage}-args", add_help=False, exit_on_error=False)
-    add_config_arguments(parser, stage_definition(stage).config, given_only=True)
-    flag = f"--{stage}-args"
-    try:
-        given, unknown = parser.parse_known_args(shlex.split(extra_args))
-    except argparse.ArgumentError as err:
-        raise ConfigError(f"{flag} {extra_args!r}: {err}", hint=f"use the flags of lpcv-depth {stage} --help") from None
-    if unknown:
-        raise ConfigError(f"{flag} {extra_args!r}: lpcv-depth {stage} has no option {' '.join(unknown)}",
-                          hint=f"use the flags of lpcv-depth {stage} --help")
-    clash = sorted(set(vars(given)) & set(WIRED[stage] if wired is None else wired))
-    if clash:
-        raise ConfigError(f"{flag} sets {', '.join('--' + c.replace('_', '-') for c in clash)}, which "
-                          f"`lpcv-depth {command}` wires itself",
-                          hint=f"pass those through {command}'s own options instead")
-    return vars(given)
-
-
-def stage_config(stage: str, extra_args: str, wiring: dict, wired: tuple[str, ...] | None = None) -> Any:
-    """The stage's config from the caller's wiring plus the user's --<stage>-args."""
-    from lpcv_depth.cli import stage_definition
-
-    config_type = stage_definition(stage).config
-    namespace = argparse.Namespace(**{f.name: field_default(f) for f, _ in cli_fields(config_type)})
-    for key, value in {**wiring, **parse_stage_args(stage, extra_args, wired)}.items():
-        setattr(namespace, key, value)
-    return config_from_args(config_type, namespace)
+def plan_steps(config: RunConfig, root: Path, skipped: dict[str, str] | None = None) -> list[Step]:
+    """The stages this run chains under `root`, each with the options `run` sets itself."""
+    skipped = skipped or {}
+    c = config
+    eval_data = in_workspace(c.eval_data) if c.eval_data else None
+    export = Step("export", "export", root / "export", {
+        "model": c.model, "weights": c.weights, "input_size": c.input_size, "check_images": in_workspace(c.calib)},
+        c.export_args)
+    ptq = Step("ptq", "ptq", root / f"ptq-{c.preset}", {
+        "calib": in_workspace(c.calib), "fp32": export.folder, "preset": c.preset, "eval_data": eval_data,
+        "median": c.median}, c.ptq_args, {"export": export.folder})
+    steps = [export, ptq]
+    chained = {"export": export.folder, "ptq": ptq.folder}
+    if "htp-check" not in skipped:
+        htp = Step("htp-check", "htp-check", ptq.folder / "htp-check", {
+            "ptq": ptq.folder, "eval_data": eval_data, "median": c.median, "max_frames": c.max_frames},
+            c.htp_check_args, {"ptq": ptq.folder})
+        steps.append(htp)
+        chained["htp-check"] = htp.folder
+    if "hub" not in skipped:
+        hub = Step("hub", "hub", root / f"hub-ptq-{c.preset}", {
+            "artifact": ptq.folder, "eval_data": eval_data, "median": c.median, "max_frames": c.max_frames},
+            c.hub_args, {"ptq": ptq.folder})
+        steps.append(hub)
+        chained["hub"] = hub.folder
+    steps.append(Step("compare", "compare", root / "compare", {
+        "fp32": export.folder, "int8": ptq.folder, "htp_check": chained.get("htp-check"),
+        "int8_hub": chained.get("hub")}, "", chained))
+    return steps
 
 
-def _export_config(pipe: _Pipeline):
-    c = pipe.config
-    return stage_config("export", c.export_args, {
-        "model": c.model, "weights": c.weights, "input_size": c.input_size,
-        "check_images": in_workspace(c.calib), "out": c.destination / "export"})
-
-
-def _ptq_config(pipe: _Pipeline):
-    c = pipe.config
-    return stage_config("ptq", c.ptq_args, {
-        "calib": in_workspace(c.calib), "fp32": pipe.folders["export"], "preset": c.preset,
-        "eval_data": in_workspace(c.eval_data) if c.eval_data else None, "median": c.median,
-        "out": c.destination / f"ptq-{c.preset}"})
-
-
-def _htp_check_config(pipe: _Pipeline):
-    c = pipe.config
-    return stage_config("htp-check", c.htp_check_args, {
-        "ptq": pipe.folders["ptq"], "eval_data": in_workspace(c.eval_data) if c.eval_data else None,
-        "median": c.median, "max_frames": c.max_frames, "out": pipe.folders["ptq"] / "htp-check"})
-
-
-def _hub_configs(pipe: _Pipeline):
-    c = pipe.config
-    return stage_config("hub", c.hub_args, {
-        "artifact": pipe.folders["ptq"], "eval_data": in_workspace(c.eval_data) if c.eval_data else None,
-        "median": c.median, "max_frames": c.max_frames, "out": c.destination / f"hub-ptq-{c.preset}"})
-
-
-def _compare_config(pipe: _Pipeline):
-    c = pipe.config
-    return stage_config("compare", "", {
-        "fp32": pipe.folders["export"], "int8": pipe.folders["ptq"], "htp_check": pipe.folders.get("htp-check"),
-        "int8_hub": pipe.folders.get("hub"), "out": c.destination / "compare"})
-
-
-def _htp_check_unavailable(pipe: _Pipeline) -> str | None:
-    if pipe.config.htp_check == "off":
-        return "--htp-check off"
-    if pipe.config.htp_check == "on":
-        return None
-    from lpcv_depth.backends import qnn
-
-    return qnn.unavailable_reason()
-
-
-def _hub_unavailable(pipe: _Pipeline) -> str | None:
-    if pipe.config.hub == "off":
-        return "--hub off"
-    if pipe.config.hub == "on":
-        return None
-    from lpcv_depth.backends import ai_hub
-
-    try:
-        ai_hub.read_api_config()
-    except LpcvError as err:
-        return f"no AI Hub token ({str(err).splitlines()[0]}); --hub on to insist"
-    return None
-
-
-def _run_stage(pipe: _Pipeline, stage: str, stage_config: Any, prefix: str) -> None:
-    from lpcv_depth.cli import stage_definition
-
-    folder = Path(stage_config.destination)
-    upstream = {name: pipe.state[name]["manifest_sha256"] for name in pipe.fingerprints}
-    fingerprint = stage_fingerprint(stage, stage_config, upstream)
-    if not (pipe.redo or pipe.config.forced(stage)) and is_up_to_date(pipe.state.get(stage), folder, stage,
-                                                                       fingerprint):
-        pipe.log.info(f"{prefix} up to date, skipped -> {display_path(folder)}")
-        pipe.outcomes.append(StageOutcome(stage, "up to date", folder))
-    else:
-        pipe.log.info(f"{prefix} running ...")
-        start = time.perf_counter()
-        stage_definition(stage).run(stage_config, StageLog(stage))
-        seconds = time.perf_counter() - start
-        pipe.log.info(f"{prefix} ok {seconds:.1f}s -> {display_path(folder)}")
-        pipe.outcomes.append(StageOutcome(stage, "ran", folder, seconds))
-        pipe.redo = True  # everything after a redone stage is redone too
-    pipe.folders[stage] = folder
-    pipe.fingerprints[stage] = fingerprint
-    pipe.state[stage] = stage_record(folder, fingerprint)
-
-
-def summarize(pipe: _Pipeline) -> str:
+def summarize(config: RunConfig, outcomes: list[StageOutcome]) -> str:
     """Where everything is, and the figures that decide a submission, from the typed results."""
     rows = [[o.stage, o.status + (f" ({o.seconds:.0f}s)" if o.status == "ran" else ""),
-             display_path(o.folder) if o.folder else o.reason, _headline(o)] for o in pipe.outcomes]
+             display_path(o.folder) if o.folder else o.reason, _headline(o)] for o in outcomes]
     table = markdown_table(["stage", "status", "where", "figures"], rows)
-    compare = pipe.folders.get("compare")
+    compare = next((o.folder for o in outcomes if o.stage == "compare"), None)
     tail = f"\nReport: {display_path(compare / 'compare.md')}\n" if compare else ""
-    return f"# lpcv-depth run: {pipe.config.model}\n\n{table}{tail}"
+    return f"# lpcv-depth run: {config.model}\n\n{table}{tail}"
 
 
 def _headline(outcome: StageOutcome) -> str:

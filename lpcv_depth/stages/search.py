@@ -27,18 +27,19 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lpcv_depth.cache import is_up_to_date, read_records, stage_fingerprint, stage_record, write_records
-from lpcv_depth.errors import ConfigError, LpcvError, OutputDirError
-from lpcv_depth.manifest import MANIFEST_NAME, sha256_file, write_manifest
+from lpcv_depth.cache import read_records
+from lpcv_depth.errors import ConfigError, LpcvError
+from lpcv_depth.manifest import write_manifest
 from lpcv_depth.options import format_size, inherit, option, parse_size
-from lpcv_depth.stage import StageDefinition, StageLog, display_path, refuse_inputs
+from lpcv_depth.runner import (AUTO_ON_OFF, Step, backend_wanted, check_input_folders, check_stage_args, check_steps,
+                               check_output_root, create_output_root, run_step, stage_args_option, step_is_current)
+from lpcv_depth.stage import StageDefinition, StageLog, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import ExportConfig
-from lpcv_depth.stages.pipeline import AUTO_ON_OFF, check_stage_args, stage_args_option, stage_config
 from lpcv_depth.stages.ptq import CALIBRATION_SCHEMES, PRESETS, PtqConfig
 from lpcv_depth.workspace import build_dir, in_workspace
 
@@ -52,17 +53,10 @@ HUB_STATE = "hub_state.json"
 HUB_THREADS = 8
 # What a trial's ptq checks: host latency on x86 says nothing about the phone (the search's latency is
 # the S24 profile), and the trial is scored by the evaluate stage, so the held-out checks only guard
-# the export. latency_runs is wired (a trial reads no host latency); verify_images is not, so
-# --ptq-args "--verify-images 8" restores the full check.
+# the export. latency_runs is wired (a trial reads no host latency); verify_images is open to the
+# user, so --ptq-args "--verify-images 8" restores the full check.
 TRIAL_PTQ_CHECKS = {"latency_runs": 0, "verify_images": 2}
 LOCAL_RAY, NO_RAY = "local", "none"
-# What search sets on each stage itself; --<stage>-args may set anything else.
-WIRED = {"export": ("model", "weights", "input_size", "check_images", "out"),
-         "ptq": ("calib", "fp32", "preset", "calibration_scheme", "output_tail_bits", "eval_data", "latency_runs",
-                 "out"),
-         "htp-check": ("ptq", "eval_data", "median", "max_frames", "out"),
-         "hub": ("artifact", "eval_data", "inference", "out"),
-         "evaluate": ("data", "onnx", "num_vis", "median", "out")}
 
 
 def _comma_list(item: Callable[[str], Any]) -> Callable[[str], tuple]:
@@ -126,29 +120,28 @@ class SearchConfig:
             ExportConfig(model=self.model, weights=self.weights, input_size=size)  # patch multiple, model name
         unknown = [p for p in self.preset if p not in PRESETS]
         if unknown:
-            raise ConfigError(f"unknown preset(s) {', '.join(unknown)}; presets: {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset(s) {', '.join(unknown)}; presets: {', '.join(PRESETS)}",
+                              hint=f"pass --preset with some of {','.join(PRESETS)}")
         unknown = [s for s in self.calibration_scheme or () if s not in CALIBRATION_SCHEMES]
         if unknown:
             raise ConfigError(f"unknown calibration scheme(s) {', '.join(unknown)}; "
-                              f"schemes: {', '.join(CALIBRATION_SCHEMES)}")
+                              f"schemes: {', '.join(CALIBRATION_SCHEMES)}",
+                              hint=f"pass --calibration-scheme with some of {','.join(CALIBRATION_SCHEMES)}")
         if any(bits not in (8, 16) for bits in self.output_tail_bits or ()):
             raise ConfigError(f"--output-tail-bits takes 8 and/or 16, got {_join(self.output_tail_bits)}")
         if self.eval_data is None:
             raise ConfigError("search ranks trials by their F-score against ground truth: --eval-data is required",
                               hint="pass an RGB-D set, e.g. --eval-data ../shared/data/rgbd")
-        if not in_workspace(self.eval_data).is_dir():
-            raise ConfigError(f"--eval-data folder not found: {self.eval_data}")
-        if not in_workspace(self.calib).is_dir():
-            raise ConfigError(f"--calib folder not found: {self.calib}",
-                              hint="pass a folder of photos; a fresh clone ships calibration_data/")
+        check_input_folders(self.calib, self.eval_data)
         for name, value, low in (("htp_frames", self.htp_frames, 1), ("max_concurrent", self.max_concurrent, 1)):
             if value is not None and value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
         if self.trial_cpus is not None and self.trial_cpus <= 0:
             raise ConfigError(f"trial_cpus must be > 0, got {self.trial_cpus}")
         if self.trial_memory_gb < 0 or self.budget_ms <= 0:
-            raise ConfigError("trial_memory_gb must be >= 0 and budget_ms > 0")
-        check_stage_args(self, WIRED, STAGE)
+            raise ConfigError("trial_memory_gb must be >= 0 and budget_ms > 0",
+                              hint="--trial-memory-gb 0 reserves nothing; --budget-ms is the S24 time per frame")
+        check_stage_args(self)
 
     @property
     def cluster_address(self) -> str | None:
@@ -174,24 +167,6 @@ class SearchConfig:
 
 
 # --- the grid ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Step:
-    """One stage run inside a unit of work: how search wires it, the user's --<stage>-args, and the
-    stage folders whose manifests it reads. The config is built when the step runs, as a stage's
-    config checks that its input files exist."""
-
-    name: str
-    stage: str
-    folder: Path
-    wiring: dict
-    extra_args: str = ""
-    upstream: dict[str, Path] = field(default_factory=dict)
-
-    @property
-    def config(self) -> Any:
-        return stage_config(self.stage, self.extra_args, {**self.wiring, "out": self.folder}, WIRED[self.stage])
-
 
 @dataclass(frozen=True)
 class Unit:
@@ -253,9 +228,9 @@ def plan_trials(config: SearchConfig, root: Path, *, htp: bool, hub: bool) -> li
 def _export_unit(config: SearchConfig, folder: Path, size) -> Unit:
     export = Step("export", "export", folder / "export", {
         "model": config.model, "weights": config.weights, "input_size": size,
-        "check_images": in_workspace(config.calib)}, config.export_args)
+        "check_images": in_workspace(config.calib)}, config.export_args, command=STAGE)
     evaluate = Step("eval-fp32", "evaluate", folder / "eval-fp32", _evaluate_wiring(config, export.folder / "model.onnx"),
-                    upstream={"export": export.folder})
+                    upstream={"export": export.folder}, command=STAGE)
     return Unit(f"export {format_size(size)}", folder, (export, evaluate), force=config.force)
 
 
@@ -266,77 +241,57 @@ def _evaluate_wiring(config: SearchConfig, onnx: Path) -> dict:
 def _trial_units(config: SearchConfig, folder: Path, export: Unit, preset: str, scheme: str | None,
                  tail: int | None, *, htp: bool, hub: bool) -> tuple[Unit, Unit | None]:
     export_dir, ptq_dir = export.steps[0].folder, folder / "ptq"
+    # The grid's axes are the search's own: --ptq-args may not set them, even where the grid leaves
+    # one at ptq's default.
     wiring = {"calib": in_workspace(config.calib), "fp32": export_dir, "preset": preset, "eval_data": None,
-              **TRIAL_PTQ_CHECKS}
-    if scheme is not None:
-        wiring["calibration_scheme"] = scheme
-    if tail is not None:
-        wiring["output_tail_bits"] = tail
-    steps = [Step("ptq", "ptq", ptq_dir, wiring, config.ptq_args, {"export": export_dir}),
+              "calibration_scheme": scheme or _ptq_default("calibration_scheme"),
+              "output_tail_bits": tail or _ptq_default("output_tail_bits"), **TRIAL_PTQ_CHECKS}
+    steps = [Step("ptq", "ptq", ptq_dir, wiring, config.ptq_args, {"export": export_dir},
+                  open_to_user=("verify_images",), command=STAGE),
              Step("eval-int8", "evaluate", folder / "eval-int8", _evaluate_wiring(config, ptq_dir / "model_qdq.onnx"),
-                  upstream={"ptq": ptq_dir})]
+                  upstream={"ptq": ptq_dir}, command=STAGE)]
     if htp:
         # Coverage comes from the compile alone; the emulation (seconds to minutes a frame) runs only
-        # for --htp-frames. Not wired, so --htp-check-args may turn them back on: numerics, fp16 baseline.
+        # for --htp-frames. Open to the user, so --htp-check-args may turn them back on: numerics, fp16 baseline.
         scored = config.htp_frames is not None
         steps.append(Step("htp-check", "htp-check", folder / "htp-check", {
             "ptq": ptq_dir, "eval_data": in_workspace(config.eval_data) if scored else None,
             "median": config.median, "max_frames": config.htp_frames, "numerics": scored, "fp16_baseline": False},
-            config.htp_check_args, {"ptq": ptq_dir}))
+            config.htp_check_args, {"ptq": ptq_dir}, open_to_user=("numerics", "fp16_baseline"), command=STAGE))
     hub_unit = None
     if hub:
         hub_step = Step("hub", "hub", folder / "hub", {"artifact": ptq_dir, "eval_data": None, "inference": False},
-                        config.hub_args, {"ptq": ptq_dir})
+                        config.hub_args, {"ptq": ptq_dir}, command=STAGE)
         hub_unit = Unit(f"hub {folder.name}", folder, (hub_step,), state_name=HUB_STATE)
     return Unit(folder.name, folder, tuple(steps), force=config.force), hub_unit
 
 
 # --- running a unit (in a Ray worker, or in this process) -------------------------------------------
 
-def _fingerprint(step: Step, config: Any) -> str:
-    upstream = {name: sha256_file(folder / MANIFEST_NAME) for name, folder in step.upstream.items()}
-    return stage_fingerprint(step.stage, config, upstream)
-
-
 def up_to_date(unit: Unit) -> bool:
     """Every step's output exists, verifies, and was made from what it would be made from now."""
     if unit.force:
         return False
     records = read_records(unit.state_file)
-    for step in unit.steps:
-        if any(not (folder / MANIFEST_NAME).is_file() for folder in step.upstream.values()):
-            return False
-        if not is_up_to_date(records.get(step.name), step.folder, step.stage, _fingerprint(step, step.config)):
-            return False
-    return True
+    return all(step_is_current(step, records) for step in unit.steps)
 
 
 def execute_unit(unit: Unit, redirect: bool = True) -> dict:
     """Run the unit's steps that are not up to date; never raises for a stage's failure: the outcome
     says what failed, and the unit's log.txt holds every stage's own lines (with `redirect`, also
     what they print: never from a thread, as the redirection is process-wide)."""
-    from lpcv_depth.cli import stage_definition
-
     unit.folder.mkdir(parents=True, exist_ok=True)
     outcome: dict[str, Any] = {"status": "done", "steps": {}, "worker": _worker()}
     start = time.perf_counter()
-    records = read_records(unit.state_file)
     with open(unit.folder / LOG_NAME, "a") as log_file, _quiet(log_file) if redirect else contextlib.nullcontext():
         for step in unit.steps:
             try:
-                config = step.config
-                fingerprint = _fingerprint(step, config)
-                if not unit.force and is_up_to_date(records.get(step.name), step.folder, step.stage, fingerprint):
-                    outcome["steps"][step.name] = "reused"
-                    continue
-                stage_definition(step.stage).run(config, StageLog(step.name, stream=log_file))
+                status = run_step(step, unit.state_file, StageLog(step.name, stream=log_file), force=unit.force)
             except Exception as err:  # noqa: BLE001 - one trial's failure must not stop the others
                 traceback.print_exc(file=log_file)
                 outcome.update(status="failed", failed_step=step.name, error=_error_text(err))
                 break
-            records[step.name] = stage_record(step.folder, fingerprint)
-            write_records(unit.state_file, records)
-            outcome["steps"][step.name] = "ran"
+            outcome["steps"][step.name] = "reused" if status == "up to date" else "ran"
     outcome["seconds"] = round(time.perf_counter() - start, 2)
     return outcome
 
@@ -379,13 +334,16 @@ def run_search(config: SearchConfig, log: StageLog | None = None) -> SearchResul
     """Check everything, then run the grid (exports first, each trial as soon as its export is there,
     hub profiles concurrently as trials end), then choose and report."""
     log = log or StageLog(STAGE)
-    htp, hub = _htp_wanted(config), _hub_wanted(config)
+    htp, hub = _htp_wanted(config), backend_wanted("hub", config.hub)[0]
     if config.cluster_address is not None:
         from lpcv_depth.backends.ray_cluster import check_address
 
         check_address(config.cluster_address)  # a dead address is an error now, not after a minute of retries
-    root = _prepare_output(config)
+    root = config.destination.absolute()
+    check_output_root(root, command=STAGE, marker=STATE_NAME, model=config.model, inputs=_inputs(config))
     trials = plan_trials(config, root, htp=htp, hub=hub)
+    check_steps(step for unit in _units(trials) + [t.hub for t in trials if t.hub] for step in unit.steps)
+    create_output_root(root, command=STAGE, marker=STATE_NAME, model=config.model)
     table = _Table(root, config, trials)
     log.info(f"{len(trials)} trials ({_grid_line(config)}); htp-check {'on' if htp else 'off'}, "
              f"hub {'on' if hub else 'off'} -> {display_path(root)}")
@@ -403,56 +361,17 @@ def _grid_line(config: SearchConfig) -> str:
 
 
 def _htp_wanted(config: SearchConfig) -> bool:
-    if config.htp_check == "off":
-        return False
-    from lpcv_depth.backends import qnn
-
-    reason = qnn.unavailable_reason()
-    if reason and config.htp_check == "on":
-        raise ConfigError(f"--htp-check on, but the local HTP backend is unavailable: {reason}",
-                          hint='pip install -e ".[qnn]" (Linux x86_64), or --htp-check auto')
-    if config.htp_frames and reason:
-        raise ConfigError(f"--htp-frames needs the local HTP backend: {reason}", hint='pip install -e ".[qnn]"')
-    return reason is None
+    wanted, reason = backend_wanted("htp-check", config.htp_check)
+    if config.htp_frames and not wanted:
+        raise ConfigError(f"--htp-frames needs the local HTP check, but {reason}",
+                          hint='pip install -e ".[qnn]" (Linux x86_64), and --htp-check auto or on')
+    return wanted
 
 
-def _hub_wanted(config: SearchConfig) -> bool:
-    if config.hub == "off":
-        return False
-    from lpcv_depth.backends import ai_hub
-
-    try:
-        ai_hub.read_api_config()
-        ai_hub.HubClient().hub  # the package, imported now: a missing install fails before any trial
-    except LpcvError:
-        if config.hub == "on":
-            raise
-        return False
-    return True
-
-
-def _prepare_output(config: SearchConfig) -> Path:
-    """The search folder: new, or an earlier search of the same model (whose finished work is reused)."""
-    import json
-
-    root = config.destination.resolve()
+def _inputs(config: SearchConfig) -> list[Path | None]:
+    """What the search reads: its output folder must be none of these, hold none and lie in none."""
     weights = Path(config.weights) if config.weights and Path(config.weights).is_file() else None
-    refuse_inputs(root, [in_workspace(config.calib), in_workspace(config.eval_data), weights])
-    marker = root / STATE_NAME
-    if root.exists() and not root.is_dir():
-        raise OutputDirError(f"output path {root} exists and is not a folder", hint="pass a different --out")
-    if root.is_dir() and any(root.iterdir()):
-        if not marker.is_file():
-            raise OutputDirError(f"output folder {root} is not empty and is not an earlier lpcv-depth search",
-                                 hint="pass an empty or new folder with --out; lpcv-depth only reuses its own outputs")
-        earlier = json.loads(marker.read_text()).get("model")
-        if earlier != config.model:
-            raise OutputDirError(f"output folder {root} holds a search of {earlier}, not {config.model}",
-                                 hint="pass another --out: one search folder holds one model's trials")
-    root.mkdir(parents=True, exist_ok=True)
-    if not marker.is_file():
-        marker.write_text(json.dumps({"stage": STAGE, "model": config.model}) + "\n")
-    return root
+    return [in_workspace(config.calib), in_workspace(config.eval_data), weights]
 
 
 class _Table:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lpcv_depth.errors import LpcvError
+from lpcv_depth.files import write_text_atomically
 from lpcv_depth.manifest import MANIFEST_NAME, Manifest
 from lpcv_depth.report import cell, markdown_table
 from lpcv_depth.results import (EvaluateResults, ExportResults, HtpCheckResults, HubResults, PtqResults,
@@ -121,14 +122,7 @@ def write_table(root: Path, results: SearchResults) -> list[Path]:
     writer = csv.DictWriter(buffer, fieldnames=[f.name for f in dataclasses.fields(SearchTrial)])
     writer.writeheader()
     writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
-    return [_atomic_write(root / RESULTS_JSON, text), _atomic_write(root / RESULTS_CSV, buffer.getvalue())]
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return [write_text_atomically(root / RESULTS_JSON, text), write_text_atomically(root / RESULTS_CSV, buffer.getvalue())]
 
 
 # --- the choice --------------------------------------------------------------------------------------
