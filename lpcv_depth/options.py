@@ -57,8 +57,11 @@ def flag_name(field_name: str) -> str:
 
 
 def cli_fields(config_type: type) -> list[tuple[dataclasses.Field, OptionSpec]]:
-    return [(f, f.metadata["option"]) for f in dataclasses.fields(config_type)
-            if "option" in f.metadata and f.metadata["option"].cli]
+    """The config's command-line options: its own first, then those it inherits from a base config."""
+    own = config_type.__dict__.get("__annotations__", {})
+    fields = [(f, f.metadata["option"]) for f in dataclasses.fields(config_type)
+              if "option" in f.metadata and f.metadata["option"].cli]
+    return sorted(fields, key=lambda pair: pair[0].name not in own)
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from lpcv_depth.options import add_config_arguments, cli_fields, config_from_arg
 from lpcv_depth.stage import StageLog, refuse_inputs
 from lpcv_depth.workspace import in_workspace, where_to_write_hint
 
-__all__ = ["AUTO_ON_OFF", "STAGES_WITH_ARGS", "Step", "stage_args_option", "parse_stage_args", "check_stage_args",
+__all__ = ["AUTO_ON_OFF", "STAGES_WITH_ARGS", "PassedOnArgs", "Step", "stage_args_option", "parse_stage_args", "check_stage_args",
            "stage_config", "check_steps", "step_is_current", "run_step", "backend_wanted", "check_input_folders",
            "check_output_root", "create_output_root"]
 
@@ -45,6 +45,16 @@ def stage_args_option(stage: str) -> Any:
     """The --<stage>-args option of a command that runs other stages (run, search)."""
     return option("", metavar='"ARGS"',
                   help=f"more {stage} options, as on its command line (lpcv-depth {stage} --help)")
+
+
+@dataclass(frozen=True)
+class PassedOnArgs:
+    """The --<stage>-args options of a command that runs other stages: its config derives from this."""
+
+    export_args: str = stage_args_option("export")
+    ptq_args: str = stage_args_option("ptq")
+    htp_check_args: str = stage_args_option("htp-check")
+    hub_args: str = stage_args_option("hub")
 
 
 def _split(stage: str, extra_args: str) -> list[str]:

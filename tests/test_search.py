@@ -331,6 +331,43 @@ def test_bad_grid_is_refused_before_any_trial(extra, message, fastdepth_tflite, 
     assert not out.exists()
 
 
+def test_unknown_presets_and_schemes_say_which_are_known(fastdepth_tflite, calib_subset, rgbd_dir, tmp_path, capsys):
+    base = ["search", "--model", "fastdepth", "--weights", str(fastdepth_tflite), "--calib", str(calib_subset),
+            "--eval-data", str(rgbd_dir / "kinect_home"), "--out", str(tmp_path / "out")]
+    assert cli.main([*base, "--preset", "w4a8"]) == ExitCode.ERROR
+    assert "fix: pass --preset with some of w8a8,w8a16,mixed" in capsys.readouterr().err
+    assert cli.main([*base, "--calibration-scheme", "best"]) == ExitCode.ERROR
+    assert "fix: pass --calibration-scheme with some of" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_cannot_be_written_exits_2_with_a_fix(fastdepth_tflite, calib_subset, rgbd_dir, tmp_path, capsys,
+                                                          monkeypatch):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    base = ["search", "--model", "fastdepth", "--weights", str(fastdepth_tflite), "--calib", str(calib_subset),
+            "--eval-data", str(rgbd_dir / "kinect_home"), "--ray-address", "none", "--htp-check", "off",
+            "--hub", "off"]
+    assert cli.main([*base, "--out", str(a_file / "search")]) == ExitCode.ERROR
+    err = capsys.readouterr().err
+    assert "cannot write to output folder" in err and "fix: choose a writable location with --out" in err
+
+    # A read-only location (root ignores chmod, so the operating system's answer is given directly).
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real_mkdir = Path.mkdir
+
+    def refusing_mkdir(self, *args, **kwargs):
+        if read_only in self.absolute().parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
+    assert cli.main([*base, "--out", str(read_only / "search")]) == ExitCode.ERROR
+    err = capsys.readouterr().err
+    assert "Permission denied" in err and "fix:" in err and list(read_only.iterdir()) == []
+
+
 def test_unreachable_ray_address_fails_in_seconds_with_a_fix(fastdepth_tflite, calib_subset, rgbd_dir, tmp_path,
                                                              capsys):
     pytest.importorskip("ray", reason="ray (the search extra) is not installed")

@@ -21,8 +21,8 @@ from lpcv_depth.files import write_text_atomically
 from lpcv_depth.manifest import Manifest, config_as_dict
 from lpcv_depth.options import inherit, option
 from lpcv_depth.report import markdown_table
-from lpcv_depth.runner import (AUTO_ON_OFF, Step, backend_wanted, check_input_folders, check_stage_args, check_steps,
-                               check_output_root, create_output_root, run_step, stage_args_option)
+from lpcv_depth.runner import (AUTO_ON_OFF, PassedOnArgs, Step, backend_wanted, check_input_folders, check_stage_args, check_steps,
+                               check_output_root, create_output_root, run_step)
 from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import ExportConfig
@@ -37,7 +37,7 @@ STATE_NAME = "pipeline.json"
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(PassedOnArgs):
     model: str = inherit(ExportConfig, "model")
     weights: str | None = inherit(ExportConfig, "weights")
     input_size: tuple[int, int] | None = inherit(ExportConfig, "input_size")
@@ -52,10 +52,6 @@ class RunConfig:
     max_frames: int | None = option(None, help="at most N frames for the HTP emulation and the phone")
     force: tuple[str, ...] = option((), choices=(*PIPELINE_STAGES, "all"), repeatable=True,
                                     help="redo STAGE (and what follows) even if up to date; repeatable")
-    export_args: str = stage_args_option("export")
-    ptq_args: str = stage_args_option("ptq")
-    htp_check_args: str = stage_args_option("htp-check")
-    hub_args: str = stage_args_option("hub")
     out: Path | None = option(None, help="output folder (default: build/<model>)")
 
     def __post_init__(self):

@@ -35,8 +35,8 @@ from lpcv_depth.cache import read_records
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.manifest import write_manifest
 from lpcv_depth.options import format_size, inherit, option, parse_size
-from lpcv_depth.runner import (AUTO_ON_OFF, Step, backend_wanted, check_input_folders, check_stage_args, check_steps,
-                               check_output_root, create_output_root, run_step, stage_args_option, step_is_current)
+from lpcv_depth.runner import (AUTO_ON_OFF, PassedOnArgs, Step, backend_wanted, check_input_folders, check_stage_args, check_steps,
+                               check_output_root, create_output_root, run_step, step_is_current)
 from lpcv_depth.stage import StageDefinition, StageLog, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import ExportConfig
@@ -72,7 +72,7 @@ def _join(values: tuple) -> str:
 
 
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(PassedOnArgs):
     model: str = inherit(ExportConfig, "model")
     weights: str | None = inherit(ExportConfig, "weights")
     input_size: tuple[tuple[int, int], ...] | None = option(
@@ -88,10 +88,10 @@ class SearchConfig:
     calib: Path = inherit(PtqConfig, "calib")
     eval_data: Path | None = inherit(PtqConfig, "eval_data",
                                      help="RGB-D set(s) every trial is scored on (required: it ranks the trials)")
-    median: str = inherit(EvaluateConfig, "median")
     htp_check: str = option("auto", choices=AUTO_ON_OFF,
                             help="NPU coverage from the local HTP compile: auto = where the qnn extra is installed")
     htp_frames: int | None = option(None, help="also score the HTP-emulated int8 model on N RGB-D frames")
+    median: str = inherit(EvaluateConfig, "median")
     hub: str = option("auto", choices=AUTO_ON_OFF,
                       help="S24 profile on AI Hub: auto = where an API token is configured")
     budget_ms: float = option(round(1000 / 30, 1), help="S24 latency budget per frame, ms (default: 30 FPS)")
@@ -104,10 +104,6 @@ class SearchConfig:
                                                  "CPU of the smallest node, one trial per node)")
     trial_memory_gb: float = option(4.0, help="memory Ray reserves per trial, GiB (0: no reservation)")
     force: bool = option(False, help="redo every trial even where its outputs are up to date")
-    export_args: str = stage_args_option("export")
-    ptq_args: str = stage_args_option("ptq")
-    htp_check_args: str = stage_args_option("htp-check")
-    hub_args: str = stage_args_option("hub")
     out: Path | None = option(None, help="output folder (default: build/<model>/search)")
 
     def __post_init__(self):
