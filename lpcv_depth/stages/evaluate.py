@@ -32,7 +32,7 @@ from tqdm import tqdm
 from lpcv_depth.contract import OUTPUT_MODES, TRACK3
 from lpcv_depth.errors import ConfigError, ContractError, LpcvError
 from lpcv_depth.manifest import config_as_dict, read_manifest, sha256_file, sha256_of_files, write_manifest
-from lpcv_depth.options import option
+from lpcv_depth.options import choices_hint, option
 from lpcv_depth.report import cell, markdown_table
 from lpcv_depth.results import EvaluateGroup, EvaluateResults, MetricTime, SkippedFrame
 from lpcv_depth.rgbd import DatasetError, Frame, FrameError, GroundTruth, dataset_files, load_rgbd_dataset
@@ -101,16 +101,19 @@ class EvaluateConfig:
         if not Path(self.data).is_dir():
             raise ConfigError(f"data folder not found: {self.data}", hint="pass a set folder or a folder of sets")
         if self.grid not in GRIDS:
-            raise ConfigError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+            raise ConfigError(f"grid must be one of {GRIDS}, got {self.grid!r}", hint=choices_hint("grid", GRIDS))
         if self.intrinsics not in INTRINSICS:
-            raise ConfigError(f"intrinsics must be one of {INTRINSICS}, got {self.intrinsics!r}")
+            raise ConfigError(f"intrinsics must be one of {INTRINSICS}, got {self.intrinsics!r}",
+                              hint=choices_hint("intrinsics", INTRINSICS))
         if self.num_vis < 0:
             raise ConfigError(f"num_vis must be >= 0, got {self.num_vis}", hint="pass --num-vis 0 for no pictures")
         if self.max_points is not None and self.max_points < 1:
             raise ConfigError(f"max_points must be >= 1, got {self.max_points}",
                               hint="leave --max-points out to score every point")
         if not 0 <= self.holes_warning <= 1:
-            raise ConfigError(f"holes_warning must be a share in [0, 1], got {self.holes_warning}")
+            raise ConfigError(f"holes_warning must be a share in [0, 1], got {self.holes_warning}",
+                              hint="pass --holes-warning as a share of invalid GT pixels between 0 and 1, e.g. 0.1 "
+                                   "(the default: warn above 10%)")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}",
                               hint="leave --threads out to use every core")
@@ -126,7 +129,8 @@ class EvaluateConfig:
 
             get_spec(self.model)  # unknown names fail here, listing the valid ones
         if self.output not in OUTPUT_MODES:
-            raise ConfigError(f"output must be one of {OUTPUT_MODES}, got {self.output!r}")
+            raise ConfigError(f"output must be one of {OUTPUT_MODES}, got {self.output!r}",
+                              hint=choices_hint("output", OUTPUT_MODES))
         if self.onnx is not None and not Path(self.onnx).is_file():
             raise ConfigError(f"ONNX file not found: {self.onnx}", hint=f"export one with {command_line('export')}")
         if self.predictions is not None and not Path(self.predictions).is_dir():

@@ -1,0 +1,63 @@
+"""What the user reads when something is wrong: every refusal exits 2 with a `fix:` line, and each
+message says what is true of the input (issue 25, defect 7)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lpcv_depth.cli import main
+from tests.conftest import REPO_ROOT
+
+
+def _fix_lines(err: str) -> list[str]:
+    return [line.strip() for line in err.splitlines() if line.strip().startswith("fix:")]
+
+
+@pytest.mark.parametrize("argv, fix", [
+    (["export", "--batch", "0"], "pass --batch 1"),
+    (["ptq", "--percentile", "150"], "pass --percentile above 50 and at most 100"),
+    (["evaluate", "--model", "fastdepth", "--holes-warning", "-3"], "between 0 and 1"),
+])
+def test_out_of_range_values_say_which_range_is_valid(argv, fix, rgbd_dir, capsys):
+    if argv[0] == "evaluate":
+        argv = [*argv, "--data", str(rgbd_dir)]
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith(f"{argv[0]}: error: ")
+    [line] = _fix_lines(err)
+    assert fix in line
+
+
+def test_a_config_error_without_its_own_hint_points_at_the_stage_help(capsys):
+    # ParityThresholds refuses a zero bound without a hint of its own.
+    status = main(["export", "--model", "fastdepth", "--weights", "None", "--max-abs-diff", "0"])
+    err = capsys.readouterr().err
+    assert status == 2 and "max_abs_diff must be > 0" in err
+    assert _fix_lines(err) == ["fix: see lpcv-depth export --help for the values each option takes"]
+
+
+@pytest.mark.parametrize("argv, prog", [
+    (["export", "--no-such-flag"], "lpcv-depth export"),
+    (["export", "--batch", "x"], "lpcv-depth export"),
+    (["export", "--batch"], "lpcv-depth export"),
+    (["evaluate", "--model", "fastdepth"], "lpcv-depth evaluate"),  # --data is required
+    ([], "lpcv-depth"),
+    (["--no-such-flag"], "lpcv-depth"),
+])
+def test_argparse_errors_exit_2_with_a_fix_line(argv, prog, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2 and f"{prog}: error: " in err
+    assert _fix_lines(err) == [f"fix: see {prog} --help"]
+
+
+def test_a_repo_script_names_itself_in_the_fix_line():
+    script = REPO_ROOT / "export" / "to_onnx.py"
+    done = subprocess.run([sys.executable, str(script), "--batch", "x"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "invalid int value: 'x'" in done.stderr
+    assert _fix_lines(done.stderr) == ["fix: see python export/to_onnx.py --help"]
