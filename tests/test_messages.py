@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lpcv_depth.cli import main
+from lpcv_depth.errors import WeightsError
+from lpcv_depth.models.weights import load_torch_checkpoint
 from tests.conftest import REPO_ROOT
 
 
@@ -61,3 +65,29 @@ def test_a_repo_script_names_itself_in_the_fix_line():
                           text=True, timeout=120)
     assert done.returncode == 2 and "invalid int value: 'x'" in done.stderr
     assert _fix_lines(done.stderr) == ["fix: see python export/to_onnx.py --help"]
+
+
+def test_random_bytes_are_not_a_checkpoint_rather_than_python_objects(tmp_path, capsys):
+    weights = tmp_path / "weights.pth"
+    rng = np.random.default_rng(1)
+    for _ in range(32):
+        weights.write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+        with pytest.raises(WeightsError) as excinfo:
+            load_torch_checkpoint(weights)
+        assert "is not a PyTorch checkpoint" in str(excinfo.value)
+        assert "Python objects" not in str(excinfo.value) and "fix:" in str(excinfo.value)
+    status = main(["export", "--model", "depth_anything_v2_vits", "--weights", str(weights),
+                   "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 2 and "is not a PyTorch checkpoint" in err and "corrupt, truncated" in err
+    assert len(_fix_lines(err)) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_with_pickled_objects_is_still_named_so(tmp_path):
+    import torch
+
+    for zipped in (True, False):
+        path = tmp_path / f"objects-{zipped}.pth"
+        torch.save({"a": Path("x")}, path, _use_new_zipfile_serialization=zipped)
+        with pytest.raises(WeightsError, match="holds Python objects besides tensors"):
+            load_torch_checkpoint(path)
