@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from lpcv_depth.cli import main
 from lpcv_depth.errors import WeightsError
 from lpcv_depth.models.weights import load_torch_checkpoint
+from lpcv_depth.results import EvaluateGroup
 from tests.conftest import REPO_ROOT
 
 
@@ -91,3 +93,29 @@ def test_a_checkpoint_with_pickled_objects_is_still_named_so(tmp_path):
         torch.save({"a": Path("x")}, path, _use_new_zipfile_serialization=zipped)
         with pytest.raises(WeightsError, match="holds Python objects besides tensors"):
             load_torch_checkpoint(path)
+
+
+def _holey_group(ceiling: float) -> EvaluateGroup:
+    return EvaluateGroup(frames=20, scored=20, skipped=0, metrics={}, mean_points=1000.0, invalid_share=0.36,
+                         ceiling_fscore=ceiling)
+
+
+def test_the_holes_warning_says_bounded_only_where_the_ceiling_shows_it():
+    from lpcv_depth.stages.evaluate import hole_warnings
+
+    def warning(median: str, ceiling: float) -> str:
+        [text] = hole_warnings({"hololens": _holey_group(ceiling)}, SimpleNamespace(holes_warning=0.1, median=median))
+        assert text.startswith("set hololens: 36% of GT pixels are invalid; ")
+        return text
+
+    # --median valid: a perfect dense prediction reaches 100, so the holes bound nothing.
+    valid = warning("valid", 100.0)
+    assert "bounded" not in valid
+    assert "only the 64% of pixels with valid ground truth" in valid and "F@0.1 100.0" in valid
+    assert "--median all" in valid
+    # --median all: the ceiling is below 100 and the holes do bound the scores.
+    official = warning("all", 59.7)
+    assert "F@0.1 59.7 under --median all" in official and "bounded by its holes" in official
+    assert "--median valid scores against the valid pixels only" in official
+    # A low ceiling bounds the scores under either mode.
+    assert "bounded by its holes" in warning("valid", 80.0)
