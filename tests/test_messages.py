@@ -3,6 +3,7 @@ message says what is true of the input (issue 25, defect 7)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,22 @@ def test_the_holes_warning_says_bounded_only_where_the_ceiling_shows_it():
     assert "--median valid scores against the valid pixels only" in official
     # A low ceiling bounds the scores under either mode.
     assert "bounded by its holes" in warning("valid", 80.0)
+
+
+@pytest.fixture()
+def three_photos(tmp_path, calibration_dir) -> Path:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for source in sorted(calibration_dir.glob("*.jpg"))[:3]:
+        shutil.copy(source, photos)
+    return photos
+
+
+def test_export_ends_without_nanobind_leak_lines(three_photos, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lpcv_depth.cli", "export", "--model", "fastdepth", "--weights",
+                           "None", "--check-images", str(three_photos), "--num-check-images", "1",
+                           "--out", str(tmp_path / "export")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "export" / "model.onnx").is_file()
+    assert "leaked" not in done.stderr and "nanobind" not in done.stderr, done.stderr

@@ -270,9 +270,15 @@ def _check_parity(config: ExportConfig, model, images: np.ndarray, ort_outputs: 
 
 
 def _simplify(model):
-    from onnxsim import simplify
+    from onnxsim import onnx_simplifier, simplify
 
-    simplified, ok = simplify(model)
+    try:
+        simplified, ok = simplify(model)
+    finally:
+        # onnxsim caches its native model executor for the whole process. The CLI freezes the heap as it
+        # exits (cli._before_exit), so a cached executor would outlive the interpreter's teardown and
+        # nanobind would print ~20 "leaked" lines on every export's stderr.
+        onnx_simplifier._model_executor = None
     if not ok:
         raise LpcvError("onnxsim could not validate the simplified model",
                         hint="re-run with another --opset or report the model; the unsimplified graph is not kept")
