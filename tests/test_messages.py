@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lpcv_depth.cli import main
-from lpcv_depth.errors import WeightsError
+from lpcv_depth.errors import OutputDirError, WeightsError
 from lpcv_depth.models.weights import load_torch_checkpoint
 from lpcv_depth.results import EvaluateGroup
 from tests.conftest import REPO_ROOT
@@ -129,6 +129,21 @@ def three_photos(tmp_path, calibration_dir) -> Path:
     for source in sorted(calibration_dir.glob("*.jpg"))[:3]:
         shutil.copy(source, photos)
     return photos
+
+
+def test_export_out_inside_the_check_images_is_refused(three_photos, capsys):
+    from lpcv_depth.stages.export import ExportConfig, run_export
+
+    before = sorted(p.name for p in three_photos.iterdir())
+    for out, relation in ((three_photos / "out", "lies inside"), (three_photos, "is")):
+        with pytest.raises(OutputDirError, match=f"{relation} this run's input"):
+            run_export(ExportConfig(model="fastdepth", weights=None, check_images=three_photos, out=out,
+                                    num_check_images=1))
+    assert sorted(p.name for p in three_photos.iterdir()) == before
+    status = main(["export", "--model", "fastdepth", "--weights", "None", "--check-images", str(three_photos),
+                   "--out", str(three_photos / "out")])
+    err = capsys.readouterr().err
+    assert status == 2 and "lies inside this run's input" in err and len(_fix_lines(err)) == 1
 
 
 def test_export_ends_without_nanobind_leak_lines(three_photos, tmp_path):

@@ -124,7 +124,9 @@ class ExportResult:
 def run_export(config: ExportConfig, log: StageLog | None = None) -> ExportResult:
     """Build, export, simplify and verify the model; returns the artifact paths and typed results."""
     log = log or StageLog(STAGE)
-    with StagingDir(config.destination, stage=STAGE, inputs=[config.weights_file]) as staging:
+    photos = check_images_folder(config)
+    inputs = [config.weights_file, photos if photos.is_dir() else None]
+    with StagingDir(config.destination, stage=STAGE, inputs=inputs) as staging:
         model, loaded = _load_model(config, log)
         images, images_info = _check_inputs(config, log)
         macs = _count_macs_step(model, log)
@@ -159,9 +161,14 @@ def _load_model(config: ExportConfig, log: StageLog):
     return model, loaded
 
 
+def check_images_folder(config: ExportConfig) -> Path:
+    """The photos the contract and parity checks read: --check-images, else the workspace's calibration_data/."""
+    return in_workspace(config.check_images or DEFAULT_CHECK_IMAGES)
+
+
 def _check_inputs(config: ExportConfig, log: StageLog) -> tuple[np.ndarray, dict]:
     """Real images for the contract and parity checks, or a labelled synthetic fallback."""
-    folder = in_workspace(config.check_images or DEFAULT_CHECK_IMAGES)
+    folder = check_images_folder(config)
     paths = list_images(folder)[: config.num_check_images] if folder.is_dir() else []
     if config.check_images is not None and not paths:
         raise ConfigError(f"no JPG/PNG images found in --check-images {config.check_images}",
