@@ -146,7 +146,7 @@ def console_main() -> int:
 def _before_exit(status: int) -> int:
     """Move every object into the collector's permanent generation as the process ends, so that the
     interpreter's teardown no longer runs collections over the whole torch / AIMET / ONNX Runtime
-    heap (docs/ptq.md, "Sixth pass"). Objects are still freed by reference counting and atexit
+    heap (docs/history/ptq-speed.md, "Sixth pass"). Objects are still freed by reference counting and atexit
     handlers still run; only garbage in reference cycles is left to the operating system. Not for
     `main` itself: tests and library users call it in a process that goes on."""
     gc.freeze()
