@@ -8,7 +8,7 @@ encodings are the same bits.
     python benchmarks/calibration_bench.py --images 40
     python benchmarks/calibration_bench.py --thread-scaling   # float and calibration forwards, 1 vs 2 threads
 
-The figures measured with it are in docs/ptq.md ("Fifth pass", "Seventh pass").
+The figures measured with it are in docs/history/ptq-speed.md ("Fifth pass", "Seventh pass").
 """
 
 from __future__ import annotations

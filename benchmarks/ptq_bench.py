@@ -7,7 +7,7 @@
     python benchmarks/ptq_bench.py vits --trial  # the same PTQ again with a search trial's checks; artifacts compared
 
 Each stage runs in its own process, so its peak RSS is its own (os.wait4). The figures measured
-with it are in docs/ptq.md.
+with it are in docs/ptq.md ("Measurements") and docs/history/ptq-speed.md.
 """
 
 from __future__ import annotations

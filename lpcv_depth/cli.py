@@ -18,10 +18,10 @@ import signal
 import sys
 from pathlib import Path
 
-from lpcv_depth.errors import ExitCode, LpcvError, Terminated
+from lpcv_depth.errors import ConfigError, ExitCode, LpcvError, Terminated
 from lpcv_depth.host import keep_freed_memory
 from lpcv_depth.options import add_config_arguments, config_from_args
-from lpcv_depth.stage import StageDefinition, StageLog, exit_status, hint_with_scripts
+from lpcv_depth.stage import StageDefinition, StageLog, command_line, exit_status, hint_with_scripts
 from lpcv_depth.workspace import ENV_VAR, check_workspace, use_workspace
 
 __all__ = ["main", "script_main", "STAGE_MODULES", "stage_definition", "build_parser"]
@@ -43,6 +43,15 @@ def stage_definition(name: str) -> StageDefinition:
     return importlib.import_module(STAGE_MODULES[name]).DEFINITION
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown flag, a bad number, a missing value) end with a `fix:` line and
+    exit 2, as every lpcv-depth error does. Subcommand parsers are built with the same class."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(ExitCode.ERROR, f"{self.prog}: error: {message}\n  fix: see {self.prog} --help\n")
+
+
 def _stage_parser(definition: StageDefinition, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = definition.description
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -58,8 +67,8 @@ def _stage_parser(definition: StageDefinition, parser: argparse.ArgumentParser) 
 def build_parser(only: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """The whole `lpcv-depth` parser, or with `only` the parser of one subcommand (as a script)."""
     if only is not None:
-        return _stage_parser(stage_definition(only), argparse.ArgumentParser(prog=prog or f"lpcv-depth {only}"))
-    parser = argparse.ArgumentParser(prog=prog or "lpcv-depth",
+        return _stage_parser(stage_definition(only), ArgumentParser(prog=prog or f"lpcv-depth {only}"))
+    parser = ArgumentParser(prog=prog or "lpcv-depth",
                                      description="Monocular depth model -> INT8 LPCVC 2025 Track 3 submission.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in STAGE_MODULES:
@@ -83,6 +92,16 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _stage_config(name: str, definition: StageDefinition, args: argparse.Namespace):
+    """The stage's config; a value it refuses without saying what to do points at the stage's --help."""
+    try:
+        return config_from_args(definition.config, args)
+    except ConfigError as err:
+        if err.hint is None:
+            err.hint = f"see {command_line(name, '--help')} for the values each option takes"
+        raise
+
+
 def run_command(name: str, args: argparse.Namespace) -> int:
     definition = stage_definition(name)
     log = StageLog(name)
@@ -94,7 +113,7 @@ def run_command(name: str, args: argparse.Namespace) -> int:
             status = definition.before_run(args)
             if status is not None:
                 return status
-        config = config_from_args(definition.config, args)
+        config = _stage_config(name, definition, args)
         log.info(_source_line())
         result = definition.run(config, log)
     except (LpcvError, KeyboardInterrupt) as err:
@@ -128,7 +147,7 @@ def console_main() -> int:
 def _before_exit(status: int) -> int:
     """Move every object into the collector's permanent generation as the process ends, so that the
     interpreter's teardown no longer runs collections over the whole torch / AIMET / ONNX Runtime
-    heap (docs/ptq.md, "Sixth pass"). Objects are still freed by reference counting and atexit
+    heap (docs/history/ptq-speed.md, "Sixth pass"). Objects are still freed by reference counting and atexit
     handlers still run; only garbage in reference cycles is left to the operating system. Not for
     `main` itself: tests and library users call it in a process that goes on."""
     gc.freeze()

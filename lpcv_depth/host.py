@@ -23,7 +23,7 @@ def keep_freed_memory() -> bool:
     activation per op page-faults through every one of them: on ViT-S at 518x518 a third of the
     forward time. Served from the heap and not trimmed, freed blocks are reused as they are. The
     process keeps its peak heap until it exits, which a stage run does soon after.
-    Measured: docs/ptq.md, "Calibration speed"."""
+    Measured: docs/history/ptq-speed.md, "Second pass"."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["option", "OptionSpec", "add_config_arguments", "config_from_args", "config_to_argv",
-           "cli_fields", "flag_name", "parse_size", "format_size", "parse_optional_path", "inherit", "quote_argv", "field_default"]
+           "cli_fields", "flag_name", "choices_hint", "parse_size", "format_size", "parse_optional_path", "inherit", "quote_argv", "field_default"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,12 @@ def option(default: Any = MISSING, *, help: str, parse=None, format=None, choice
 
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
+
+
+def choices_hint(field_name: str, choices) -> str:
+    """The `fix:` line of a value outside an option's choices (reached from the library; the CLI's
+    argparse already refuses it)."""
+    return f"pass {flag_name(field_name)} " + " or ".join(map(str, choices))
 
 
 def cli_fields(config_type: type) -> list[tuple[dataclasses.Field, OptionSpec]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,17 +91,36 @@ def download_hub_weights(hub: HubWeights) -> Path:
                  f"with internet from {hub.url} and pass it with --weights PATH") from err
 
 
+# torch.save's legacy (non-zip) format starts with this pickled magic number.
+_LEGACY_CHECKPOINT_HEAD = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+
+
+def _is_torch_checkpoint_file(path: Path) -> bool:
+    """Whether the file is in one of torch.save's two formats: a zip archive, or the legacy pickle."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(len(_LEGACY_CHECKPOINT_HEAD)) == _LEGACY_CHECKPOINT_HEAD
+
+
 def load_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Read a .pth state dict safely (weights_only) and turn every failure into a WeightsError."""
+    # Random bytes make the weights-only unpickler fail like a file with pickled objects would:
+    # the format is checked first so that such a file is reported for what it is.
+    if not _is_torch_checkpoint_file(path):
+        raise WeightsError(f"weights file {path} is not a PyTorch checkpoint: neither of torch.save's formats "
+                           "(it is corrupt, truncated, or a file of another kind)",
+                           hint="pass the model's .pth checkpoint (what torch.save writes); if this is it, "
+                                "re-download it and check its sha256 against the source")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch's own message advises weights_only=False, which would run code from an untrusted file.
-        raise WeightsError(f"weights file {path} holds Python objects besides tensors, which lpcv-depth does not "
-                           "load (unpickling them can run code from the file)",
-                           hint="pass a plain state_dict checkpoint; from a trusted source, re-save it with "
-                                "torch.save(model.state_dict(), path)") from err
     except Exception as err:  # the unpickler fails on garbage with whatever error the bytes happen to trigger
+        if isinstance(err, pickle.UnpicklingError) and "unsupported global" in str(err).lower():
+            # torch's own message advises weights_only=False, which would run code from an untrusted file.
+            raise WeightsError(f"weights file {path} holds Python objects besides tensors, which lpcv-depth does "
+                               "not load (unpickling them can run code from the file)",
+                               hint="pass a plain state_dict checkpoint; from a trusted source, re-save it with "
+                                    "torch.save(model.state_dict(), path)") from err
         raise WeightsError(f"weights file {path} is corrupt or not a PyTorch checkpoint: "
                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
                            hint="re-download the checkpoint; check its sha256 against the source") from err

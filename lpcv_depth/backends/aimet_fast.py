@@ -13,7 +13,7 @@ wherever that is not guaranteed (tests/test_aimet_fast.py compares them against 
 - `calibration_without_output_copies(sim)`: calibration hands the fresh output of an op on as it
   is, where AIMET copies every activation first.
 
-Where the time went, and what these changed: docs/ptq.md, "Calibration speed".
+Where the time went, and what these changed: docs/history/ptq-speed.md.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from lpcv_depth.contract import OUTPUT_MODES, TRACK3
 from lpcv_depth.errors import ConfigError, ContractError, LpcvError
 from lpcv_depth.manifest import config_as_dict, read_manifest, sha256_file, sha256_of_files, write_manifest
-from lpcv_depth.options import option
+from lpcv_depth.options import choices_hint, option
 from lpcv_depth.report import cell, markdown_table
 from lpcv_depth.results import EvaluateGroup, EvaluateResults, MetricTime, SkippedFrame
 from lpcv_depth.rgbd import DatasetError, Frame, FrameError, GroundTruth, dataset_files, load_rgbd_dataset
@@ -101,16 +101,19 @@ class EvaluateConfig:
         if not Path(self.data).is_dir():
             raise ConfigError(f"data folder not found: {self.data}", hint="pass a set folder or a folder of sets")
         if self.grid not in GRIDS:
-            raise ConfigError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+            raise ConfigError(f"grid must be one of {GRIDS}, got {self.grid!r}", hint=choices_hint("grid", GRIDS))
         if self.intrinsics not in INTRINSICS:
-            raise ConfigError(f"intrinsics must be one of {INTRINSICS}, got {self.intrinsics!r}")
+            raise ConfigError(f"intrinsics must be one of {INTRINSICS}, got {self.intrinsics!r}",
+                              hint=choices_hint("intrinsics", INTRINSICS))
         if self.num_vis < 0:
             raise ConfigError(f"num_vis must be >= 0, got {self.num_vis}", hint="pass --num-vis 0 for no pictures")
         if self.max_points is not None and self.max_points < 1:
             raise ConfigError(f"max_points must be >= 1, got {self.max_points}",
                               hint="leave --max-points out to score every point")
         if not 0 <= self.holes_warning <= 1:
-            raise ConfigError(f"holes_warning must be a share in [0, 1], got {self.holes_warning}")
+            raise ConfigError(f"holes_warning must be a share in [0, 1], got {self.holes_warning}",
+                              hint="pass --holes-warning as a share of invalid GT pixels between 0 and 1, e.g. 0.1 "
+                                   "(the default: warn above 10%)")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}",
                               hint="leave --threads out to use every core")
@@ -126,7 +129,8 @@ class EvaluateConfig:
 
             get_spec(self.model)  # unknown names fail here, listing the valid ones
         if self.output not in OUTPUT_MODES:
-            raise ConfigError(f"output must be one of {OUTPUT_MODES}, got {self.output!r}")
+            raise ConfigError(f"output must be one of {OUTPUT_MODES}, got {self.output!r}",
+                              hint=choices_hint("output", OUTPUT_MODES))
 
     @property
     def weights_file(self) -> Path | None:
@@ -458,13 +462,22 @@ def hole_warnings(groups: dict[str, EvaluateGroup], config: EvaluateConfig) -> l
             continue
         low_ceiling = group.ceiling_fscore is not None and group.ceiling_fscore < CEILING_WARNING
         if group.invalid_share > config.holes_warning or low_ceiling:
-            ceiling = f"{group.ceiling_fscore:.1f}" if group.ceiling_fscore is not None else "not measured"
-            alternative = (" --median valid scores against the valid pixels only." if config.median == "all"
-                           else "")
-            warnings.append(f"set {name}: {100 * group.invalid_share:.0f}% of GT pixels are invalid; the ground truth "
-                            f"itself (holes filled) scores F@0.1 {ceiling} under --median {config.median}, so "
-                            f"its F-scores are bounded by its holes.{alternative}")
+            warnings.append(f"set {name}: {100 * group.invalid_share:.0f}% of GT pixels are invalid; "
+                            + _holes_effect(group, config.median, low_ceiling))
     return warnings
+
+
+def _holes_effect(group: EvaluateGroup, median: str, low_ceiling: bool) -> str:
+    """What a set's holes do to its scores: under --median valid a dense prediction can still reach
+    the ceiling, so "bounded by its holes" is only said where the ceiling shows it."""
+    ceiling = f"{group.ceiling_fscore:.1f}" if group.ceiling_fscore is not None else "not measured"
+    if median == "valid" and not low_ceiling:
+        return (f"under --median valid its F-scores count only the {100 * (1 - group.invalid_share):.0f}% of pixels "
+                f"with valid ground truth (the ground truth itself, holes filled, scores F@0.1 {ceiling}), so they "
+                "do not compare with the leaderboard's --median all.")
+    alternative = " --median valid scores against the valid pixels only." if median == "all" else ""
+    return (f"the ground truth itself (holes filled) scores F@0.1 {ceiling} under --median {median}, so its "
+            f"F-scores are bounded by its holes.{alternative}")
 
 
 def _write_reports(staging: StagingDir, rows: list[dict], summary: dict, results: EvaluateResults,

@@ -21,7 +21,7 @@ from lpcv_depth.contract import GELU_MODES, OUTPUT_MODES, TRACK3
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.images import list_images, load_contract_batch
 from lpcv_depth.manifest import Manifest, config_as_dict, read_manifest, sha256_of_files, write_manifest
-from lpcv_depth.options import option, parse_size
+from lpcv_depth.options import choices_hint, option, parse_size
 from lpcv_depth.results import ExportResults
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
 from lpcv_depth.verify import (OrtRunner, ParityThresholds, check_onnx_io, check_output_range, compare_outputs,
@@ -71,17 +71,23 @@ class ExportConfig:
 
         spec = get_spec(self.model)  # unknown names fail here, listing the valid ones
         if self.output not in OUTPUT_MODES:
-            raise ConfigError(f"output must be one of {OUTPUT_MODES}, got {self.output!r}")
+            raise ConfigError(f"output must be one of {OUTPUT_MODES}, got {self.output!r}",
+                              hint=choices_hint("output", OUTPUT_MODES))
         if self.gelu not in GELU_MODES:
-            raise ConfigError(f"gelu must be one of {GELU_MODES}, got {self.gelu!r}")
+            raise ConfigError(f"gelu must be one of {GELU_MODES}, got {self.gelu!r}",
+                              hint=choices_hint("gelu", GELU_MODES))
         if self.exporter not in EXPORTERS:
-            raise ConfigError(f"exporter must be one of {EXPORTERS}, got {self.exporter!r}")
+            raise ConfigError(f"exporter must be one of {EXPORTERS}, got {self.exporter!r}",
+                              hint=choices_hint("exporter", EXPORTERS))
         if not 13 <= self.opset <= 21:
             raise ConfigError(f"opset {self.opset} is unsupported", hint="use an opset between 13 and 21 (17 is default)")
         if self.batch < 1:
-            raise ConfigError(f"batch must be >= 1, got {self.batch}")
+            raise ConfigError(f"batch must be >= 1, got {self.batch}",
+                              hint="pass --batch 1 (the default; the Track 3 contract's batch) or a larger whole "
+                                   "number")
         if self.num_check_images < 1:
-            raise ConfigError(f"num_check_images must be >= 1, got {self.num_check_images}")
+            raise ConfigError(f"num_check_images must be >= 1, got {self.num_check_images}",
+                              hint="pass --num-check-images 1 or more (default 4)")
         if self.input_size is not None:
             object.__setattr__(self, "input_size", spec.validate_input_size(self.input_size))
         self.parity  # validates the thresholds
@@ -118,7 +124,9 @@ class ExportResult:
 def run_export(config: ExportConfig, log: StageLog | None = None) -> ExportResult:
     """Build, export, simplify and verify the model; returns the artifact paths and typed results."""
     log = log or StageLog(STAGE)
-    with StagingDir(config.destination, stage=STAGE, inputs=[config.weights_file]) as staging:
+    photos = check_images_folder(config)
+    inputs = [config.weights_file, photos if photos.is_dir() else None]
+    with StagingDir(config.destination, stage=STAGE, inputs=inputs) as staging:
         model, loaded = _load_model(config, log)
         images, images_info = _check_inputs(config, log)
         macs = _count_macs_step(model, log)
@@ -153,9 +161,14 @@ def _load_model(config: ExportConfig, log: StageLog):
     return model, loaded
 
 
+def check_images_folder(config: ExportConfig) -> Path:
+    """The photos the contract and parity checks read: --check-images, else the workspace's calibration_data/."""
+    return in_workspace(config.check_images or DEFAULT_CHECK_IMAGES)
+
+
 def _check_inputs(config: ExportConfig, log: StageLog) -> tuple[np.ndarray, dict]:
     """Real images for the contract and parity checks, or a labelled synthetic fallback."""
-    folder = in_workspace(config.check_images or DEFAULT_CHECK_IMAGES)
+    folder = check_images_folder(config)
     paths = list_images(folder)[: config.num_check_images] if folder.is_dir() else []
     if config.check_images is not None and not paths:
         raise ConfigError(f"no JPG/PNG images found in --check-images {config.check_images}",
@@ -264,9 +277,15 @@ def _check_parity(config: ExportConfig, model, images: np.ndarray, ort_outputs: 
 
 
 def _simplify(model):
-    from onnxsim import simplify
+    from onnxsim import onnx_simplifier, simplify
 
-    simplified, ok = simplify(model)
+    try:
+        simplified, ok = simplify(model)
+    finally:
+        # onnxsim caches its native model executor for the whole process. The CLI freezes the heap as it
+        # exits (cli._before_exit), so a cached executor would outlive the interpreter's teardown and
+        # nanobind would print ~20 "leaked" lines on every export's stderr.
+        onnx_simplifier._model_executor = None
     if not ok:
         raise LpcvError("onnxsim could not validate the simplified model",
                         hint="re-run with another --opset or report the model; the unsimplified graph is not kept")

@@ -32,7 +32,7 @@ from lpcv_depth.gates import Gate, enforce_gates
 from lpcv_depth.host import keep_freed_memory
 from lpcv_depth.manifest import (MANIFEST_NAME, ArtifactMismatchError, Manifest, config_as_dict, read_manifest,
                                  sha256_file, write_manifest)
-from lpcv_depth.options import inherit, option
+from lpcv_depth.options import choices_hint, flag_name, inherit, option
 from lpcv_depth.results import ExportResults, Fidelity, GroundTruthPair, HostLatency, PtqResults, PtqSizes
 from lpcv_depth.schema import SchemaError, from_json
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
@@ -131,23 +131,29 @@ class PtqConfig:
 
     def __post_init__(self):
         if self.preset not in PRESETS:
-            raise ConfigError(f"unknown preset {self.preset!r}; presets: {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {self.preset!r}; presets: {', '.join(PRESETS)}",
+                              hint=choices_hint("preset", PRESETS))
         if self.calibration_scheme not in CALIBRATION_SCHEMES:
-            raise ConfigError(f"calibration scheme must be one of {CALIBRATION_SCHEMES}, got {self.calibration_scheme!r}")
+            raise ConfigError(f"calibration scheme must be one of {CALIBRATION_SCHEMES}, got {self.calibration_scheme!r}",
+                              hint=choices_hint("calibration_scheme", CALIBRATION_SCHEMES))
         if not 50.0 < self.percentile <= 100.0:
-            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}",
+                              hint="pass --percentile above 50 and at most 100, e.g. 99.99 (the default)")
         for name in ("adaround_iterations", "seq_mse_candidates", "min_calib", "mixed_images"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}",
+                                  hint=f"pass {flag_name(name)} 1 or more")
         if self.latency_runs < 0:
             raise ConfigError(f"latency_runs must be >= 0, got {self.latency_runs}",
                               hint="pass --latency-runs 0 to skip the host latency")
         if self.num_calib is not None and self.num_calib < 1:
             raise ConfigError(f"num_calib must be >= 1, got {self.num_calib}", hint="leave --num-calib out to use all")
         if self.exporter not in EXPORTERS:
-            raise ConfigError(f"exporter must be one of {EXPORTERS}, got {self.exporter!r}")
+            raise ConfigError(f"exporter must be one of {EXPORTERS}, got {self.exporter!r}",
+                              hint=choices_hint("exporter", EXPORTERS))
         if self.output_tail_bits not in (8, 16):
-            raise ConfigError(f"output_tail_bits must be 8 or 16, got {self.output_tail_bits}")
+            raise ConfigError(f"output_tail_bits must be 8 or 16, got {self.output_tail_bits}",
+                              hint=choices_hint("output_tail_bits", (8, 16)))
         if self.holdout < 1:
             raise ConfigError("holdout must be >= 1: verification needs images that calibration did not see",
                               hint="pass --holdout 8 (the default) or more")
@@ -155,7 +161,8 @@ class PtqConfig:
             raise ConfigError(f"verify_images must be >= 1, got {self.verify_images}",
                               hint="leave --verify-images out to check every held-out image")
         if self.max_fscore_drop is not None and self.max_fscore_drop < 0:
-            raise ConfigError(f"max_fscore_drop must be >= 0, got {self.max_fscore_drop}")
+            raise ConfigError(f"max_fscore_drop must be >= 0, got {self.max_fscore_drop}",
+                              hint="pass --max-fscore-drop as F-score points >= 0, or leave it out for no gate")
         if self.eval_data is not None and not Path(self.eval_data).is_dir():
             raise ConfigError(f"--eval-data folder not found: {self.eval_data}",
                               hint="pass an RGB-D set (rgb/ + depth/) or a folder of sets")
