@@ -16,6 +16,7 @@ broken plugin never stands in the way of the built-in models.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -161,7 +162,7 @@ def _resolve_reference(value: str) -> ResolvedModel:
 
 
 def _from_file(path: Path, attribute: str, value: str) -> ResolvedModel:
-    path = path.absolute()
+    path = Path(os.path.abspath(path))
     if not path.is_file():
         raise ConfigError(f"--model {value}: file {path} not found",
                           hint=f"pass an existing .py file, absolute or relative to the current folder ({Path.cwd()})")
@@ -169,8 +170,8 @@ def _from_file(path: Path, attribute: str, value: str) -> ResolvedModel:
     sha256 = sha256_file(path)
     if (reference, sha256) in _LOADED:
         return _LOADED[(reference, sha256)]
-    # One module per file content: an edited file loads anew, an unchanged one is never run twice.
-    module_name = f"_lpcv_depth_user_model_{sha256[:16]}"
+    # One module per file and content: an edited file loads anew, an unchanged one is never run twice.
+    module_name = "_lpcv_depth_user_model_" + hashlib.sha256(f"{path}\0{sha256}".encode()).hexdigest()[:16]
     module = sys.modules.get(module_name)
     if module is None:
         # Its own folder is importable, as for `python file.py`, so it can import its neighbours.
