@@ -260,6 +260,21 @@ def test_ptq_refuses_when_the_defining_file_changed(file_export, change, tmp_pat
     assert "re-export the model" in err and ("restore the file" in err)
 
 
+def test_hub_finds_the_reference_behind_a_ptq_or_htp_check_folder(file_export, tmp_path):
+    from lpcv_depth.stages.hub import exported_model
+
+    net, export = file_export
+    ptq, htp = tmp_path / "ptq", tmp_path / "htp"
+    for folder, manifest in ((ptq, {"stage": "ptq", "inputs": {"export_manifest": {"path": str(export / "manifest.json")}}}),
+                             (htp, {"stage": "htp-check", "config": {"ptq": str(ptq / "model_qdq.onnx")}})):
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    for folder in (export, ptq, htp):
+        assert exported_model(folder) == f"{net}:tiny_spec"
+    assert get_spec(exported_model(htp)).name == "tiny_ptq_net"
+    assert exported_model(tmp_path) is None
+
+
 # --- what a bad reference says ----------------------------------------------------------------------
 
 BAD_FILES = {
