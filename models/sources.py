@@ -115,11 +115,11 @@ def model_sources() -> tuple[list[tuple[ModelSpec, ModelSource]], list[str]]:
     problems = []
     for entry_point in _entry_points():
         if entry_point.name in _REGISTRY:
-            owner = _ORIGINS.get(entry_point.name)
-            if owner is None or owner.kind != "entry point":
-                problems.append(f"plugin {_distribution(entry_point)}'s model {entry_point.name!r} is hidden by the "
-                                f"{owner.describe() if owner else 'registered'} model of that name\n  fix: rename "
-                                f"the entry point and the name of the ModelSpec its factory returns")
+            owner = resolve_model(entry_point.name).source
+            if owner.kind != "entry point" or owner.distribution != _distribution(entry_point):
+                problems.append(f"plugin {_distribution(entry_point)}'s model {entry_point.name!r} is hidden by "
+                                f"another model of that name ({owner.describe()})\n  fix: rename the entry point "
+                                f"and the name of the ModelSpec its factory returns")
             continue
         try:
             _load_entry_point(entry_point.name, [entry_point])

@@ -174,6 +174,8 @@ def plugin_site(tmp_path) -> Path:
                     TINY_NET.format(name="plugin_net", factory="plugin_net_spec"))
     _install_plugin(site, "broken-depth-plugin", "broken_depth_plugin", "broken_net = broken_depth_plugin:spec",
                     "import a_module_nobody_installed\n")
+    _install_plugin(site, "shadow-depth-plugin", "shadow_depth_plugin", "fastdepth = shadow_depth_plugin:spec",
+                    "raise AssertionError('a plugin hidden by a built-in model is never imported')\n")
     return site
 
 
@@ -192,6 +194,8 @@ def test_a_plugin_package_is_listed_and_exports(plugin_site, tmp_path):
     assert "built-in" in rows["fastdepth"], "a broken plugin does not hide the built-in models"
     assert "broken-depth-plugin" in listed.stderr and "a_module_nobody_installed" in listed.stderr
     assert "fix:" in listed.stderr and "pip uninstall broken-depth-plugin" in listed.stderr
+    assert "shadow-depth-plugin 0.1's model 'fastdepth' is hidden by another model of that name (built-in)" \
+        in listed.stderr
 
     exported = _cli(plugin_site, tmp_path, *export_args("plugin_net"))
     assert exported.returncode == 0, exported.stderr
