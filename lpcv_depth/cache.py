@@ -1,8 +1,9 @@
 """Reusing stage outputs: a stage is redone only when its config, or the content of what it reads, changed.
 
 A stage's *fingerprint* is its config plus the content of its inputs: upstream stages by the sha256 of
-their manifests (which pin their inputs' hashes in turn), the weights file and the photos by content,
-RGB-D data by file names, sizes and modification times. A *record* keeps the fingerprint an output
+their manifests (which pin their inputs' hashes in turn), the weights file, the files that define a
+model given by factory reference and the photos by content, RGB-D data by file names, sizes and
+modification times. A *record* keeps the fingerprint an output
 was made from, and the sha256 of the manifest it got; the output is up to date while both still hold
 and the manifest still verifies its files. `lpcv-depth run` and `lpcv-depth search` both reuse work
 this way, so a file renamed or copied elsewhere is still recognised, and a file edited in place is not.
@@ -30,6 +31,11 @@ def stage_fingerprint(stage: str, stage_config: Any, upstream: Mapping[str, str]
     weights = getattr(stage_config, "weights_file", None)
     if weights is not None and Path(weights).is_file():
         material["weights_sha256"] = sha256_file(weights)
+    model = getattr(stage_config, "model", None)
+    if isinstance(model, str) and ":" in model:  # a factory reference: an edit to its file rebuilds the model
+        from lpcv_depth.models import resolve_model
+
+        material["model_files"] = resolve_model(model).source.files
     for name in ("calib", "check_images"):
         folder = getattr(stage_config, name, None)
         if folder is not None and Path(folder).is_dir():

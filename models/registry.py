@@ -9,7 +9,7 @@ from typing import Callable, Literal
 
 from torch import nn
 
-from lpcv_depth.errors import ConfigError, UnknownModelError
+from lpcv_depth.errors import ConfigError
 
 NativeOutput = Literal["depth", "disparity"]
 
@@ -112,12 +112,24 @@ def list_models() -> list[str]:
 
 
 def get_spec(name: str) -> ModelSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownModelError(f"unknown model {name!r}; registered models: {', '.join(list_models())}",
-                                hint="pick one of the registered names, or register yours with "
-                                     "lpcv_depth.models.register_model(ModelSpec(...))") from None
+    """The spec a --model value names: a registered name, a factory reference (`package.module:factory`,
+    `path/to/file.py:factory`) or a plugin's entry point (lpcv_depth.models.sources)."""
+    from lpcv_depth.models.sources import resolve_model
+
+    return resolve_model(name).spec
+
+
+def canonical_model(name: str) -> str:
+    """The --model value that names the same model from any folder (a file reference's path made
+    absolute): what configs and manifests record."""
+    from lpcv_depth.models.sources import resolve_model
+
+    return resolve_model(name).source.reference
+
+
+def model_folder_name(name: str) -> str:
+    """The folder name of a model's outputs (build/<name>/): its spec's name, never a reference's path."""
+    return get_spec(name).name
 
 
 def resolve_default_weights(spec: ModelSpec) -> str | None:

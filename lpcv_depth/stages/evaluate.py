@@ -125,9 +125,10 @@ class EvaluateConfig:
             raise ConfigError(f"give exactly one source to score, got {len(sources)}: {', '.join(sources) or 'none'}",
                               hint="--model NAME [--weights ...], --onnx PATH or --predictions DIR")
         if self.model is not None:
-            from lpcv_depth.models import get_spec  # imports torch: only when a torch model is scored
+            from lpcv_depth.models import canonical_model  # imports torch: only when a torch model is scored
 
-            get_spec(self.model)  # unknown names fail here, listing the valid ones
+            # Unknown names fail here, listing the valid ones; a file reference is recorded with its absolute path.
+            object.__setattr__(self, "model", canonical_model(self.model))
         if self.output not in OUTPUT_MODES:
             raise ConfigError(f"output must be one of {OUTPUT_MODES}, got {self.output!r}",
                               hint=choices_hint("output", OUTPUT_MODES))
@@ -147,7 +148,10 @@ class EvaluateConfig:
     @property
     def source_name(self) -> str:
         if self.model is not None:
-            return self.model if self.output == "depth" else f"{self.model}-{self.output}"
+            from lpcv_depth.models import model_folder_name
+
+            name = model_folder_name(self.model)
+            return name if self.output == "depth" else f"{name}-{self.output}"
         if self.onnx is not None:
             onnx = Path(self.onnx).resolve()
             # Stages name their artifact model.onnx; the folders around it say which one it is.

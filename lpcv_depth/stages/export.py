@@ -3,8 +3,9 @@
     lpcv-depth export                                    # DA-V2 ViT-S, official weights
     lpcv-depth export --model fastdepth --weights default
     lpcv-depth export --weights None                     # random init, pipeline test only
+    lpcv-depth export --model my_net.py:my_net_spec      # your own network (docs/models.md)
 
-Writes OUT/model.onnx and OUT/manifest.json (default OUT: build/<model>/export).
+Writes OUT/model.onnx and OUT/manifest.json (default OUT: build/<model>/export, <model> the spec's name).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def parse_weights(text: str) -> str | None:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    model: str = option(DEFAULT_MODEL, help="a registered model (--list shows all)")
+    model: str = option(DEFAULT_MODEL, help="a registered model (--list shows all), or your own network's "
+                                            "factory: package.module:factory or path/to/file.py:factory")
     weights: str | None = option("hf", parse=parse_weights,
                                  help="a checkpoint PATH, 'hf' (official download), 'default' (the model's declared "
                                       "default file) or None (random init: pipeline tests only)")
@@ -67,9 +69,12 @@ class ExportConfig:
     min_sqnr: float = option(40.0, help="parity: lowest ONNX Runtime vs torch SQNR allowed, dB")
 
     def __post_init__(self):
-        from lpcv_depth.models import get_spec
+        from lpcv_depth.models import resolve_model
 
-        spec = get_spec(self.model)  # unknown names fail here, listing the valid ones
+        resolved = resolve_model(self.model)  # unknown names fail here, listing the valid ones
+        spec = resolved.spec
+        # Recorded as the reference that finds the model from any folder (a file's path made absolute).
+        object.__setattr__(self, "model", resolved.source.reference)
         if self.output not in OUTPUT_MODES:
             raise ConfigError(f"output must be one of {OUTPUT_MODES}, got {self.output!r}",
                               hint=choices_hint("output", OUTPUT_MODES))
@@ -106,7 +111,9 @@ class ExportConfig:
         if self.out is not None:
             return Path(self.out)
         suffix = "" if self.output == "depth" else f"-{self.output}"
-        return build_dir(self.model, f"export{suffix}")
+        from lpcv_depth.models import model_folder_name
+
+        return build_dir(model_folder_name(self.model), f"export{suffix}")
 
     def as_dict(self) -> dict:
         return config_as_dict(self)
@@ -123,6 +130,8 @@ class ExportResult:
 
 def run_export(config: ExportConfig, log: StageLog | None = None) -> ExportResult:
     """Build, export, simplify and verify the model; returns the artifact paths and typed results."""
+    from lpcv_depth.models import resolve_model
+
     log = log or StageLog(STAGE)
     photos = check_images_folder(config)
     inputs = [config.weights_file, photos if photos.is_dir() else None]
@@ -137,7 +146,8 @@ def run_export(config: ExportConfig, log: StageLog | None = None) -> ExportResul
         results = ExportResults(**loaded, macs=macs, check_images=images_info, **nodes, contract=contract,
                                 parity=parity, onnx_bytes=onnx_path.stat().st_size, gelu_tanh_vs_exact=gelu_gap)
         manifest_path = write_manifest(staging.path, stage=STAGE, config=config.as_dict(),
-                                       inputs={"weights": loaded["weights"], "check_images": images_info},
+                                       inputs={"weights": loaded["weights"], "check_images": images_info,
+                                               "model": resolve_model(config.model).source.as_dict()},
                                        outputs=[onnx_path], timings=log.timings, results=results)
     destination = config.destination
     log.info(f"ok {log.total_seconds:.1f}s -> {display_path(destination / ONNX_NAME)}")
@@ -239,7 +249,8 @@ def _export_and_simplify(config: ExportConfig, model, weights: dict, onnx_path: 
 
 def _onnx_metadata(config: ExportConfig, model, weights: dict) -> dict[str, str]:
     """The contract and the model's identity, stored in the ONNX itself."""
-    return {**TRACK3.metadata_props(), "lpcv.model": config.model, "lpcv.output_mode": config.output,
+    # The spec's name, not the reference: a file reference's absolute path has no place in an uploaded model.
+    return {**TRACK3.metadata_props(), "lpcv.model": model.spec.name, "lpcv.output_mode": config.output,
             "lpcv.weights_source": weights["source"], "lpcv.weights_sha256": weights.get("sha256") or "",
             "lpcv.gelu": config.gelu, "lpcv.backbone_input_size": "x".join(map(str, model.input_size)),
             "lpcv.native_output": model.spec.output_semantics or model.spec.native_output,
@@ -314,17 +325,28 @@ def read_export(folder: str | os.PathLike, flag: str = "--fp32") -> tuple[Manife
 
 
 def _list_arguments(parser) -> None:
-    parser.add_argument("--list", action="store_true", help="list the registered models and exit")
+    parser.add_argument("--list", action="store_true",
+                        help="list every model (built in, from plugin packages, and --model's factory) with where "
+                             "it comes from, and exit")
 
 
 def _list_models(args) -> int | None:
+    """Every model with where it comes from; a plugin that cannot be loaded is reported, with its fix,
+    and the others are still listed."""
     if not args.list:
         return None
-    from lpcv_depth.models import get_spec, list_models
+    import sys
 
-    for name in list_models():
-        spec = get_spec(name)
-        print(f"{name:28s} {spec.license:14s} {spec.description}")
+    from lpcv_depth.models.sources import is_reference, model_sources, resolve_model
+
+    listed, problems = model_sources()
+    if is_reference(args.model):
+        resolved = resolve_model(args.model)
+        listed.append((resolved.spec, resolved.source))
+    for spec, source in listed:
+        print(f"{spec.name:40s} {source.describe():28s} {spec.license:14s} {spec.description}")
+    for problem in problems:
+        print(f"{STAGE}: WARNING {problem}", file=sys.stderr)
     return 0
 
 

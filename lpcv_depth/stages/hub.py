@@ -188,6 +188,26 @@ def _aimet_artifact(folder: Path) -> HubArtifact:
                        _existing(folder.parent / QDQ_ONNX))
 
 
+def exported_model(folder: Path | None) -> str | None:
+    """The --model value of the export behind an export, ptq or htp-check folder, through their manifests."""
+    for _ in range(3):  # htp-check -> ptq -> export
+        if folder is None or not (folder / MANIFEST_NAME).is_file():
+            return None
+        manifest = read_manifest(folder)
+        stage = manifest.get("stage")
+        if stage == "export":
+            return manifest.get("config", {}).get("model")
+        if stage == "ptq":
+            upstream = (manifest.get("inputs", {}).get("export_manifest") or {}).get("path")
+            folder = Path(upstream).parent if upstream else None
+        elif stage == "htp-check" and manifest.get("config", {}).get("ptq"):
+            ptq = Path(manifest["config"]["ptq"])
+            folder = ptq.parent if ptq.suffix == ".onnx" else ptq
+        else:
+            return None
+    return None
+
+
 def _folder_artifact(path: Path) -> HubArtifact:
     stage = _stage_of(path)
     readers = {"export": _export_artifact, "ptq": _ptq_artifact, "htp-check": _htp_check_artifact}
@@ -333,10 +353,13 @@ class HubConfig:
             return ""
         from lpcv_depth.models import get_spec
 
-        try:
-            return get_spec(name).hub_compile_options
-        except UnknownModelError:  # an .aimet folder named after an unregistered model
-            return ""
+        # A model given by factory reference is registered under no name: its export's --model finds it.
+        for model in dict.fromkeys((name, exported_model(self.artifact_info.source_dir))):
+            try:
+                return get_spec(model).hub_compile_options if model else ""
+            except UnknownModelError:  # an .aimet folder named after an unregistered model
+                continue
+        return ""
 
     @property
     def quantize_io_applies(self) -> bool:

@@ -55,7 +55,8 @@ class RunConfig(PassedOnArgs):
     out: Path | None = option(None, help="output folder (default: build/<model>)")
 
     def __post_init__(self):
-        ExportConfig(model=self.model, weights=self.weights, input_size=self.input_size)  # validates these
+        export = ExportConfig(model=self.model, weights=self.weights, input_size=self.input_size)  # validates these
+        object.__setattr__(self, "model", export.model)  # a file reference, with its path made absolute
         check_input_folders(self.calib, self.eval_data)
         if self.max_frames is not None and self.max_frames < 1:
             raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}",
@@ -64,7 +65,9 @@ class RunConfig(PassedOnArgs):
 
     @property
     def destination(self) -> Path:
-        return Path(self.out) if self.out is not None else build_dir(self.model)
+        from lpcv_depth.models import model_folder_name
+
+        return Path(self.out) if self.out is not None else build_dir(model_folder_name(self.model))
 
     def forced(self, stage: str) -> bool:
         return "all" in self.force or stage in self.force

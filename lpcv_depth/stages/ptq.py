@@ -374,8 +374,11 @@ def _exported_config(manifest: Manifest):
 def rebuild_fp32_model(manifest: Manifest, results: ExportResults):
     """The exact torch model the export stage exported, from its manifest (weights checked by sha256)."""
     from lpcv_depth.models import create_model, set_gelu_approximation
+    from lpcv_depth.models.sources import check_model_files
     from lpcv_depth.models.weights import WeightsInfo
 
+    # Before the config is read back: reading it loads the model's file, which must be the exported one.
+    check_model_files(manifest.inputs.get("model"), redo=command_line("export", "--model", manifest.config["model"]))
     exported = _exported_config(manifest)
     weights = from_json(WeightsInfo, results.weights, where="export results.weights")
     redo = command_line("export", "--model", exported.model, "--weights", "PATH")

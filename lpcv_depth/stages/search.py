@@ -113,7 +113,8 @@ class SearchConfig(PassedOnArgs):
                                   hint=f"pass at least one value, or leave --{name.replace('_', '-')} out for "
                                        "its default")
         for size in self.sizes:
-            ExportConfig(model=self.model, weights=self.weights, input_size=size)  # patch multiple, model name
+            export = ExportConfig(model=self.model, weights=self.weights, input_size=size)  # patch multiple, model
+            object.__setattr__(self, "model", export.model)  # a file reference, with its path made absolute
         unknown = [p for p in self.preset if p not in PRESETS]
         if unknown:
             raise ConfigError(f"unknown preset(s) {', '.join(unknown)}; presets: {', '.join(PRESETS)}",
@@ -154,7 +155,9 @@ class SearchConfig(PassedOnArgs):
 
     @property
     def destination(self) -> Path:
-        return Path(self.out) if self.out is not None else build_dir(self.model, "search")
+        from lpcv_depth.models import model_folder_name
+
+        return Path(self.out) if self.out is not None else build_dir(model_folder_name(self.model), "search")
 
     def as_dict(self) -> dict:
         from lpcv_depth.manifest import config_as_dict
@@ -652,7 +655,9 @@ def rebuild_commands(config: SearchConfig, trial: Trial) -> list[str]:
     from lpcv_depth.options import config_to_argv
     from lpcv_depth.stage import command_line
 
-    alone = os.fspath(build_dir(config.model, trial.name))
+    from lpcv_depth.models import model_folder_name
+
+    alone = os.fspath(build_dir(model_folder_name(config.model), trial.name))
     moved = {os.fspath(trial.export.folder): alone, os.fspath(trial.local.folder): alone}
 
     def shown(arg: str) -> str:
