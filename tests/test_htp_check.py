@@ -277,12 +277,18 @@ def fastdepth_ptq_dir(fastdepth_w8a8):
     return fastdepth_w8a8.out_dir  # conftest: the FastDepth w8a8 PTQ shared with test_ptq.py
 
 
+# The quick ptq's encodings follow the instruction set PyTorch calibrates with, so each host checks a
+# slightly different int8 model; the bound sits below the spread measured across instruction sets, with
+# a margin (docs/htp-check.md, "Which CPU reference"). The CPU reference itself is the same on every x86 CPU.
+HTP_PARITY_MIN_SQNR_DB = 22.0
+
+
 def _fastdepth_assertions(report):
-    # The HTP's fixed-point arithmetic stays near ORT's CPU kernels and AIMET's simulation (measured
+    # The HTP's fixed-point arithmetic stays near ORT's CPU Q/DQ and AIMET's simulation (measured
     # with the 16-bit and the 8-bit output tail: docs/htp-check.md); lower means an op computes
     # something else on the NPU.
-    assert report.numerics["htp_vs_int8_cpu"].sqnr_db > 25
-    assert report.numerics["htp_vs_aimet_sim"].sqnr_db > 25
+    assert report.numerics["htp_vs_int8_cpu"].sqnr_db > HTP_PARITY_MIN_SQNR_DB
+    assert report.numerics["htp_vs_aimet_sim"].sqnr_db > HTP_PARITY_MIN_SQNR_DB
     assert report.numerics["htp_vs_fp32"].fscore >= 99.0
     gt = report.ground_truth
     assert gt.fscore_drop <= 1.0, f"HTP int8 loses {gt.fscore_drop:.2f} F-score points vs fp32"
