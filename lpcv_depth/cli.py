@@ -86,6 +86,7 @@ def _raise_terminated(signum, frame):
 def run_command(name: str, args: argparse.Namespace) -> int:
     definition = stage_definition(name)
     log = StageLog(name)
+    config = None
     try:
         if args.workspace is not None:
             use_workspace(args.workspace)
@@ -93,10 +94,13 @@ def run_command(name: str, args: argparse.Namespace) -> int:
             status = definition.before_run(args)
             if status is not None:
                 return status
-        config = config_from_args(definition.config, args)
+        config = (definition.config_from_args(args) if definition.config_from_args is not None
+                  else config_from_args(definition.config, args))
         log.info(_source_line())
         result = definition.run(config, log)
     except (LpcvError, KeyboardInterrupt) as err:
+        if config is not None and definition.interrupted is not None and isinstance(err, KeyboardInterrupt):
+            return exit_status(name, err, definition.interrupted(config))
         return exit_status(name, err)
     hint = definition.next_hint(result) if definition.next_hint else None
     if hint:
