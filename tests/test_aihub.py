@@ -476,6 +476,27 @@ def test_missing_package_says_how_to_install(fp32_export, tmp_path, monkeypatch,
     assert 'fix: pip install -e ".[hub]"' in capsys.readouterr().err
 
 
+def test_qai_hub_versions_are_read_from_the_installed_metadata(monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setitem(sys.modules, "qai_hub", None)
+    monkeypatch.setattr(importlib.metadata, "requires", lambda name: ['qai-hub==9.9.9; extra == "hub"'])
+    assert ai_hub.supported_version() == "9.9.9"
+    with pytest.raises(MissingDependencyError) as missing:
+        HubClient().preflight()
+    assert missing.value.hint == 'pip install -e ".[hub]"  (installs qai-hub==9.9.9)'
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "requires", not_installed)  # a source tree lpcv-depth is not installed from
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert ai_hub.supported_version() is None and ai_hub.installed_version() is None
+    with pytest.raises(MissingDependencyError) as missing:
+        HubClient().preflight()
+    assert missing.value.hint == 'pip install -e ".[hub]"'
+
+
 @pytest.mark.parametrize("ini", ["missing", "no-token", "no-urls"])
 def test_missing_token_fails_before_any_request(ini, hub, client_ini, fp32_export, tmp_path, monkeypatch, capsys):
     if ini == "missing":
