@@ -50,7 +50,7 @@ from lpcv_depth.stages.hub_jobs import (STAGE, STATE_NAME, ArtifactRun, DeviceMo
                                         submit_or_resume, upload_artifact, wait_for)
 from lpcv_depth.stages.hub_report import TARGET_FPS, profile_line, summarize_profile, warn_profile
 
-__all__ = ["HubConfig", "HubPlan", "HubResult", "HubArtifact", "HubState", "run_hub", "resolve_inputs",
+__all__ = ["HubConfig", "HubPlan", "HubResult", "HubArtifact", "HubState", "run_hub", "run_in_turn", "resolve_inputs",
            "resolve_artifact", "summarize_profile", "next_command", "STATE_NAME", "RUNTIMES", "DEFINITION"]
 
 RUNTIMES = ("qnn_context_binary", "tflite", "qnn_dlc", "onnx")
