@@ -95,6 +95,8 @@ def _raise_terminated(signum, frame):
 def _stage_config(name: str, definition: StageDefinition, args: argparse.Namespace):
     """The stage's config; a value it refuses without saying what to do points at the stage's --help."""
     try:
+        if definition.config_from_args is not None:
+            return definition.config_from_args(args)
         return config_from_args(definition.config, args)
     except ConfigError as err:
         if err.hint is None:
@@ -105,6 +107,7 @@ def _stage_config(name: str, definition: StageDefinition, args: argparse.Namespa
 def run_command(name: str, args: argparse.Namespace) -> int:
     definition = stage_definition(name)
     log = StageLog(name)
+    config = None
     try:
         if args.workspace is not None:
             use_workspace(args.workspace)
@@ -117,6 +120,8 @@ def run_command(name: str, args: argparse.Namespace) -> int:
         log.info(_source_line())
         result = definition.run(config, log)
     except (LpcvError, KeyboardInterrupt) as err:
+        if config is not None and definition.interrupted is not None and isinstance(err, KeyboardInterrupt):
+            return exit_status(name, err, definition.interrupted(config))
         return exit_status(name, err)
     hint = definition.next_hint(result) if definition.next_hint else None
     if hint:

@@ -237,7 +237,10 @@ class StageDefinition:
 
     run(config, log) -> result; `next_hint(result)` is the command to run next; `extra_arguments`
     adds CLI-only flags (e.g. export's --list) that `before_run(args)` may act on (returning an
-    exit status ends the command there).
+    exit status ends the command there). `config_from_args(args)` builds what the command line
+    hands to `run` where that is more than the config type from its own flags (hub: one config per
+    positional artifact); `interrupted(config)` is what stderr says after Ctrl+C or SIGTERM
+    (default: nothing was written).
     """
 
     name: str
@@ -247,6 +250,8 @@ class StageDefinition:
     next_hint: Callable[[Any], str | None] | None = None
     extra_arguments: Callable[[Any], None] | None = None
     before_run: Callable[[Any], int | None] | None = None
+    config_from_args: Callable[[Any], Any] | None = None
+    interrupted: Callable[[Any], str] | None = None
 
 
 # The repo's scripts, one per stage: hints printed by a script name the scripts.

@@ -30,7 +30,8 @@ from lpcv_depth.backends.ai_hub import (HubAuthError, HubClient, HubJobFailedErr
 from lpcv_depth.errors import ConfigError, ExitCode, MissingDependencyError, OutputDirError
 from lpcv_depth.images import list_images
 from lpcv_depth.manifest import MANIFEST_NAME, read_manifest
-from lpcv_depth.stages.hub import STATE_NAME, HubConfig, run_hub, summarize_profile
+from lpcv_depth.stage import StageLog
+from lpcv_depth.stages.hub import STATE_NAME, HubConfig, resolve_inputs, run_hub, summarize_profile
 from lpcv_depth.track3_metric import FSCORE
 from tests.fake_qai_hub import make_htp_check_folder, make_ptq_folder, write_client_ini
 from tests.hub_rest_double import QUANTIZED_IO, S24, HubRestDouble
@@ -475,6 +476,27 @@ def test_missing_package_says_how_to_install(fp32_export, tmp_path, monkeypatch,
     assert 'fix: pip install -e ".[hub]"' in capsys.readouterr().err
 
 
+def test_qai_hub_versions_are_read_from_the_installed_metadata(monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setitem(sys.modules, "qai_hub", None)
+    monkeypatch.setattr(importlib.metadata, "requires", lambda name: ['qai-hub==9.9.9; extra == "hub"'])
+    assert ai_hub.supported_version() == "9.9.9"
+    with pytest.raises(MissingDependencyError) as missing:
+        HubClient().preflight()
+    assert missing.value.hint == 'pip install -e ".[hub]"  (installs qai-hub==9.9.9)'
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "requires", not_installed)  # a source tree lpcv-depth is not installed from
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert ai_hub.supported_version() is None and ai_hub.installed_version() is None
+    with pytest.raises(MissingDependencyError) as missing:
+        HubClient().preflight()
+    assert missing.value.hint == 'pip install -e ".[hub]"'
+
+
 @pytest.mark.parametrize("ini", ["missing", "no-token", "no-urls"])
 def test_missing_token_fails_before_any_request(ini, hub, client_ini, fp32_export, tmp_path, monkeypatch, capsys):
     if ini == "missing":
@@ -618,7 +640,7 @@ def test_hidden_file_in_an_aimet_folder_is_refused_before_upload(hub, int8_ptq, 
     ptq = _copy_stage(int8_ptq, tmp_path)
     (ptq / "fastdepth.aimet" / ".DS_Store").write_bytes(b"\0")
     with pytest.raises(ConfigError, match="not an AIMET model folder") as refused:
-        HubConfig(artifact=ptq)
+        run_hub(HubConfig(artifact=ptq))
     assert "remove .DS_Store" in str(refused.value)
     assert main(_argv(ptq, tmp_path / "hub")) == 2
     assert "fix: it must hold exactly one .onnx" in capsys.readouterr().err and hub.calls == []
@@ -726,7 +748,7 @@ def test_htp_check_folder_sends_its_context_binary(hub, int8_ptq, calibration_di
 
     (htp / "model_ctx_qnn.bin").unlink()
     with pytest.raises(ConfigError, match="no QNN context binary"):
-        _config(htp, tmp_path / "hub2")
+        run_hub(_config(htp, tmp_path / "hub2"))
 
 
 def test_output_folder_of_someone_else_is_refused(hub, fp32_export, tmp_path):
@@ -768,13 +790,30 @@ def _bad_inputs(tmp: Path, export: Path, ptq: Path) -> dict:
 def test_bad_input_is_a_config_error_with_a_hint(fp32_export, int8_ptq, tmp_path, capsys):
     for name, (options, message) in _bad_inputs(tmp_path, fp32_export, int8_ptq).items():
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-            HubConfig(**options)
+            resolve_inputs(HubConfig(**options), StageLog("hub"))  # values at construction, the artifact here
     # The repo's script, with the artifact as a positional argument, as users type it.
     script = subprocess.run([sys.executable, "export/aihub.py", str(tmp_path / "plain")], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert script.returncode == 2
     err = script.stderr
     assert "neither an export nor a ptq folder" in err and "fix: pass build/<model>/export" in err
+
+
+def test_config_holds_values_only_and_the_first_step_refuses_an_unusable_artifact(hub, fp32_export, tmp_path,
+                                                                                     capsys):
+    missing = tmp_path / "nope"
+    config = HubConfig(artifact=missing, out=tmp_path / "hub")  # no file is read while the config is built
+    assert config.artifact == missing
+    with pytest.raises(ConfigError, match="artifact not found"):
+        run_hub(config)
+    # Several artifacts: every one is resolved before anything is uploaded, so the bad second one
+    # stops the command before the good first one reaches the hub.
+    export = _copy_stage(fp32_export, tmp_path)
+    assert main([str(export), str(missing), "--no-profile", "--poll", "0.001"]) == ExitCode.ERROR == 2
+    err = capsys.readouterr().err
+    assert f"artifact not found: {missing}" in err and "fix: pass build/<model>/export" in err
+    assert hub.uploads == [] and hub.submitted == [] and hub.calls == []
+    assert not (tmp_path / "hub").exists() and not (tmp_path / "hub-export-qnn_context_binary").exists()
 
 
 def test_profile_summary_reads_the_real_layout():

@@ -265,7 +265,7 @@ def test_ptq_refuses_when_the_defining_file_changed(file_export, change, tmp_pat
 
 
 def test_hub_finds_the_reference_behind_a_ptq_or_htp_check_folder(file_export, tmp_path):
-    from lpcv_depth.stages.hub import exported_model
+    from lpcv_depth.stages.hub_artifacts import exported_model
 
     net, export = file_export
     ptq, htp = tmp_path / "ptq", tmp_path / "htp"

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import configparser
 import errno
+import importlib.metadata
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ S24_DEVICE = "Samsung Galaxy S24 (Family)"
 DEFAULT_API_URL = "https://workbench.aihub.qualcomm.com"
 CONFIGURE_HINT = ("get a token from the Account page of https://workbench.aihub.qualcomm.com, then run "
                   "`qai-hub configure --api_token YOUR_TOKEN` (writes ~/.qai_hub/client.ini)")
-INSTALL_HINT = 'pip install -e ".[hub]"  (installs qai-hub==0.56.0)'
+PACKAGE = "qai-hub"
 # qai_hub reads this variable, else ~/.qai_hub/client.ini; the preflight reads the same file.
 CONFIG_ENV = "QAIHUB_CLIENT_INI"
 # qai_hub.Client refuses a client.ini without any of these (it then reports the token as missing).
@@ -54,6 +56,39 @@ _LOCAL_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.ER
                  errno.EMFILE, errno.ENFILE, errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG}
 UNAVAILABLE_HINT = ("check the network and proxy settings (HTTPS_PROXY / NO_PROXY); if they work, AI Hub itself may "
                     "be down. Submitted job ids are recorded, so rerunning the same command resumes")
+
+
+def supported_version() -> str | None:
+    """The qai-hub version lpcv-depth's [hub] extra pins, from the installed project's metadata;
+    None where lpcv-depth itself is not installed (a bare source tree)."""
+    try:
+        requirements = importlib.metadata.requires("lpcv-depth") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for requirement in requirements:
+        found = re.match(rf"{re.escape(PACKAGE)}\s*==\s*([^;\s]+)", requirement)
+        if found:
+            return found[1]
+    return None
+
+
+def installed_version() -> str | None:
+    """The qai-hub version installed here; None where it is not installed."""
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _install_hint() -> str:
+    pinned = supported_version()
+    return 'pip install -e ".[hub]"' + (f"  (installs {PACKAGE}=={pinned})" if pinned else "")
+
+
+def _versions_line() -> str:
+    """For a bug report: the qai-hub version that ran and the one the [hub] extra pins."""
+    return (f"{PACKAGE} {installed_version() or 'not installed'}, "
+            f"the [hub] extra pins {supported_version() or 'an unknown version (lpcv-depth is not installed)'}")
 
 
 class HubError(LpcvError):
@@ -244,7 +279,7 @@ class HubClient:
                 import qai_hub
             except ImportError as err:
                 raise MissingDependencyError(f"the AI Hub client package is not installed ({err})",
-                                             hint=INSTALL_HINT) from err
+                                             hint=_install_hint()) from err
             self._module = qai_hub
         return self._module
 
@@ -465,7 +500,7 @@ class HubClient:
                                  hint="check the path, its permissions and the free disk space (the network is "
                                       "not the problem); then rerun the same command (it resumes)")
         return HubError(f"unexpected {type(err).__name__} while trying to {what}: {text}",
-                        hint="rerun; if it persists, report it with the qai-hub version (0.56.0 is supported)")
+                        hint=f"rerun; if it persists, report it with the qai-hub version ({_versions_line()})")
 
 
 def _clock(seconds: float) -> str:
