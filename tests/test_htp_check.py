@@ -202,18 +202,74 @@ def test_float_model_is_refused_as_not_qdq(tiny, tmp_path, capsys):
 
 
 def test_config_is_validated(tiny, tmp_path):
-    with pytest.raises(ConfigError, match="no held-out images"):
-        HtpCheckConfig(ptq=tiny["qdq"])
     with pytest.raises(ConfigError, match="htp_arch"):
         HtpCheckConfig(ptq=tiny["qdq"], images=tiny["images"], htp_arch="74")
     with pytest.raises(ConfigError, match="soc_model"):
         HtpCheckConfig(ptq=tiny["qdq"], images=tiny["images"], soc_model="SM8650")
     with pytest.raises(ConfigError, match="max_frames"):
         HtpCheckConfig(ptq=tiny["qdq"], images=tiny["images"], max_frames=0)
+
+
+def test_the_ptq_input_is_checked_in_the_first_step(tiny, tmp_path, capsys):
+    """The config validates values only; --ptq (folder or file, its manifest) is read once, by the run,
+    before anything is compiled or written."""
+    with pytest.raises(ConfigError, match="no held-out images"):
+        run_htp_check(HtpCheckConfig(ptq=tiny["qdq"]))
     with pytest.raises(ConfigError, match="not found"):
-        HtpCheckConfig(ptq=tmp_path / "missing")
+        run_htp_check(HtpCheckConfig(ptq=tmp_path / "missing"))
     with pytest.raises(ConfigError, match="not a ptq stage output"):
-        HtpCheckConfig(ptq=tiny["root"])
+        run_htp_check(HtpCheckConfig(ptq=tiny["root"]))
+    assert "inputs FAILED" in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
+def _tiny_ptq_folder(tiny, folder, fp32):
+    """A ptq stage folder around the tiny QDQ model whose manifest records `fp32` as the model it quantized."""
+    from lpcv_depth.manifest import sha256_file, write_manifest
+    from lpcv_depth.results import Fidelity, PtqResults, PtqSizes
+
+    folder.mkdir()
+    qdq = folder / "model_qdq.onnx"
+    shutil.copy(tiny["qdq"], qdq)
+    results = PtqResults(model="tiny", preset="w8a8", techniques={}, fp32_contract={}, calibration_analyzers={},
+                         preparation={}, qdq_vs_aimet_sim={}, int8_vs_fp32=Fidelity(30.0, 30.0, 0.01, 99.0, [99.0], 1),
+                         sizes_bytes=PtqSizes(fp32_onnx=1, qdq_onnx=1, aimet_onnx=1, aimet_encodings=1),
+                         host_latency_ms=None)
+    write_manifest(folder, stage="ptq", config={}, inputs={"fp32_onnx": {"path": str(fp32), "sha256": sha256_file(fp32)}},
+                   outputs=[qdq], timings={}, results=results)
+    return folder
+
+
+def test_an_export_replaced_after_ptq_is_refused(tiny, tmp_path, capsys):
+    """Another model's export in place of the one ptq quantized: its fp16 baseline would read as if the HTP
+    broke this model, so the check refuses rather than report it."""
+    fp32 = tmp_path / "export" / "model.onnx"
+    fp32.parent.mkdir()
+    shutil.copy(tiny["float"], fp32)
+    ptq = _tiny_ptq_folder(tiny, tmp_path / "ptq", fp32)
+    shutil.copy(tiny["float_erf"], fp32)
+    code = main(["--ptq", str(ptq), "--images", str(tiny["images"]), "--max-frames", "1", "--fscore-max-points", "5000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not the model ptq quantized" in err and "fix:" in err and "--fp32" in err
+    assert not (ptq / "htp-check").exists()
+    shutil.copy(tiny["float"], fp32)  # the model ptq quantized, back in place: checked
+    assert main(["--ptq", str(ptq), "--images", str(tiny["images"]), "--max-frames", "1", "--no-fp16-baseline",
+                 "--no-context-binary", "--fscore-max-points", "5000"]) == 0
+
+
+def test_a_file_that_is_no_model_is_refused_with_a_fix(tiny, tmp_path, capsys):
+    junk = tmp_path / "random.onnx"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    for argv, says in ((["--images", str(tiny["images"])], "not a readable ONNX model"),
+                       ([], "no held-out images")):
+        assert main(["--ptq", str(junk), *argv]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "fix:" in err
+    text = tmp_path / "model.txt"
+    text.write_text("not a model")
+    assert main(["--ptq", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert "neither a ptq folder nor an .onnx file" in err and "fix:" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.txt", "random.onnx"]
 
 
 def test_missing_wheel_names_the_install_command(monkeypatch, tmp_path, tiny):

@@ -249,7 +249,9 @@ def inspect_qdq_model(path: Path) -> dict:
     try:
         model = onnx.load(os.fspath(path), load_external_data=False)
     except Exception as err:  # onnx raises DecodeError and friends for a file that is not a model
-        raise ContractError(f"{path} is not a readable ONNX model: {type(err).__name__}: {err}") from err
+        raise ContractError(f"{path} is not a readable ONNX model: {type(err).__name__}: {err}",
+                            hint="pass the ptq stage's folder (lpcv-depth ptq) or its model_qdq.onnx, an int8 QDQ "
+                                 "ONNX file; check that the file was copied whole") from err
     ops = collections.Counter(node.op_type for node in model.graph.node)
     if not ops["QuantizeLinear"] or not ops["DequantizeLinear"]:
         raise ContractError(
