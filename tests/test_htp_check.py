@@ -300,6 +300,22 @@ def test_other_platforms_are_told_why(monkeypatch):
     assert "darwin/arm64" in str(err.value) and "aihub" in str(err.value)
 
 
+def test_tool_versions_in_hints_are_the_pinned_ones():
+    import tomllib
+
+    from lpcv_depth.backends.ray_cluster import RAY_INSTALL
+    from lpcv_depth.stages.htp_check import HUB_CONTEXT_NOTE
+
+    project = tomllib.loads((DOCS.parents[1] / "pyproject.toml").read_text())["project"]
+    pins = {spec.split(";")[0].strip() for specs in [project["dependencies"], *project["optional-dependencies"].values()]
+            for spec in specs}
+    for name in ("onnxruntime", "onnxruntime-qnn"):
+        assert next(pin for pin in pins if pin.startswith(f"{name}==")) in qnn._PINNED
+    assert next(pin for pin in pins if pin.startswith("ray==")) in RAY_INSTALL
+    qai_hub = next(pin for pin in pins if pin.startswith("qai-hub==")).split("==")[1]
+    assert HUB_CONTEXT_NOTE.startswith(f"qai-hub {'.'.join(qai_hub.split('.')[:2])} takes")
+
+
 def test_docs_flag_table_lists_every_option():
     from lpcv_depth.options import cli_fields, flag_name
 

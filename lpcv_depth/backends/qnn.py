@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from lpcv_depth.errors import ContractError, MissingDependencyError
+from lpcv_depth.pins import pinned
 
 __all__ = ["QNN_EP", "QNN_INSTALL", "SOC_MODELS", "SM8650", "HTP_ARCHS", "QDQ_OPS", "EMULATION_NOTE",
            "FALLBACK_REFUSED", "HtpRefusedError", "HtpTarget", "QnnBackend", "import_qnn", "unavailable_reason",
@@ -36,7 +37,7 @@ __all__ = ["QNN_EP", "QNN_INSTALL", "SOC_MODELS", "SM8650", "HTP_ARCHS", "QDQ_OP
 
 QNN_EP = "QNNExecutionProvider"
 QNN_INSTALL = 'pip install -e ".[qnn]"   (Linux x86_64 only)'
-_PINNED = '"onnxruntime==1.32.0" "onnxruntime-qnn==2.7.0"'
+_PINNED = f'"{pinned("onnxruntime")}" "{pinned("onnxruntime-qnn")}"'
 # Qnn_SocModel ids (QNN SDK "Supported Snapdragon devices"); SM8650 is the Galaxy S24's Snapdragon 8 Gen 3.
 SOC_MODELS = {"SM8450": "36", "SM8550": "43", "SM8650": "57", "SM8750": "69"}
 SM8650 = SOC_MODELS["SM8650"]
@@ -101,12 +102,12 @@ def import_qnn() -> QnnBackend:
 
     if not hasattr(ort, "register_execution_provider_library"):
         raise MissingDependencyError(f"onnxruntime {ort.__version__} cannot load plugin execution providers "
-                                     "(onnxruntime-qnn 2.x is one)", hint='pip install -e .   (onnxruntime==1.32.0)')
+                                     "(onnxruntime-qnn 2.x is one)", hint=f'pip install -e .   ({pinned("onnxruntime")})')
     provider_library, htp_library = onnxruntime_qnn.get_library_path(), onnxruntime_qnn.get_qnn_htp_path()
     for path in (provider_library, htp_library):
         if not Path(path).is_file():
             raise MissingDependencyError(f"onnxruntime-qnn is installed but {Path(path).name} is missing from "
-                                         f"{Path(path).parent}", hint='pip install --force-reinstall "onnxruntime-qnn==2.7.0"')
+                                         f"{Path(path).parent}", hint=f'pip install --force-reinstall "{pinned("onnxruntime-qnn")}"')
     devices = _register(ort, provider_library)
     info = getattr(onnxruntime_qnn, "build_and_package_info", None)
     backend = QnnBackend(devices=devices, htp_library=htp_library, version=getattr(onnxruntime_qnn, "__version__", "?"),
@@ -149,7 +150,7 @@ def _register(ort, provider_library: str) -> tuple:
     devices = tuple(device for device in ort.get_ep_devices() if device.ep_name == QNN_EP)
     if not devices:
         raise MissingDependencyError("the QNN execution provider loaded but offers no device to run on",
-                                     hint='pip install --force-reinstall "onnxruntime-qnn==2.7.0"')
+                                     hint=f'pip install --force-reinstall "{pinned("onnxruntime-qnn")}"')
     return devices
 
 

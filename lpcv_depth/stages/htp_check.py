@@ -40,6 +40,7 @@ from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.gates import Gate, enforce_gates
 from lpcv_depth.manifest import MANIFEST_NAME, Manifest, config_as_dict, read_manifest, sha256_file, write_manifest
 from lpcv_depth.options import inherit, option
+from lpcv_depth.pins import pinned_version
 from lpcv_depth.results import (ContextBinary, Coverage, EmulationTime, EvaluateResults, Fp16Baseline,
                                 HtpCheckResults, HtpGroundTruth, OutputComparison, PtqResults)
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
@@ -55,7 +56,9 @@ STAGE = "htp-check"
 CONTEXT_ONNX = "model_ctx.onnx"
 CONTEXT_IO = "float32 image in, float32 depth out (input quantization and output dequantization inside the graph)"
 CONTEXT_BUILD_NOTE = "build_s is the host compile (HTP graph prepare) time, not device latency"
-HUB_CONTEXT_NOTE = ("qai-hub 0.56 takes a QNN context binary for profile/inference jobs as a .bin file "
+# The qai-hub release the note below describes: the one lpcv-depth pins, as major.minor.
+QAI_HUB_RELEASE = ".".join((pinned_version("qai-hub") or "").split(".")[:2]) or "(the hub extra's)"
+HUB_CONTEXT_NOTE = (f"qai-hub {QAI_HUB_RELEASE} takes a QNN context binary for profile/inference jobs as a .bin file "
                     "(SourceModelType.QNN_CONTEXT_BINARY, devices with framework:qnn), or this folder's "
                     "model_ctx.onnx + model_ctx_qnn.bin as an ONNX model with a precompiled QNN context. "
                     "A context binary only loads on a QNN runtime at least as new as the one that built it "
