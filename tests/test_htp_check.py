@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn (the qnn extra, L
 
 from lpcv_depth import cli  # noqa: E402
 from lpcv_depth.backends import qnn  # noqa: E402
-from lpcv_depth.errors import ConfigError, ContractError, GateError, MissingDependencyError  # noqa: E402
+from lpcv_depth.errors import ConfigError, ContractError, ExitCode, GateError, MissingDependencyError  # noqa: E402
 from lpcv_depth.stages.htp_check import HtpCheckConfig, run_htp_check  # noqa: E402
 
 HEIGHT, WIDTH = 480, 640
@@ -270,6 +273,64 @@ def test_a_file_that_is_no_model_is_refused_with_a_fix(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "neither a ptq folder nor an .onnx file" in err and "fix:" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.txt", "random.onnx"]
+
+
+def _deep_float_model(path, channels: int = 32, layers: int = 24):
+    """image -> Conv -> Relu, `layers` times channels->channels 3x3 Conv -> Relu, -> Conv -> Sigmoid -> depth: a
+    model whose one 640x480 frame keeps the HTP emulator in a single native call for tens of seconds."""
+    rng = np.random.default_rng(0)
+
+    def weights(name, out_channels, in_channels, gain=1.0):
+        scale = rng.uniform(0.5, 1.5, (out_channels, 1, 1, 1)) * gain / (9 * in_channels)
+        return numpy_helper.from_array((np.ones((out_channels, in_channels, 3, 3)) * scale).astype(np.float32), name)
+
+    initializers = [weights("w0", channels, 3, gain=4 / 255)]
+    nodes, hidden = [], "image"
+    for index in range(layers + 1):
+        if index:
+            initializers.append(weights(f"w{index}", channels, channels))
+        nodes += [helper.make_node("Conv", [hidden, f"w{index}"], [f"conv{index}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"conv{index}"], [f"relu{index}"])]
+        hidden = f"relu{index}"
+    initializers.append(weights("w_out", 1, channels))
+    nodes += [helper.make_node("Conv", [hidden, "w_out"], ["conv_out"], pads=[1, 1, 1, 1]),
+              helper.make_node("Sigmoid", ["conv_out"], ["depth"])]
+    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, HEIGHT, WIDTH])],
+                              [helper.make_tensor_value_info("depth", TensorProto.FLOAT, [1, 1, HEIGHT, WIDTH])],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_an_interrupt_during_the_emulation_stops_the_check_at_once(tiny, tmp_path_factory, tmp_path):
+    """Ctrl+C or SIGTERM while the emulator is inside one frame: the check ends within a second or two (it
+    waited for the frame to finish, tens of seconds, then for the QNN backend's teardown), exit 130 / 143,
+    and leaves no output folder and no hidden partial folder."""
+    from lpcv_depth.images import list_images, load_contract_image
+
+    models = tmp_path_factory.mktemp("deep")
+    calibration = [load_contract_image(list_images(tiny["images"])[0])]
+    qdq = _quantize(_deep_float_model(models / "deep.onnx"), models / "deep_qdq.onnx", calibration)
+    for sent, status in ((signal.SIGINT, ExitCode.INTERRUPTED), (signal.SIGTERM, ExitCode.TERMINATED)):
+        # A shell's background job starts with SIGINT ignored; the check gets it as a terminal would send it.
+        proc = subprocess.Popen([sys.executable, "-m", "lpcv_depth.cli", "htp-check", "--ptq", str(qdq), "--images",
+                                 str(tiny["images"]), "--max-frames", "1", "--no-fp16-baseline", "--out",
+                                 str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        for line in proc.stdout:
+            if "context-binary ok" in line:
+                break
+        time.sleep(1.0)  # into the first frame's emulation
+        start = time.monotonic()
+        proc.send_signal(sent)
+        _, err = proc.communicate(timeout=300)
+        stopped_s = time.monotonic() - start
+        assert proc.returncode == status, err
+        assert stopped_s < 8, f"{sent.name}: the check took {stopped_s:.1f}s to stop"
+        assert ("interrupted" if sent == signal.SIGINT else "terminated") in err
+        assert list(tmp_path.iterdir()) == [], "nothing is left behind"
 
 
 def test_missing_wheel_names_the_install_command(monkeypatch, tmp_path, tiny):

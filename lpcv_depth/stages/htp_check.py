@@ -25,6 +25,7 @@ is orders of magnitude faster. Only an AI Hub profile job measures the phone. Mo
 from __future__ import annotations
 
 import collections
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import numpy as np
 
 from lpcv_depth.backends.qnn import (EMULATION_NOTE, HTP_ARCHS, QDQ_OPS, SM8650, SOC_MODELS, Compiled,
                                      HtpRefusedError, HtpSession, HtpTarget, QnnBackend, compile_for_htp,
-                                     compile_fp16, import_qnn, inspect_qdq_model, keep_context)
+                                     compile_fp16, import_qnn, inspect_qdq_model, keep_context, run_killable)
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.gates import Gate, enforce_gates
 from lpcv_depth.manifest import MANIFEST_NAME, Manifest, config_as_dict, read_manifest, sha256_file, write_manifest
@@ -43,7 +44,8 @@ from lpcv_depth.options import inherit, option
 from lpcv_depth.pins import pinned_version
 from lpcv_depth.results import (ContextBinary, Coverage, EmulationTime, EvaluateResults, Fp16Baseline,
                                 HtpCheckResults, HtpGroundTruth, OutputComparison, PtqResults)
-from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
+from lpcv_depth.stage import (StageDefinition, StageLog, StagingDir, command_line, display_path,
+                              remove_stale_partials)
 from lpcv_depth.stages.evaluate import EvaluateConfig, evaluate_within
 from lpcv_depth.stages.htp_report import op_summary
 from lpcv_depth.stages.ptq import HOLDOUT_OUTPUTS, QDQ_ONNX
@@ -201,8 +203,23 @@ class _Inputs:
 
 
 def run_htp_check(config: HtpCheckConfig, log: StageLog | None = None) -> HtpCheckResult:
-    """Coverage, numerics, context binary and fp16 baseline of the int8 model on the emulated HTP."""
+    """Coverage, numerics, context binary and fp16 baseline of the int8 model on the emulated HTP, in a
+    child process that an interrupt kills at once (the emulation's native calls run for seconds)."""
     log = log or StageLog(STAGE)
+    return run_killable(_check, log, config, on_kill=functools.partial(_clean_after_kill, config.destination))
+
+
+def _clean_after_kill(destination: Path, pid: int) -> None:
+    """Remove what a killed check left beside `destination`; killed between the two renames that swap
+    a finished check in, the earlier check goes back in place."""
+    destination = destination.resolve()
+    previous = destination.parent / f".{destination.name}.previous-{pid}"
+    if previous.is_dir() and not destination.exists():
+        os.replace(previous, destination)
+    remove_stale_partials(destination)
+
+
+def _check(config: HtpCheckConfig, log: StageLog) -> HtpCheckResult:
     log.info("every time below is host EMULATION time on this x86 CPU, not device latency")
     warnings: list[str] = []
     with _inputs_stay_readable():
