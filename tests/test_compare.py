@@ -152,6 +152,23 @@ def test_offline_report_shows_the_local_htp_check(host_only, tmp_path):
     assert set(result.manifest["inputs"]) == {"fp32", "int8", "htp_check"}
 
 
+def test_each_input_folder_is_read_once_by_the_run(host_only, tmp_path, monkeypatch):
+    """The config validates values only; the run reads every input folder's manifest once, in read-inputs."""
+    from lpcv_depth.manifest import Manifest
+
+    reads, read = [], Manifest.read.__func__
+
+    def counted(cls, folder, **options):
+        reads.append(Path(folder))
+        return read(cls, folder, **options)
+
+    monkeypatch.setattr(Manifest, "read", classmethod(counted))
+    config = CompareConfig(fp32=host_only / "export", int8=host_only / "ptq-w8a8", out=tmp_path / "cmp")
+    assert reads == []
+    run_compare(config)
+    assert sorted(reads) == [host_only / "export", host_only / "ptq-w8a8"]
+
+
 def test_an_htp_check_of_another_int8_model_is_refused(host_only, tmp_path):
     root = _copy_models(host_only / "export", host_only / "ptq-w8a8", tmp_path)
     _fake_htp_check(root / "ptq-w8a8", root / "export", qdq_sha256="0" * 64)

@@ -242,14 +242,19 @@ def _tiny_ptq_folder(tiny, folder, fp32):
     return folder
 
 
-def test_an_export_replaced_after_ptq_is_refused(tiny, tmp_path, capsys):
+def test_an_export_replaced_after_ptq_is_refused(tiny, tmp_path, capsys, monkeypatch):
     """Another model's export in place of the one ptq quantized: its fp16 baseline would read as if the HTP
     broke this model, so the check refuses rather than report it."""
+    from lpcv_depth.manifest import Manifest
+
     fp32 = tmp_path / "export" / "model.onnx"
     fp32.parent.mkdir()
     shutil.copy(tiny["float"], fp32)
     ptq = _tiny_ptq_folder(tiny, tmp_path / "ptq", fp32)
     shutil.copy(tiny["float_erf"], fp32)
+    with monkeypatch.context() as patched:  # the config validates values only: the run's first step reads ptq
+        patched.setattr(Manifest, "read", classmethod(lambda *args, **kwargs: pytest.fail("the config read a manifest")))
+        HtpCheckConfig(ptq=ptq, images=tiny["images"])
     code = main(["--ptq", str(ptq), "--images", str(tiny["images"]), "--max-frames", "1", "--fscore-max-points", "5000"])
     err = capsys.readouterr().err
     assert code == 2 and "is not the model ptq quantized" in err and "fix:" in err and "--fp32" in err
