@@ -49,7 +49,12 @@ def _float_model(path, *, with_erf: bool = False):
         hidden = "erf1"
     nodes += [helper.make_node("Conv", [hidden, "w2"], ["conv2"], pads=[1, 1, 1, 1], name="conv2"),
               helper.make_node("Sigmoid", ["conv2"], ["depth"], name="sigmoid")]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, HEIGHT, WIDTH])],
+    return _save_model(path, "tiny", nodes, initializers)
+
+
+def _save_model(path, name, nodes, initializers):
+    """The contract's graph (image (1,3,480,640) -> depth (1,1,480,640)) of `nodes`, saved at `path`."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, HEIGHT, WIDTH])],
                               [helper.make_tensor_value_info("depth", TensorProto.FLOAT, [1, 1, HEIGHT, WIDTH])],
                               initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -300,13 +305,7 @@ def _deep_float_model(path, channels: int = 32, layers: int = 24):
     initializers.append(weights("w_out", 1, channels))
     nodes += [helper.make_node("Conv", [hidden, "w_out"], ["conv_out"], pads=[1, 1, 1, 1]),
               helper.make_node("Sigmoid", ["conv_out"], ["depth"])]
-    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, HEIGHT, WIDTH])],
-                              [helper.make_tensor_value_info("depth", TensorProto.FLOAT, [1, 1, HEIGHT, WIDTH])],
-                              initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
-    return path
+    return _save_model(path, "deep", nodes, initializers)
 
 
 def test_an_interrupt_during_the_emulation_stops_the_check_at_once(tiny, tmp_path_factory, tmp_path):
