@@ -16,6 +16,8 @@ import numpy as np
 
 from lpcv_depth.contract import Contract
 from lpcv_depth.errors import ConfigError, ContractError, ParityError
+from lpcv_depth.manifest import Manifest
+from lpcv_depth.results import OutputComparison
 
 _ONNX_FLOAT = 1  # onnx.TensorProto.FLOAT, without importing onnx for a constant
 
@@ -57,6 +59,38 @@ def scale_aligned_sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
         scale = float(np.sum(ref * out)) / energy if energy > 0 else 1.0
         values.append(sqnr_db(ref, out * scale))
     return float(np.mean(values))
+
+
+def output_fidelity(reference: np.ndarray, test: np.ndarray, *, fscore: bool = True, scale_aligned: bool = False,
+                    float64_diff: bool = False, **fscore_options) -> OutputComparison:
+    """How closely `test` follows `reference`, image by image stacked along the first axis: SQNR, max
+    abs diff and (with `fscore`) the Track 3 F-score@0.1 of each image with its reference as pseudo
+    ground truth, averaged; `fscore_options` go to `fscore_against_reference` (max_points, workers).
+    With `scale_aligned`, also the SQNR after a per-image scale fit. The max abs diff is taken in the
+    arrays' own dtype, or with `float64_diff` of their exact float64 difference (the HTP check's
+    record), so every stage keeps the figures it always recorded."""
+    difference = (reference.astype(np.float64) - test) if float64_diff else (reference - test)
+    per_image = None
+    if fscore:
+        from lpcv_depth.track3_metric import FSCORE, fscore_against_reference
+
+        per_image = [fscore_against_reference(t, r, **fscore_options)[FSCORE] for t, r in zip(test, reference)]
+    return OutputComparison(sqnr_db=sqnr_db(reference, test), max_abs_diff=float(np.max(np.abs(difference))),
+                            fscore=float(np.mean(per_image)) if per_image is not None else None,
+                            sqnr_db_scale_aligned=scale_aligned_sqnr_db(reference, test) if scale_aligned else None,
+                            fscore_per_image=per_image)
+
+
+def recorded_sha256(manifest: Manifest, name: str) -> str | None:
+    """The sha256 a stage recorded for one of its input files (its manifest's `inputs`)."""
+    record = manifest.inputs.get(name)
+    return record.get("sha256") if isinstance(record, dict) else None
+
+
+def recorded_path(manifest: Manifest, name: str) -> str | None:
+    """The path a stage recorded for one of its input files, as it was written."""
+    record = manifest.inputs.get(name)
+    return record.get("path") if isinstance(record, dict) else None
 
 
 def compare_outputs(reference: np.ndarray, test: np.ndarray, thresholds: ParityThresholds,

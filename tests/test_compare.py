@@ -16,7 +16,8 @@ from lpcv_depth.backends.ai_hub import HubClient
 from lpcv_depth.errors import ConfigError
 from lpcv_depth.manifest import read_manifest, sha256_file, write_manifest
 from lpcv_depth.results import ContextBinary, Coverage, Fp16Baseline, HtpCheckResults, HtpGroundTruth, OutputComparison
-from lpcv_depth.stages.compare import HTP_NOTE, CompareConfig, _bar_panels, find_hub_run, run_compare
+from lpcv_depth.stages.compare import HTP_NOTE, CompareConfig, find_hub_run, run_compare
+from lpcv_depth.stages.compare_report import _bar_panels
 from lpcv_depth.stages.export import ExportConfig, run_export
 from lpcv_depth.stages.hub import HubConfig, run_hub
 from lpcv_depth.track3_metric import FSCORE
@@ -151,11 +152,28 @@ def test_offline_report_shows_the_local_htp_check(host_only, tmp_path):
     assert set(result.manifest["inputs"]) == {"fp32", "int8", "htp_check"}
 
 
+def test_each_input_folder_is_read_once_by_the_run(host_only, tmp_path, monkeypatch):
+    """The config validates values only; the run reads every input folder's manifest once, in read-inputs."""
+    from lpcv_depth.manifest import Manifest
+
+    reads, read = [], Manifest.read.__func__
+
+    def counted(cls, folder, **options):
+        reads.append(Path(folder))
+        return read(cls, folder, **options)
+
+    monkeypatch.setattr(Manifest, "read", classmethod(counted))
+    config = CompareConfig(fp32=host_only / "export", int8=host_only / "ptq-w8a8", out=tmp_path / "cmp")
+    assert reads == []
+    run_compare(config)
+    assert sorted(reads) == [host_only / "export", host_only / "ptq-w8a8"]
+
+
 def test_an_htp_check_of_another_int8_model_is_refused(host_only, tmp_path):
     root = _copy_models(host_only / "export", host_only / "ptq-w8a8", tmp_path)
     _fake_htp_check(root / "ptq-w8a8", root / "export", qdq_sha256="0" * 64)
     with pytest.raises(ConfigError, match="checked another int8 model") as caught:
-        CompareConfig(fp32=root / "export", int8=root / "ptq-w8a8")
+        run_compare(CompareConfig(fp32=root / "export", int8=root / "ptq-w8a8"))
     assert "lpcv-depth htp-check --ptq" in caught.value.hint
 
 
@@ -166,12 +184,12 @@ def test_another_models_export_is_refused(host_only, tmp_path, calibration_dir):
     davs = run_export(ExportConfig(model="depth_anything_v2_vits", input_size=(70, 98), out=tmp_path / "davs",
                                    **common)).out_dir
     with pytest.raises(ConfigError, match="was not quantized from") as caught:
-        CompareConfig(fp32=davs, int8=host_only / "ptq-w8a8")
+        run_compare(CompareConfig(fp32=davs, int8=host_only / "ptq-w8a8", out=tmp_path / "cmp-davs"))
     assert "fastdepth" in str(caught.value) and "depth_anything_v2_vits" in str(caught.value)
     assert str(host_only / "ptq-w8a8") in str(caught.value) and "export folder the ptq stage read" in caught.value.hint
     random_fastdepth = run_export(ExportConfig(model="fastdepth", out=tmp_path / "fd-random", **common)).out_dir
     with pytest.raises(ConfigError, match="was not quantized from"):
-        CompareConfig(fp32=random_fastdepth, int8=host_only / "ptq-w8a8")
+        run_compare(CompareConfig(fp32=random_fastdepth, int8=host_only / "ptq-w8a8", out=tmp_path / "cmp-random"))
     assert cli.main(["compare", "--fp32", str(davs), "--int8", str(host_only / "ptq-w8a8"),
                      "--out", str(tmp_path / "cmp")]) == 2
     assert not (tmp_path / "cmp").exists()
@@ -216,12 +234,13 @@ def test_cli_and_bad_input(with_hub, tmp_path, capsys):
     assert cli.main(["compare", "--fp32", str(with_hub / "ptq-w8a8"), "--int8", str(with_hub / "export")]) == 2
     assert "holds a 'ptq' stage output, not export" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--int8-hub"):
-        CompareConfig(fp32=with_hub / "export", int8=with_hub / "ptq-w8a8", int8_hub=with_hub / "export")
+        run_compare(CompareConfig(fp32=with_hub / "export", int8=with_hub / "ptq-w8a8", int8_hub=with_hub / "export",
+                                  out=tmp_path / "bad"))
     with pytest.raises(ConfigError, match="--fp32-hub .* ran a int8"):
-        CompareConfig(fp32=with_hub / "export", int8=with_hub / "ptq-w8a8",
-                      fp32_hub=with_hub / "hub-ptq-w8a8-qnn_context_binary")
+        run_compare(CompareConfig(fp32=with_hub / "export", int8=with_hub / "ptq-w8a8", out=tmp_path / "bad",
+                                  fp32_hub=with_hub / "hub-ptq-w8a8-qnn_context_binary"))
     with pytest.raises(ConfigError, match="no manifest.json"):
-        CompareConfig(fp32=tmp_path, int8=with_hub / "ptq-w8a8")
+        run_compare(CompareConfig(fp32=tmp_path, int8=with_hub / "ptq-w8a8", out=tmp_path / "bad"))
     with pytest.raises(ConfigError, match="target_fps"):
         CompareConfig(fp32=with_hub / "export", int8=with_hub / "ptq-w8a8", target_fps=0)
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn (the qnn extra, L
 
 from lpcv_depth import cli  # noqa: E402
 from lpcv_depth.backends import qnn  # noqa: E402
-from lpcv_depth.errors import ConfigError, ContractError, GateError, MissingDependencyError  # noqa: E402
+from lpcv_depth.errors import ConfigError, ContractError, ExitCode, GateError, MissingDependencyError  # noqa: E402
 from lpcv_depth.stages.htp_check import HtpCheckConfig, run_htp_check  # noqa: E402
 
 HEIGHT, WIDTH = 480, 640
@@ -46,7 +49,12 @@ def _float_model(path, *, with_erf: bool = False):
         hidden = "erf1"
     nodes += [helper.make_node("Conv", [hidden, "w2"], ["conv2"], pads=[1, 1, 1, 1], name="conv2"),
               helper.make_node("Sigmoid", ["conv2"], ["depth"], name="sigmoid")]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, HEIGHT, WIDTH])],
+    return _save_model(path, "tiny", nodes, initializers)
+
+
+def _save_model(path, name, nodes, initializers):
+    """The contract's graph (image (1,3,480,640) -> depth (1,1,480,640)) of `nodes`, saved at `path`."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, HEIGHT, WIDTH])],
                               [helper.make_tensor_value_info("depth", TensorProto.FLOAT, [1, 1, HEIGHT, WIDTH])],
                               initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -202,18 +210,131 @@ def test_float_model_is_refused_as_not_qdq(tiny, tmp_path, capsys):
 
 
 def test_config_is_validated(tiny, tmp_path):
-    with pytest.raises(ConfigError, match="no held-out images"):
-        HtpCheckConfig(ptq=tiny["qdq"])
     with pytest.raises(ConfigError, match="htp_arch"):
         HtpCheckConfig(ptq=tiny["qdq"], images=tiny["images"], htp_arch="74")
     with pytest.raises(ConfigError, match="soc_model"):
         HtpCheckConfig(ptq=tiny["qdq"], images=tiny["images"], soc_model="SM8650")
     with pytest.raises(ConfigError, match="max_frames"):
         HtpCheckConfig(ptq=tiny["qdq"], images=tiny["images"], max_frames=0)
+
+
+def test_the_ptq_input_is_checked_in_the_first_step(tiny, tmp_path, capsys):
+    """The config validates values only; --ptq (folder or file, its manifest) is read once, by the run,
+    before anything is compiled or written."""
+    with pytest.raises(ConfigError, match="no held-out images"):
+        run_htp_check(HtpCheckConfig(ptq=tiny["qdq"]))
     with pytest.raises(ConfigError, match="not found"):
-        HtpCheckConfig(ptq=tmp_path / "missing")
+        run_htp_check(HtpCheckConfig(ptq=tmp_path / "missing"))
     with pytest.raises(ConfigError, match="not a ptq stage output"):
-        HtpCheckConfig(ptq=tiny["root"])
+        run_htp_check(HtpCheckConfig(ptq=tiny["root"]))
+    assert "inputs FAILED" in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
+def _tiny_ptq_folder(tiny, folder, fp32):
+    """A ptq stage folder around the tiny QDQ model whose manifest records `fp32` as the model it quantized."""
+    from lpcv_depth.manifest import sha256_file, write_manifest
+    from lpcv_depth.results import Fidelity, PtqResults, PtqSizes
+
+    folder.mkdir()
+    qdq = folder / "model_qdq.onnx"
+    shutil.copy(tiny["qdq"], qdq)
+    results = PtqResults(model="tiny", preset="w8a8", techniques={}, fp32_contract={}, calibration_analyzers={},
+                         preparation={}, qdq_vs_aimet_sim={}, int8_vs_fp32=Fidelity(30.0, 30.0, 0.01, 99.0, [99.0], 1),
+                         sizes_bytes=PtqSizes(fp32_onnx=1, qdq_onnx=1, aimet_onnx=1, aimet_encodings=1),
+                         host_latency_ms=None)
+    write_manifest(folder, stage="ptq", config={}, inputs={"fp32_onnx": {"path": str(fp32), "sha256": sha256_file(fp32)}},
+                   outputs=[qdq], timings={}, results=results)
+    return folder
+
+
+def test_an_export_replaced_after_ptq_is_refused(tiny, tmp_path, capsys, monkeypatch):
+    """Another model's export in place of the one ptq quantized: its fp16 baseline would read as if the HTP
+    broke this model, so the check refuses rather than report it."""
+    from lpcv_depth.manifest import Manifest
+
+    fp32 = tmp_path / "export" / "model.onnx"
+    fp32.parent.mkdir()
+    shutil.copy(tiny["float"], fp32)
+    ptq = _tiny_ptq_folder(tiny, tmp_path / "ptq", fp32)
+    shutil.copy(tiny["float_erf"], fp32)
+    with monkeypatch.context() as patched:  # the config validates values only: the run's first step reads ptq
+        patched.setattr(Manifest, "read", classmethod(lambda *args, **kwargs: pytest.fail("the config read a manifest")))
+        HtpCheckConfig(ptq=ptq, images=tiny["images"])
+    code = main(["--ptq", str(ptq), "--images", str(tiny["images"]), "--max-frames", "1", "--fscore-max-points", "5000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not the model ptq quantized" in err and "fix:" in err and "--fp32" in err
+    assert not (ptq / "htp-check").exists()
+    shutil.copy(tiny["float"], fp32)  # the model ptq quantized, back in place: checked
+    assert main(["--ptq", str(ptq), "--images", str(tiny["images"]), "--max-frames", "1", "--no-fp16-baseline",
+                 "--no-context-binary", "--fscore-max-points", "5000"]) == 0
+
+
+def test_a_file_that_is_no_model_is_refused_with_a_fix(tiny, tmp_path, capsys):
+    junk = tmp_path / "random.onnx"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    for argv, says in ((["--images", str(tiny["images"])], "not a readable ONNX model"),
+                       ([], "no held-out images")):
+        assert main(["--ptq", str(junk), *argv]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "fix:" in err
+    text = tmp_path / "model.txt"
+    text.write_text("not a model")
+    assert main(["--ptq", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert "neither a ptq folder nor an .onnx file" in err and "fix:" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.txt", "random.onnx"]
+
+
+def _deep_float_model(path, channels: int = 32, layers: int = 24):
+    """image -> Conv -> Relu, `layers` times channels->channels 3x3 Conv -> Relu, -> Conv -> Sigmoid -> depth: a
+    model whose one 640x480 frame keeps the HTP emulator in a single native call for tens of seconds."""
+    rng = np.random.default_rng(0)
+
+    def weights(name, out_channels, in_channels, gain=1.0):
+        scale = rng.uniform(0.5, 1.5, (out_channels, 1, 1, 1)) * gain / (9 * in_channels)
+        return numpy_helper.from_array((np.ones((out_channels, in_channels, 3, 3)) * scale).astype(np.float32), name)
+
+    initializers = [weights("w0", channels, 3, gain=4 / 255)]
+    nodes, hidden = [], "image"
+    for index in range(layers + 1):
+        if index:
+            initializers.append(weights(f"w{index}", channels, channels))
+        nodes += [helper.make_node("Conv", [hidden, f"w{index}"], [f"conv{index}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"conv{index}"], [f"relu{index}"])]
+        hidden = f"relu{index}"
+    initializers.append(weights("w_out", 1, channels))
+    nodes += [helper.make_node("Conv", [hidden, "w_out"], ["conv_out"], pads=[1, 1, 1, 1]),
+              helper.make_node("Sigmoid", ["conv_out"], ["depth"])]
+    return _save_model(path, "deep", nodes, initializers)
+
+
+def test_an_interrupt_during_the_emulation_stops_the_check_at_once(tiny, tmp_path_factory, tmp_path):
+    """Ctrl+C or SIGTERM while the emulator is inside one frame: the check ends within a second or two (it
+    waited for the frame to finish, tens of seconds, then for the QNN backend's teardown), exit 130 / 143,
+    and leaves no output folder and no hidden partial folder."""
+    from lpcv_depth.images import list_images, load_contract_image
+
+    models = tmp_path_factory.mktemp("deep")
+    calibration = [load_contract_image(list_images(tiny["images"])[0])]
+    qdq = _quantize(_deep_float_model(models / "deep.onnx"), models / "deep_qdq.onnx", calibration)
+    for sent, status in ((signal.SIGINT, ExitCode.INTERRUPTED), (signal.SIGTERM, ExitCode.TERMINATED)):
+        # A shell's background job starts with SIGINT ignored; the check gets it as a terminal would send it.
+        proc = subprocess.Popen([sys.executable, "-m", "lpcv_depth.cli", "htp-check", "--ptq", str(qdq), "--images",
+                                 str(tiny["images"]), "--max-frames", "1", "--no-fp16-baseline", "--out",
+                                 str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        for line in proc.stdout:
+            if "context-binary ok" in line:
+                break
+        time.sleep(1.0)  # into the first frame's emulation
+        start = time.monotonic()
+        proc.send_signal(sent)
+        _, err = proc.communicate(timeout=300)
+        stopped_s = time.monotonic() - start
+        assert proc.returncode == status, err
+        assert stopped_s < 8, f"{sent.name}: the check took {stopped_s:.1f}s to stop"
+        assert ("interrupted" if sent == signal.SIGINT else "terminated") in err
+        assert list(tmp_path.iterdir()) == [], "nothing is left behind"
 
 
 def test_missing_wheel_names_the_install_command(monkeypatch, tmp_path, tiny):
@@ -242,6 +363,22 @@ def test_other_platforms_are_told_why(monkeypatch):
     with pytest.raises(MissingDependencyError, match="Linux x86_64 wheel") as err:
         qnn.import_qnn()
     assert "darwin/arm64" in str(err.value) and "aihub" in str(err.value)
+
+
+def test_tool_versions_in_hints_are_the_pinned_ones():
+    import tomllib
+
+    from lpcv_depth.backends.ray_cluster import RAY_INSTALL
+    from lpcv_depth.stages.htp_check import HUB_CONTEXT_NOTE
+
+    project = tomllib.loads((DOCS.parents[1] / "pyproject.toml").read_text())["project"]
+    pins = {spec.split(";")[0].strip() for specs in [project["dependencies"], *project["optional-dependencies"].values()]
+            for spec in specs}
+    for name in ("onnxruntime", "onnxruntime-qnn"):
+        assert next(pin for pin in pins if pin.startswith(f"{name}==")) in qnn._PINNED
+    assert next(pin for pin in pins if pin.startswith("ray==")) in RAY_INSTALL
+    qai_hub = next(pin for pin in pins if pin.startswith("qai-hub==")).split("==")[1]
+    assert HUB_CONTEXT_NOTE.startswith(f"qai-hub {'.'.join(qai_hub.split('.')[:2])} takes")
 
 
 def test_docs_flag_table_lists_every_option():

@@ -388,3 +388,25 @@ def test_both_exporters_build_the_same_int8_model(w8a8, fastdepth_export, calib_
     ours_activations = values(ours_file, "activation_encodings")
     for entry in values(theirs_file, "activation_encodings"):
         ours_activations.remove(entry)  # ValueError: an encoding the TorchScript export lost
+
+
+def test_int8_fidelity_keeps_its_figures_through_the_shared_helper():
+    """ptq's int8-vs-fp32 figures, now from verify.output_fidelity, are the ones it always computed:
+    SQNR, scale-aligned SQNR, max abs diff in float32, and the per-image F-score with fp32 as the reference."""
+    from lpcv_depth.stages.ptq import int8_fidelity
+    from lpcv_depth.track3_metric import fscore_against_reference
+    from lpcv_depth.verify import output_fidelity, scale_aligned_sqnr_db, sqnr_db
+
+    rng = np.random.default_rng(0)
+    fp32 = rng.uniform(0.05, 1.0, (2, 1, 48, 64)).astype(np.float32)
+    int8 = (fp32 + rng.normal(0, 0.01, fp32.shape)).astype(np.float32)
+    fidelity = int8_fidelity(fp32, int8)
+    per_image = [fscore_against_reference(i8, fp)["fscore@0.1"] for i8, fp in zip(int8, fp32)]
+    assert fidelity.sqnr_db == sqnr_db(fp32, int8)
+    assert fidelity.sqnr_db_scale_aligned == scale_aligned_sqnr_db(fp32, int8)
+    assert fidelity.max_abs_diff == float(np.max(np.abs(fp32 - int8)))
+    assert fidelity.fscore_vs_fp32_per_image == per_image and fidelity.fscore_vs_fp32 == float(np.mean(per_image))
+    assert fidelity.holdout_images == 2
+    exact = output_fidelity(fp32, int8, fscore=False, float64_diff=True)
+    assert exact.max_abs_diff == float(np.max(np.abs(fp32.astype(np.float64) - int8)))
+    assert exact.fscore is None and exact.fscore_per_image is None and exact.sqnr_db_scale_aligned is None

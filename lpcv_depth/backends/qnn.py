@@ -22,21 +22,23 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from lpcv_depth.errors import ContractError, MissingDependencyError
+from lpcv_depth.errors import ContractError, LpcvError, MissingDependencyError
+from lpcv_depth.pins import pinned
 
 __all__ = ["QNN_EP", "QNN_INSTALL", "SOC_MODELS", "SM8650", "HTP_ARCHS", "QDQ_OPS", "EMULATION_NOTE",
            "FALLBACK_REFUSED", "HtpRefusedError", "HtpTarget", "QnnBackend", "import_qnn", "unavailable_reason",
            "HtpSession",
            "native_stderr", "parse_refusals", "inspect_qdq_model", "partition_from_context", "explain_refusals",
-           "Compiled", "compile_for_htp", "compile_fp16", "KeptContext", "keep_context"]
+           "Compiled", "compile_for_htp", "compile_fp16", "KeptContext", "keep_context", "EmulatorDiedError",
+           "run_killable"]
 
 QNN_EP = "QNNExecutionProvider"
 QNN_INSTALL = 'pip install -e ".[qnn]"   (Linux x86_64 only)'
-_PINNED = '"onnxruntime==1.32.0" "onnxruntime-qnn==2.7.0"'
+_PINNED = f'"{pinned("onnxruntime")}" "{pinned("onnxruntime-qnn")}"'
 # Qnn_SocModel ids (QNN SDK "Supported Snapdragon devices"); SM8650 is the Galaxy S24's Snapdragon 8 Gen 3.
 SOC_MODELS = {"SM8450": "36", "SM8550": "43", "SM8650": "57", "SM8750": "69"}
 SM8650 = SOC_MODELS["SM8650"]
@@ -101,12 +103,12 @@ def import_qnn() -> QnnBackend:
 
     if not hasattr(ort, "register_execution_provider_library"):
         raise MissingDependencyError(f"onnxruntime {ort.__version__} cannot load plugin execution providers "
-                                     "(onnxruntime-qnn 2.x is one)", hint='pip install -e .   (onnxruntime==1.32.0)')
+                                     "(onnxruntime-qnn 2.x is one)", hint=f'pip install -e .   ({pinned("onnxruntime")})')
     provider_library, htp_library = onnxruntime_qnn.get_library_path(), onnxruntime_qnn.get_qnn_htp_path()
     for path in (provider_library, htp_library):
         if not Path(path).is_file():
             raise MissingDependencyError(f"onnxruntime-qnn is installed but {Path(path).name} is missing from "
-                                         f"{Path(path).parent}", hint='pip install --force-reinstall "onnxruntime-qnn==2.7.0"')
+                                         f"{Path(path).parent}", hint=f'pip install --force-reinstall "{pinned("onnxruntime-qnn")}"')
     devices = _register(ort, provider_library)
     info = getattr(onnxruntime_qnn, "build_and_package_info", None)
     backend = QnnBackend(devices=devices, htp_library=htp_library, version=getattr(onnxruntime_qnn, "__version__", "?"),
@@ -149,7 +151,7 @@ def _register(ort, provider_library: str) -> tuple:
     devices = tuple(device for device in ort.get_ep_devices() if device.ep_name == QNN_EP)
     if not devices:
         raise MissingDependencyError("the QNN execution provider loaded but offers no device to run on",
-                                     hint='pip install --force-reinstall "onnxruntime-qnn==2.7.0"')
+                                     hint=f'pip install --force-reinstall "{pinned("onnxruntime-qnn")}"')
     return devices
 
 
@@ -249,7 +251,9 @@ def inspect_qdq_model(path: Path) -> dict:
     try:
         model = onnx.load(os.fspath(path), load_external_data=False)
     except Exception as err:  # onnx raises DecodeError and friends for a file that is not a model
-        raise ContractError(f"{path} is not a readable ONNX model: {type(err).__name__}: {err}") from err
+        raise ContractError(f"{path} is not a readable ONNX model: {type(err).__name__}: {err}",
+                            hint="pass the ptq stage's folder (lpcv-depth ptq) or its model_qdq.onnx, an int8 QDQ "
+                                 "ONNX file; check that the file was copied whole") from err
     ops = collections.Counter(node.op_type for node in model.graph.node)
     if not ops["QuantizeLinear"] or not ops["DequantizeLinear"]:
         raise ContractError(
@@ -415,3 +419,122 @@ def keep_context(context_onnx: Path, folder: Path, backend: QnnBackend, target: 
     # A fresh session from the EPContext model deserializes the binary: the artifact loads on its own.
     HtpSession(onnx_path, backend, target, cpu_fallback=not full_htp)
     return KeptContext(onnx_path, binaries[0], time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# A process the caller can stop at once
+
+
+class EmulatorDiedError(LpcvError):
+    """The process that ran the HTP emulation ended without a result (killed, or a native crash)."""
+
+
+class _PipeStream:
+    """A text stream whose writes reach the parent process (the child's log lines, in order)."""
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def write(self, text: str) -> int:
+        self.connection.send(("log", text))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def run_killable(function: Callable[..., Any], log, *args, on_kill: Callable[[int], None]) -> Any:
+    """`function(*args, log)` in a forked child process; its log lines reach `log` here, its result or
+    its error comes back as if it ran here.
+
+    ONNX Runtime's QNN calls (compile, session run) are native calls that return to Python only when
+    done, seconds to minutes per frame, so Ctrl+C or SIGTERM in the process running them waits that
+    long. Here the parent only waits: on an interrupt it kills the child at once, calls
+    `on_kill(child_pid)` to remove what the child left, and lets the interrupt go on. The child ignores
+    SIGINT (a terminal sends it to the whole process group) and dies with its parent."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_child_main, args=(sender, os.getpid(), function, log, args), daemon=True)
+    for stream in (sys.stdout, sys.stderr, log.stream):
+        stream.flush()  # else the child would print what is buffered here a second time
+    child.start()
+    sender.close()
+    finished = False
+    try:
+        while not finished:
+            try:
+                kind, *payload = receiver.recv()
+            except EOFError:
+                child.join()
+                raise EmulatorDiedError(f"the HTP emulation process ended without a result (exit status "
+                                        f"{child.exitcode})",
+                                        hint="run the check again; if it ends the same way, run it with "
+                                             "--max-frames 1 and report the native log above") from None
+            if kind == "log":
+                log.stream.write(payload[0])
+                log.stream.flush()
+                continue
+            finished = True
+            log.timings.update(payload[1])
+            if kind == "error":
+                raise _rebuilt(*payload[0])
+            return payload[0]
+    finally:
+        receiver.close()
+        if not finished:
+            child.kill()
+        child.join()
+        if not finished:
+            on_kill(child.pid)
+
+
+def _child_main(connection, parent_pid: int, function: Callable[..., Any], log, args: tuple) -> None:
+    import pickle
+    import signal
+    import traceback
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent_pid)
+    log.stream = _PipeStream(connection)
+    try:
+        message = ("result", function(*args, log), log.timings)
+    except BaseException as err:  # every error goes to the parent, which raises it
+        state = (type(err), err.args, dict(err.__dict__), traceback.format_exc())
+        try:
+            pickle.dumps(state)
+        except Exception:  # an error carrying something unpicklable: its type and text still go
+            state = (RuntimeError, (f"{type(err).__name__}: {err}",), {}, state[3])
+        message = ("error", state, log.timings)
+    connection.send(message)
+    connection.close()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies (Linux prctl PR_SET_PDEATHSIG), so that a parent killed
+    outright leaves no emulation running on its own."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class _ChildTraceback(Exception):
+    """Where an unexpected error was raised, in the child process."""
+
+
+def _rebuilt(kind: type, args: tuple, attributes: dict, child_traceback: str) -> BaseException:
+    """The child's error, as the same type with the same message and attributes (an LpcvError's hint)."""
+    error = kind.__new__(kind)
+    error.args = args
+    error.__dict__.update(attributes)
+    if not isinstance(error, LpcvError):
+        error.__cause__ = _ChildTraceback(child_traceback)
+    return error

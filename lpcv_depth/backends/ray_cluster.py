@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lpcv_depth.errors import ConfigError, LpcvError, MissingDependencyError
+from lpcv_depth.pins import pinned
 
 __all__ = ["RAY_INSTALL", "import_ray", "check_address", "RayCluster", "NodeInfo", "WorkspaceNotSharedError",
            "TrialPool"]
 
-RAY_INSTALL = 'pip install "ray==2.60.0"   (or: pip install -e ".[search]")'
+RAY_INSTALL = f'pip install "{pinned("ray")}"   (or: pip install -e ".[search]")'
 DEFAULT_RAY_PORT = 6379
 RAY_CLIENT_PORT = 10001
 ADDRESS_TIMEOUT_S = 3.0

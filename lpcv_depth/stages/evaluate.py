@@ -45,7 +45,7 @@ from lpcv_depth.track3_metric import (DEPTH_METRICS, F_THRESHOLDS_M, FSCORE, GRI
                                       score_frame)
 from lpcv_depth.workspace import build_dir
 
-__all__ = ["EvaluateConfig", "EvaluateResult", "run_evaluate", "summarize", "DEFINITION"]
+__all__ = ["EvaluateConfig", "EvaluateResult", "run_evaluate", "evaluate_within", "summarize", "DEFINITION"]
 
 STAGE = "evaluate"
 INTRINSICS = ("official", "dataset")
@@ -559,6 +559,18 @@ def _next_hint(result: EvaluateResult) -> str:
     if config.onnx is not None and Path(config.onnx).name == ONNX_NAME:
         return command_line("ptq", "--calib", "calibration_data", "--fp32", display_path(Path(config.onnx).parent))
     return f"cat {shlex.quote(os.path.relpath(result.out_dir / 'summary.md'))}"
+
+
+def evaluate_within(stage: str, label: str, data: str | os.PathLike, out: Path, *, quiet: bool = False,
+                    **options) -> EvaluateResult:
+    """The evaluate stage run by another stage on one model (its .onnx or its saved predictions, in
+    `options` with any other EvaluateConfig field; no panels unless num_vis is given), into `out`,
+    logged as `<stage>/evaluate-<label>` (nowhere with `quiet`): scored exactly as `lpcv-depth
+    evaluate` scores."""
+    import io
+
+    config = EvaluateConfig(data=Path(data), out=out, **{"num_vis": 0, **options})
+    return run_evaluate(config, StageLog(f"{stage}/evaluate-{label}", stream=io.StringIO() if quiet else None))
 
 
 DEFINITION = StageDefinition(name=STAGE, config=EvaluateConfig, run=run_evaluate, description=__doc__,

@@ -25,7 +25,7 @@ is orders of magnitude faster. Only an AI Hub profile job measures the phone. Mo
 from __future__ import annotations
 
 import collections
-import io
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,18 +36,20 @@ import numpy as np
 
 from lpcv_depth.backends.qnn import (EMULATION_NOTE, HTP_ARCHS, QDQ_OPS, SM8650, SOC_MODELS, Compiled,
                                      HtpRefusedError, HtpSession, HtpTarget, QnnBackend, compile_for_htp,
-                                     compile_fp16, import_qnn, inspect_qdq_model, keep_context)
+                                     compile_fp16, import_qnn, inspect_qdq_model, keep_context, run_killable)
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.gates import Gate, enforce_gates
 from lpcv_depth.manifest import MANIFEST_NAME, Manifest, config_as_dict, read_manifest, sha256_file, write_manifest
 from lpcv_depth.options import inherit, option
+from lpcv_depth.pins import pinned_version
 from lpcv_depth.results import (ContextBinary, Coverage, EmulationTime, EvaluateResults, Fp16Baseline,
                                 HtpCheckResults, HtpGroundTruth, OutputComparison, PtqResults)
-from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
-from lpcv_depth.stages.evaluate import EvaluateConfig
+from lpcv_depth.stage import (StageDefinition, StageLog, StagingDir, command_line, display_path,
+                              remove_stale_partials)
+from lpcv_depth.stages.evaluate import EvaluateConfig, evaluate_within
 from lpcv_depth.stages.htp_report import op_summary
 from lpcv_depth.stages.ptq import HOLDOUT_OUTPUTS, QDQ_ONNX
-from lpcv_depth.verify import ParityThresholds, sqnr_db
+from lpcv_depth.verify import ParityThresholds, output_fidelity, recorded_sha256
 from lpcv_depth.workspace import in_workspace
 
 __all__ = ["HtpCheckConfig", "HtpCheckResult", "run_htp_check", "HtpRefusedError", "InputChangedError", "STAGE"]
@@ -56,7 +58,9 @@ STAGE = "htp-check"
 CONTEXT_ONNX = "model_ctx.onnx"
 CONTEXT_IO = "float32 image in, float32 depth out (input quantization and output dequantization inside the graph)"
 CONTEXT_BUILD_NOTE = "build_s is the host compile (HTP graph prepare) time, not device latency"
-HUB_CONTEXT_NOTE = ("qai-hub 0.56 takes a QNN context binary for profile/inference jobs as a .bin file "
+# The qai-hub release the note below describes: the one lpcv-depth pins, as major.minor.
+QAI_HUB_RELEASE = ".".join((pinned_version("qai-hub") or "").split(".")[:2]) or "(the hub extra's)"
+HUB_CONTEXT_NOTE = (f"qai-hub {QAI_HUB_RELEASE} takes a QNN context binary for profile/inference jobs as a .bin file "
                     "(SourceModelType.QNN_CONTEXT_BINARY, devices with framework:qnn), or this folder's "
                     "model_ctx.onnx + model_ctx_qnn.bin as an ONNX model with a precompiled QNN context. "
                     "A context binary only loads on a QNN runtime at least as new as the one that built it "
@@ -107,7 +111,6 @@ class HtpCheckConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "ptq", Path(self.ptq))
-        self._check_ptq()
         self._check_target()
         for name in ("images", "eval_data"):
             value = getattr(self, name)
@@ -127,26 +130,6 @@ class HtpCheckConfig:
         if self.max_fscore_drop is not None and self.max_fscore_drop < 0:
             raise ConfigError(f"max_fscore_drop must be >= 0, got {self.max_fscore_drop}")
         self.cpu_parity  # validates the thresholds
-
-    def _check_ptq(self) -> None:
-        ptq = self.ptq
-        if ptq.is_dir():
-            if not (ptq / MANIFEST_NAME).is_file():
-                raise ConfigError(f"--ptq {ptq} is not a ptq stage output (no ptq {MANIFEST_NAME})",
-                                  hint=f"pass the folder {command_line('ptq')} wrote, or a QDQ .onnx file")
-            # The stage and the schema now; the outputs' hashes when the run reads them.
-            Manifest.read(ptq, stage="ptq", flag="--ptq", verify=False)
-            if not (ptq / QDQ_ONNX).is_file():
-                raise ConfigError(f"{ptq} has no {QDQ_ONNX}", hint=f"rerun {command_line('ptq')}")
-        elif ptq.is_file():
-            if ptq.suffix != ".onnx":
-                raise ConfigError(f"--ptq {ptq} is neither a ptq folder nor an .onnx file")
-            if self.images is None:
-                raise ConfigError(f"{ptq.name} is a bare ONNX file: there are no held-out images to check it on",
-                                  hint="pass --images FOLDER (photos the model was not calibrated on), or pass "
-                                       "the ptq folder instead")
-        else:
-            raise ConfigError(f"--ptq not found: {ptq}", hint=f"run {command_line('ptq')} first")
 
     def _check_target(self) -> None:
         if not (self.soc_model.isdigit() and int(self.soc_model) > 0):
@@ -220,14 +203,29 @@ class _Inputs:
 
 
 def run_htp_check(config: HtpCheckConfig, log: StageLog | None = None) -> HtpCheckResult:
-    """Coverage, numerics, context binary and fp16 baseline of the int8 model on the emulated HTP."""
+    """Coverage, numerics, context binary and fp16 baseline of the int8 model on the emulated HTP, in a
+    child process that an interrupt kills at once (the emulation's native calls run for seconds)."""
     log = log or StageLog(STAGE)
+    return run_killable(_check, log, config, on_kill=functools.partial(_clean_after_kill, config.destination))
+
+
+def _clean_after_kill(destination: Path, pid: int) -> None:
+    """Remove what a killed check left beside `destination`; killed between the two renames that swap
+    a finished check in, the earlier check goes back in place."""
+    destination = destination.resolve()
+    previous = destination.parent / f".{destination.name}.previous-{pid}"
+    if previous.is_dir() and not destination.exists():
+        os.replace(previous, destination)
+    remove_stale_partials(destination)
+
+
+def _check(config: HtpCheckConfig, log: StageLog) -> HtpCheckResult:
     log.info("every time below is host EMULATION time on this x86 CPU, not device latency")
     warnings: list[str] = []
     with _inputs_stay_readable():
+        inputs = _load_inputs(config, log)
         backend = _load_qnn(config, log)
         model = _inspect(config.qdq_onnx, log)
-        inputs = _load_inputs(config, log)
         with StagingDir(config.destination, stage=STAGE, inputs=[*config.read_paths, *inputs.paths],
                         scratch=True) as staging:
             compiled, coverage = _compile(config, backend, model, staging.scratch / CONTEXT_ONNX, log, warnings)
@@ -287,13 +285,38 @@ def _inspect(qdq: Path, log: StageLog) -> dict:
 # Inputs
 
 
+def _check_ptq_input(config: HtpCheckConfig) -> Manifest | None:
+    """--ptq as the stage reads it: a ptq folder (its manifest, read once, and its QDQ model, hashed)
+    or a bare QDQ .onnx with --images; the ptq manifest, or None for a bare file."""
+    ptq = config.ptq
+    if ptq.is_dir():
+        if not (ptq / MANIFEST_NAME).is_file():
+            raise ConfigError(f"--ptq {ptq} is not a ptq stage output (no ptq {MANIFEST_NAME})",
+                              hint=f"pass the folder {command_line('ptq')} wrote, or a QDQ .onnx file")
+        manifest = Manifest.read(ptq, stage="ptq", flag="--ptq", verify=False)
+        if not (ptq / QDQ_ONNX).is_file():
+            raise ConfigError(f"{ptq} has no {QDQ_ONNX}", hint=f"rerun {command_line('ptq')}")
+        manifest.verify_outputs()
+        return manifest
+    if ptq.is_file():
+        if ptq.suffix != ".onnx":
+            raise ConfigError(f"--ptq {ptq} is neither a ptq folder nor an .onnx file",
+                              hint=f"pass the folder {command_line('ptq')} wrote, or its {QDQ_ONNX}")
+        if config.images is None:
+            raise ConfigError(f"{ptq.name} is a bare ONNX file: there are no held-out images to check it on",
+                              hint="pass --images FOLDER (photos the model was not calibrated on), or pass "
+                                   "the ptq folder instead")
+        return None
+    raise ConfigError(f"--ptq not found: {ptq}", hint=f"run {command_line('ptq')} first")
+
+
 def _load_inputs(config: HtpCheckConfig, log: StageLog) -> _Inputs:
     """The images, the float model and the ptq stage's saved outputs, hashed now, before minutes of
     emulation: the manifest pins what was checked even if an upstream stage rewrites its folder meanwhile."""
     from lpcv_depth.images import load_contract_image
 
     with log.step("inputs") as step:
-        ptq = Manifest.read(config.ptq_dir, stage="ptq", flag="--ptq") if config.ptq_dir else None
+        ptq = _check_ptq_input(config)
         ptq_results = ptq.results_as(PtqResults) if ptq is not None else None
         fp32_onnx = Path(config.fp32) if config.fp32 else _ptq_fp32_model(ptq)
         root, files, source = _image_files(config, ptq)
@@ -307,6 +330,8 @@ def _load_inputs(config: HtpCheckConfig, log: StageLog) -> _Inputs:
                   "images": description}
         if fp32_onnx is not None:
             record["fp32_onnx"] = {"path": os.fspath(fp32_onnx), "sha256": sha256_file(fp32_onnx)}
+            if config.fp32 is None:
+                _check_fp32_is_the_quantized_one(config, ptq, fp32_onnx, record["fp32_onnx"]["sha256"])
         if ptq_results is not None:
             record["ptq_manifest"] = {"path": os.fspath(config.ptq_dir / MANIFEST_NAME), "model": ptq_results.model,
                                       "preset": ptq_results.preset}
@@ -328,6 +353,18 @@ def _ptq_fp32_model(ptq: Manifest | None) -> Path | None:
         raise ConfigError(f"the ptq stage's fp32 model is gone: {fp32_onnx}",
                           hint=f"pass it with --fp32, or rerun {command_line('export')}")
     return fp32_onnx
+
+
+def _check_fp32_is_the_quantized_one(config: HtpCheckConfig, ptq: Manifest, fp32_onnx: Path, sha256: str) -> None:
+    """The fp32 model found through the ptq manifest must be the one ptq quantized: another model's
+    fp16 baseline and fp32 references would read as if the HTP broke this one."""
+    quantized = recorded_sha256(ptq, "fp32_onnx")
+    if quantized is not None and quantized != sha256:
+        raise ConfigError(
+            f"the fp32 model the ptq manifest of {config.ptq} names, {fp32_onnx}, is not the model ptq quantized "
+            f"(sha256 {sha256[:12]}, ptq recorded {quantized[:12]}): its export folder was replaced or rebuilt",
+            hint=f"pass the fp32 model ptq quantized with --fp32, or rerun "
+                 f"{command_line('ptq', '--fp32', fp32_onnx.parent)} on this export")
 
 
 def _image_files(config: HtpCheckConfig, ptq: Manifest | None) -> tuple[Path, list[Path], str]:
@@ -456,24 +493,19 @@ def _cpu_references(config: HtpCheckConfig, inputs: _Inputs, log: StageLog) -> d
     return {name: value for name, value in outputs.items() if value is not None}
 
 
-def compare(test: np.ndarray, reference: np.ndarray, max_points: int | None) -> OutputComparison:
+def _compare(test: np.ndarray, reference: np.ndarray, max_points: int | None) -> OutputComparison:
     """SQNR, max abs diff and the Track 3 F-score of `test` with `reference` as pseudo ground truth."""
-    from lpcv_depth.track3_metric import fscore_against_reference
-
-    per_image = [fscore_against_reference(t, r, max_points=max_points)["fscore@0.1"] for t, r in zip(test, reference)]
-    return OutputComparison(sqnr_db=sqnr_db(reference, test),
-                            max_abs_diff=float(np.max(np.abs(reference.astype(np.float64) - test))),
-                            fscore=float(np.mean(per_image)), fscore_per_image=per_image)
+    return output_fidelity(reference, test, float64_diff=True, max_points=max_points)
 
 
 def _numerics(config: HtpCheckConfig, htp_int8: np.ndarray, references: dict[str, np.ndarray], log: StageLog,
               warnings: list[str]) -> dict[str, OutputComparison]:
     """HTP int8 against every reference, plus CPU int8 vs fp32 so the HTP's own cost is visible."""
     with log.step("numerics") as step:
-        numerics = {f"htp_vs_{name}": compare(htp_int8, outputs, config.fscore_max_points)
+        numerics = {f"htp_vs_{name}": _compare(htp_int8, outputs, config.fscore_max_points)
                     for name, outputs in references.items()}
         if "fp32" in references:
-            numerics["int8_cpu_vs_fp32"] = compare(references["int8_cpu"], references["fp32"], config.fscore_max_points)
+            numerics["int8_cpu_vs_fp32"] = _compare(references["int8_cpu"], references["fp32"], config.fscore_max_points)
         step.detail = "; ".join(f"vs {name.removeprefix('htp_vs_')} SQNR {row.sqnr_db:.1f} dB, "
                                 f"max abs {row.max_abs_diff:.3f}"
                                 for name, row in numerics.items() if name.startswith("htp_vs_"))
@@ -509,7 +541,7 @@ def _fp16_baseline(config: HtpCheckConfig, backend: QnnBackend, inputs: _Inputs,
         compiled = compile_fp16(inputs.fp32_onnx, backend, config.target,
                                 hint="run with --no-fp16-baseline to check the int8 model alone")
         outputs = compiled.session.run(inputs.images)
-        vs_fp32 = compare(outputs, fp32, config.fscore_max_points) if fp32 is not None else None
+        vs_fp32 = _compare(outputs, fp32, config.fscore_max_points) if fp32 is not None else None
         baseline = Fp16Baseline(full_htp=compiled.partition["full_htp"], build_s=compiled.build_s, vs_fp32=vs_fp32)
         timing = EmulationTime(**compiled.session.timing())
         step.detail = (("all on the HTP" if baseline.full_htp else "NOT fully on the HTP")
@@ -543,7 +575,9 @@ def _ground_truth(config: HtpCheckConfig, session: HtpSession, inputs: _Inputs, 
             runners["fp32"] = OrtRunner(inputs.fp32_onnx).run
         predictions = staging.scratch / "predictions"
         _save_predictions(config, chosen, runners, predictions)
-        scores = {label: _evaluate(config, predictions / label, staging.path / "eval" / label) for label in runners}
+        scores = {label: evaluate_within(STAGE, label, config.eval_data, staging.path / "eval" / label, quiet=True,
+                                         predictions=predictions / label, median=config.median).results
+                  for label in runners}
         ground_truth = _summarise_ground_truth(scores, len(chosen), len(frames), session.frame_seconds[-len(chosen):])
         step.detail = (f"{ground_truth.frames} frames: F-score " + ", ".join(
             f"{label} {row['fscore@0.1']:.2f}" for label, row in ground_truth.overall.items())
@@ -568,15 +602,6 @@ def _save_predictions(config: HtpCheckConfig, frames: list, runners: dict[str, C
             np.save(path, run(image))
     if not folder.is_dir():
         raise ConfigError(f"no readable RGB-D frame in --eval-data {config.eval_data}: {'; '.join(unreadable[:3])}")
-
-
-def _evaluate(config: HtpCheckConfig, predictions: Path, out: Path) -> EvaluateResults:
-    from lpcv_depth.stages.evaluate import run_evaluate
-
-    quiet = StageLog(f"{STAGE}/evaluate-{predictions.name}", stream=io.StringIO())
-    return run_evaluate(EvaluateConfig(data=Path(config.eval_data), predictions=predictions, out=out, num_vis=0,
-                                       median=config.median),
-                        quiet).results
 
 
 def _summarise_ground_truth(scores: dict[str, EvaluateResults], selected: int, total: int,

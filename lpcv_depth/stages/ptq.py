@@ -39,7 +39,7 @@ from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import EXPORTERS, ExportConfig, tracer_warnings_silenced
 from lpcv_depth.verify import (OrtRunner, ParityThresholds, check_output_range, compare_outputs,
-                               scale_aligned_sqnr_db, sqnr_db)
+                               output_fidelity, sqnr_db)
 from lpcv_depth.workspace import build_dir, in_workspace
 
 __all__ = ["PtqConfig", "PtqResult", "Preset", "PRESETS", "run_ptq", "FloatStart", "prepare_float_model",
@@ -663,24 +663,21 @@ def _host_latency(config: PtqConfig, fp32: _Fp32, int8_runner: OrtRunner, holdou
 def int8_fidelity(fp32: np.ndarray, int8: np.ndarray) -> Fidelity:
     """SQNR (plain and after a per-image scale fit), max abs diff, and the Track 3 F-score of int8 with
     fp32 as the reference (scale-invariant, like the organizers' scorer)."""
-    from lpcv_depth.track3_metric import fscore_against_reference
-
-    per_image = [fscore_against_reference(i8, fp)["fscore@0.1"] for i8, fp in zip(int8, fp32)]
-    return Fidelity(sqnr_db=sqnr_db(fp32, int8), sqnr_db_scale_aligned=scale_aligned_sqnr_db(fp32, int8),
-                    max_abs_diff=float(np.max(np.abs(fp32 - int8))), fscore_vs_fp32=float(np.mean(per_image)),
-                    fscore_vs_fp32_per_image=per_image, holdout_images=len(int8))
+    measured = output_fidelity(fp32, int8, scale_aligned=True)
+    return Fidelity(sqnr_db=measured.sqnr_db, sqnr_db_scale_aligned=measured.sqnr_db_scale_aligned,
+                    max_abs_diff=measured.max_abs_diff, fscore_vs_fp32=measured.fscore,
+                    fscore_vs_fp32_per_image=measured.fscore_per_image, holdout_images=len(int8))
 
 
 def score_against_ground_truth(data: Path, fp32_onnx: Path, qdq: Path, folder: Path, *,
                                median: str = "all") -> GroundTruthPair:
     """Both ONNX models through the evaluate stage, so PTQ scores frames exactly as `lpcv-depth evaluate`
     does (same metric, same skipping of bad frames); each one's outputs land in `folder`/fp32|int8."""
-    from lpcv_depth.stages.evaluate import run_evaluate
+    from lpcv_depth.stages.evaluate import evaluate_within
 
     metrics = {}
     for label, onnx_path in (("fp32", fp32_onnx), ("int8", qdq)):
-        evaluate = EvaluateConfig(data=data, onnx=onnx_path, out=folder / label, num_vis=0, median=median)
-        overall = run_evaluate(evaluate, StageLog(f"{STAGE}/evaluate-{label}")).results.overall
+        overall = evaluate_within(STAGE, label, data, folder / label, onnx=onnx_path, median=median).results.overall
         if not overall.scored:
             raise ConfigError(f"no usable RGB-D frames in --eval-data {data} ({overall.skipped} skipped)",
                               hint="pass an RGB-D set whose frames have valid depth")
