@@ -476,10 +476,15 @@ def test_missing_package_says_how_to_install(fp32_export, tmp_path, monkeypatch,
     assert 'fix: pip install -e ".[hub]"' in capsys.readouterr().err
 
 
-def test_qai_hub_versions_are_read_from_the_installed_metadata(monkeypatch):
+def test_qai_hub_versions_are_read_from_the_installed_metadata(monkeypatch, request):
     import importlib.metadata
 
+    from lpcv_depth import pins
+
+    # The pins are read once per process: each metadata below is read afresh, and the real one after.
+    request.addfinalizer(pins._pins.cache_clear)
     monkeypatch.setitem(sys.modules, "qai_hub", None)
+    pins._pins.cache_clear()
     monkeypatch.setattr(importlib.metadata, "requires", lambda name: ['qai-hub==9.9.9; extra == "hub"'])
     assert ai_hub.supported_version() == "9.9.9"
     with pytest.raises(MissingDependencyError) as missing:
@@ -491,6 +496,7 @@ def test_qai_hub_versions_are_read_from_the_installed_metadata(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "requires", not_installed)  # a source tree lpcv-depth is not installed from
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    pins._pins.cache_clear()
     assert ai_hub.supported_version() is None and ai_hub.installed_version() is None
     with pytest.raises(MissingDependencyError) as missing:
         HubClient().preflight()

@@ -22,7 +22,6 @@ import configparser
 import errno
 import importlib.metadata
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any, Callable, Iterator
 
 from lpcv_depth.errors import ExitCode, LpcvError, MissingDependencyError
 from lpcv_depth.network import unreachable_reason
+from lpcv_depth.pins import pinned_version
 
 S24_DEVICE = "Samsung Galaxy S24 (Family)"
 DEFAULT_API_URL = "https://workbench.aihub.qualcomm.com"
@@ -59,17 +59,8 @@ UNAVAILABLE_HINT = ("check the network and proxy settings (HTTPS_PROXY / NO_PROX
 
 
 def supported_version() -> str | None:
-    """The qai-hub version lpcv-depth's [hub] extra pins, from the installed project's metadata;
-    None where lpcv-depth itself is not installed (a bare source tree)."""
-    try:
-        requirements = importlib.metadata.requires("lpcv-depth") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for requirement in requirements:
-        found = re.match(rf"{re.escape(PACKAGE)}\s*==\s*([^;\s]+)", requirement)
-        if found:
-            return found[1]
-    return None
+    """The qai-hub version lpcv-depth's [hub] extra pins; None where lpcv-depth itself is not installed."""
+    return pinned_version(PACKAGE)
 
 
 def installed_version() -> str | None:

@@ -21,8 +21,6 @@ from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import ConfigError
 from lpcv_depth.manifest import MANIFEST_NAME, Manifest, sha256_of_files
 from lpcv_depth.results import EvaluateGroup, EvaluateResults, HubGroundTruth, HubHostFidelity, HubInference
-from lpcv_depth.stage import StageLog
-from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.hub_device import device_io, from_device, to_device
 from lpcv_depth.stages.hub_jobs import STAGE, ArtifactRun, DeviceModel, now_utc, submit_or_resume, wait_for
 
@@ -192,8 +190,7 @@ def _host_fidelity(run: ArtifactRun, frames: _Frames,
                    device: np.ndarray) -> tuple[HubHostFidelity | None, np.ndarray | None]:
     """ONNX Runtime on the host reference, same frames, against the device: SQNR, max abs diff and
     the Track 3 F-score with the host output as the reference."""
-    from lpcv_depth.track3_metric import FSCORE, fscore_against_reference
-    from lpcv_depth.verify import OrtRunner, sqnr_db
+    from lpcv_depth.verify import OrtRunner, output_fidelity
 
     reference = run.artifact.host_reference
     if reference is None:
@@ -206,11 +203,10 @@ def _host_fidelity(run: ArtifactRun, frames: _Frames,
     if host.shape != device.shape:
         raise HubError(f"device outputs {device.shape} and host outputs {host.shape} do not line up")
     with run.log.step("device-vs-host") as step:
-        per_frame = [fscore_against_reference(d, h, workers=run.config.threads or -1)[FSCORE]
-                     for d, h in zip(device, host)]
-        fidelity = HubHostFidelity(reference=os.fspath(reference), sqnr_db=sqnr_db(host, device),
-                                   max_abs_diff=float(np.max(np.abs(host - device))),
-                                   fscore_vs_host=float(np.mean(per_frame)), fscore_vs_host_per_frame=per_frame)
+        measured = output_fidelity(host, device, workers=run.config.threads or -1)
+        fidelity = HubHostFidelity(reference=os.fspath(reference), sqnr_db=measured.sqnr_db,
+                                   max_abs_diff=measured.max_abs_diff, fscore_vs_host=measured.fscore,
+                                   fscore_vs_host_per_frame=measured.fscore_per_image)
         step.detail = (f"SQNR {fidelity.sqnr_db:.1f} dB, max abs {fidelity.max_abs_diff:.4f}, "
                        f"F-score vs host {fidelity.fscore_vs_host:.1f}")
     return fidelity, host
@@ -250,12 +246,11 @@ def _link_frames(frames: list, folder: Path) -> None:
 
 def _evaluate(run: ArtifactRun, data: Path, label: str) -> EvaluateGroup:
     """The evaluate stage on <label>_outputs/, into eval/<label>/; its overall scores."""
-    from lpcv_depth.stages.evaluate import run_evaluate
+    from lpcv_depth.stages.evaluate import evaluate_within
 
     folder = run.out / "eval" / label
-    run_evaluate(EvaluateConfig(data=data, predictions=run.out / f"{label}_outputs", out=folder, num_vis=2,
-                                threads=run.config.threads, median=run.config.median),
-                 StageLog(f"{STAGE}/evaluate-{label}"))
+    evaluate_within(STAGE, label, data, folder, predictions=run.out / f"{label}_outputs", num_vis=2,
+                    threads=run.config.threads, median=run.config.median)
     manifest = Manifest.read(folder, stage="evaluate")
     run.outputs += [folder / MANIFEST_NAME, *(folder / output.path for output in manifest.outputs)]
     return manifest.results_as(EvaluateResults).overall

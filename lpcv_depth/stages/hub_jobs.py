@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from lpcv_depth.backends.ai_hub import HubClient, HubJob, HubJobFailedError, HubNotFoundError, TensorInfo
+from lpcv_depth.files import write_text_atomically
 from lpcv_depth.results import HubCompile, HubJobRecord
 from lpcv_depth.stage import StageLog
 
@@ -35,9 +36,7 @@ class HubState:
         self.data = {**empty, **json.loads(path.read_text())} if path.is_file() else empty
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        write_text_atomically(self.path, json.dumps(self.data, indent=2) + "\n")
 
     def job(self, kind: str) -> dict | None:
         return self.data["jobs"].get(kind)
