@@ -393,7 +393,7 @@ def test_both_exporters_build_the_same_int8_model(w8a8, fastdepth_export, calib_
 def test_int8_fidelity_keeps_its_figures_through_the_shared_helper():
     """ptq's int8-vs-fp32 figures, now from verify.output_fidelity, are the ones it always computed:
     SQNR, scale-aligned SQNR, max abs diff in float32, and the per-image F-score with fp32 as the reference."""
-    from lpcv_depth.stages.ptq import int8_fidelity
+    from lpcv_depth.stages.ptq_verify import int8_fidelity
     from lpcv_depth.track3_metric import fscore_against_reference
     from lpcv_depth.verify import output_fidelity, scale_aligned_sqnr_db, sqnr_db
 

@@ -28,18 +28,18 @@ import numpy as np
 from lpcv_depth.calibration import RECOMMENDED_IMAGES, CalibrationSplit, iter_batches, split_calibration_folder
 from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import ConfigError, ContractError, GateError
-from lpcv_depth.gates import Gate, enforce_gates
+from lpcv_depth.gates import enforce_gates
 from lpcv_depth.host import keep_freed_memory
 from lpcv_depth.manifest import (MANIFEST_NAME, ArtifactMismatchError, Manifest, config_as_dict, read_manifest,
                                  sha256_file, write_manifest)
 from lpcv_depth.options import choices_hint, flag_name, inherit, option
-from lpcv_depth.results import ExportResults, Fidelity, GroundTruthPair, HostLatency, PtqResults, PtqSizes
+from lpcv_depth.results import ExportResults, PtqResults, PtqSizes
 from lpcv_depth.schema import SchemaError, from_json
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import EXPORTERS, ExportConfig, tracer_warnings_silenced
-from lpcv_depth.verify import (OrtRunner, ParityThresholds, check_output_range, compare_outputs,
-                               output_fidelity, sqnr_db)
+from lpcv_depth.stages.ptq_verify import Int8Checks, ptq_gates, score_against_ground_truth, verify_int8
+from lpcv_depth.verify import OrtRunner, ParityThresholds, check_output_range, sqnr_db
 from lpcv_depth.workspace import build_dir, in_workspace
 
 __all__ = ["PtqConfig", "PtqResult", "Preset", "PRESETS", "run_ptq", "FloatStart", "prepare_float_model",
@@ -54,8 +54,6 @@ FP32_ONNX = "model.onnx"
 QDQ_ONNX = "model_qdq.onnx"
 # fp32 ONNX, AIMET QuantSim and QDQ ONNX outputs on the held-out images, in the manifest's holdout_files order.
 HOLDOUT_OUTPUTS = "holdout_outputs.npz"
-HOST_LATENCY_NOTE = ("ONNX Runtime on this x86 host: a sanity figure only. x86 ORT runs QDQ int8 slower than fp32; "
-                     "it says nothing about the phone's NPU.")
 GATE_HINT = ("the artifacts and report were written; try --preset mixed or w8a16, more calibration images, "
              "--calibration-scheme, --adaround or --seq-mse")
 
@@ -265,15 +263,6 @@ class _Artifacts:
     qdq: Path
 
 
-@dataclass(frozen=True)
-class _Verification:
-    qdq_vs_aimet_sim: dict
-    fidelity: Fidelity
-    latency: HostLatency | None
-    ground_truth: GroundTruthPair | None
-    int8_holdout: np.ndarray
-
-
 def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
     """Calibrate, export both int8 artifacts, verify them against fp32 on held-out images, report."""
     from lpcv_depth.backends.aimet_fast import fast_quantize_dequantize
@@ -290,7 +279,7 @@ def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
         mixed = _sensitivity(config, sim, sim_source, inputs, log)
         sim_holdout = _aimet_sim_outputs(sim, inputs, fp32, log)
         artifacts = _export_artifacts(config, sim, inputs.dummy, staging.path, fp32.name, log)
-        checks = _verify(config, fp32, artifacts.qdq, sim_holdout, inputs.holdout, log)
+        checks = verify_int8(config, fp32, artifacts.qdq, sim_holdout, inputs.holdout, log)
         results = PtqResults(model=fp32.name, preset=config.preset, techniques=techniques,
                              fp32_contract=fp32.contract, calibration_analyzers=analyzers,
                              preparation=asdict(start.preparation), qdq_vs_aimet_sim=checks.qdq_vs_aimet_sim,
@@ -307,7 +296,7 @@ def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
     result = PtqResult(out, out / QDQ_ONNX, out / artifacts.aimet_dir.name, out / manifest_path.name, results,
                        read_manifest(out))
     log.info(f"ok {log.total_seconds:.1f}s -> {display_path(out)}; report: {display_path(out / 'report.md')}")
-    enforce_gates(_gates(config, results), subject="int8 model", hint=GATE_HINT)
+    enforce_gates(ptq_gates(config, results), subject="int8 model", hint=GATE_HINT)
     return result
 
 
@@ -617,85 +606,6 @@ def _export_artifacts(config: PtqConfig, sim, dummy, folder: Path, name: str, lo
     return _Artifacts(aimet_dir=aimet_dir, aimet_onnx=aimet_onnx, encodings=encodings, qdq=qdq)
 
 
-# --- verification ---------------------------------------------------------------------------------
-
-def _verify(config: PtqConfig, fp32: _Fp32, qdq: Path, sim_holdout: np.ndarray, holdout: np.ndarray,
-            log: StageLog) -> _Verification:
-    """int8 QDQ against AIMET's own simulation and against fp32 (both ONNX Runtime) on held-out images,
-    optionally both models against real ground truth, and host latency."""
-    with log.step("qdq-vs-aimet-sim") as step:
-        int8_runner = OrtRunner(qdq)
-        int8_holdout = int8_runner.run(holdout)
-        parity = compare_outputs(sim_holdout, int8_holdout, config.sim_parity, "ONNX Runtime QDQ vs AIMET QuantSim")
-        step.detail = f"SQNR {parity['sqnr_db']:.1f} dB"
-    with log.step("int8-vs-fp32") as step:
-        check_output_range(int8_holdout, TRACK3, tolerance=1e-2)
-        fidelity = int8_fidelity(fp32.holdout, int8_holdout)
-        step.detail = (f"SQNR {fidelity.sqnr_db:.1f} dB ({fidelity.sqnr_db_scale_aligned:.1f} dB scale-aligned), "
-                       f"max abs {fidelity.max_abs_diff:.3f}, F-score vs fp32 {fidelity.fscore_vs_fp32:.1f}")
-    ground_truth = None
-    if config.eval_data is not None:
-        with log.step("ground-truth") as step:
-            ground_truth = score_against_ground_truth(Path(config.eval_data), fp32.onnx, qdq, qdq.parent / "eval",
-                                                      median=config.median)
-            step.detail = (f"F-score fp32 {ground_truth.fp32['fscore@0.1']:.2f} / int8 "
-                           f"{ground_truth.int8['fscore@0.1']:.2f}, drop {ground_truth.fscore_drop:.2f}")
-    latency = None
-    if config.latency_runs == 0:  # a search scores many candidates and reads none of these figures
-        log.info("host-latency skipped (--latency-runs 0)")
-    else:
-        latency = _host_latency(config, fp32, int8_runner, holdout, log)
-    return _Verification(qdq_vs_aimet_sim=parity, fidelity=fidelity, latency=latency, ground_truth=ground_truth,
-                         int8_holdout=int8_holdout)
-
-
-def _host_latency(config: PtqConfig, fp32: _Fp32, int8_runner: OrtRunner, holdout: np.ndarray,
-                  log: StageLog) -> HostLatency:
-    with log.step("host-latency") as step:
-        fp32_ms = fp32.runner.median_latency_ms(holdout[:1], config.latency_runs)
-        int8_ms = int8_runner.median_latency_ms(holdout[:1], config.latency_runs)
-        runs = min(len(fp32.runner.timed_ms), len(int8_runner.timed_ms))
-        latency = HostLatency(fp32=fp32_ms, int8_qdq=int8_ms, runs=runs, note=HOST_LATENCY_NOTE)
-        step.detail = f"fp32 {latency.fp32:.0f} ms, int8 QDQ {latency.int8_qdq:.0f} ms (host ORT, not the phone)"
-    return latency
-
-
-def int8_fidelity(fp32: np.ndarray, int8: np.ndarray) -> Fidelity:
-    """SQNR (plain and after a per-image scale fit), max abs diff, and the Track 3 F-score of int8 with
-    fp32 as the reference (scale-invariant, like the organizers' scorer)."""
-    measured = output_fidelity(fp32, int8, scale_aligned=True)
-    return Fidelity(sqnr_db=measured.sqnr_db, sqnr_db_scale_aligned=measured.sqnr_db_scale_aligned,
-                    max_abs_diff=measured.max_abs_diff, fscore_vs_fp32=measured.fscore,
-                    fscore_vs_fp32_per_image=measured.fscore_per_image, holdout_images=len(int8))
-
-
-def score_against_ground_truth(data: Path, fp32_onnx: Path, qdq: Path, folder: Path, *,
-                               median: str = "all") -> GroundTruthPair:
-    """Both ONNX models through the evaluate stage, so PTQ scores frames exactly as `lpcv-depth evaluate`
-    does (same metric, same skipping of bad frames); each one's outputs land in `folder`/fp32|int8."""
-    from lpcv_depth.stages.evaluate import evaluate_within
-
-    metrics = {}
-    for label, onnx_path in (("fp32", fp32_onnx), ("int8", qdq)):
-        overall = evaluate_within(STAGE, label, data, folder / label, onnx=onnx_path, median=median).results.overall
-        if not overall.scored:
-            raise ConfigError(f"no usable RGB-D frames in --eval-data {data} ({overall.skipped} skipped)",
-                              hint="pass an RGB-D set whose frames have valid depth")
-        metrics[label] = overall.metrics
-    return GroundTruthPair(fp32=metrics["fp32"], int8=metrics["int8"], frames=overall.scored, skipped=overall.skipped,
-                           fscore_drop=metrics["fp32"]["fscore@0.1"] - metrics["int8"]["fscore@0.1"])
-
-
-def _gates(config: PtqConfig, results: PtqResults) -> list[Gate]:
-    fidelity = results.int8_vs_fp32
-    if results.ground_truth is not None:
-        drop, what = results.ground_truth.fscore_drop, "F-score drop vs GT"
-    else:
-        drop, what = 100.0 - fidelity.fscore_vs_fp32, "F-score drop vs fp32"
-    return [Gate("--min-sqnr", "SQNR", fidelity.sqnr_db, config.min_sqnr, unit=" dB"),
-            Gate("--max-fscore-drop", what, drop, config.max_fscore_drop, kind="at_most")]
-
-
 # --- outputs --------------------------------------------------------------------------------------
 
 def _sizes(fp32: _Fp32, artifacts: _Artifacts) -> PtqSizes:
@@ -703,7 +613,7 @@ def _sizes(fp32: _Fp32, artifacts: _Artifacts) -> PtqSizes:
                     aimet_onnx=artifacts.aimet_onnx.stat().st_size, aimet_encodings=artifacts.encodings.stat().st_size)
 
 
-def _report(config: PtqConfig, folder: Path, results: PtqResults, fp32: _Fp32, checks: _Verification,
+def _report(config: PtqConfig, folder: Path, results: PtqResults, fp32: _Fp32, checks: Int8Checks,
             log: StageLog) -> list[Path]:
     from lpcv_depth.stages.ptq_report import write_report
 
@@ -713,7 +623,7 @@ def _report(config: PtqConfig, folder: Path, results: PtqResults, fp32: _Fp32, c
     return files
 
 
-def _save_holdout_outputs(folder: Path, fp32: _Fp32, sim_holdout: np.ndarray, checks: _Verification) -> Path:
+def _save_holdout_outputs(folder: Path, fp32: _Fp32, sim_holdout: np.ndarray, checks: Int8Checks) -> Path:
     """Later checks (the local HTP check) compare against the same held-out outputs instead of
     rebuilding AIMET's simulation; the image files are listed in the manifest's calibration split."""
     path = folder / HOLDOUT_OUTPUTS
