@@ -3,8 +3,8 @@ REST layer (tests/hub_rest_double.py): fp32 and int8 inputs, context binaries, r
 timeouts, rate limits, S3 failures, proxies, expired datasets, missing package / token / network,
 CPU fallback, sharing, the Track 3 contract check and bad input.
 
-No test here uses the friendlier module fake (tests/fake_qai_hub.py; only its folder and client.ini
-helpers): every run goes through qai_hub.Client, its S3 transfers and its error handling."""
+Every run goes through qai_hub.Client, its S3 transfers and its error handling; the ptq-like and
+htp-check-like input folders and client.ini come from tests/stage_folders.py."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from lpcv_depth.manifest import MANIFEST_NAME, read_manifest
 from lpcv_depth.stage import StageLog
 from lpcv_depth.stages.hub import STATE_NAME, HubConfig, resolve_inputs, run_hub, summarize_profile
 from lpcv_depth.track3_metric import FSCORE
-from tests.fake_qai_hub import make_htp_check_folder, make_ptq_folder, write_client_ini
+from tests.stage_folders import make_htp_check_folder, make_ptq_folder, write_client_ini
 from tests.hub_rest_double import QUANTIZED_IO, S24, HubRestDouble
 
 REPO = Path(__file__).resolve().parents[1]

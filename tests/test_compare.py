@@ -1,10 +1,13 @@
-"""The fp32 vs int8 comparison: host figures only, with the local HTP check, with hub runs from the fake
-hub, refused model pairs and bad input; and the project's figures (lpcv_depth.visualize)."""
+"""The fp32 vs int8 comparison: host figures only, with the local HTP check, with hub runs through the
+real qai-hub client against the hub double (tests/hub_rest_double.py), refused model pairs and bad
+input; and the project's figures (lpcv_depth.visualize)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,7 @@ from lpcv_depth.stages.hub import HubConfig, run_hub
 from lpcv_depth.track3_metric import FSCORE
 from lpcv_depth.verify import sqnr_db
 from lpcv_depth.visualize import BarPanel, bar_chart, colorize, depth_comparison_panel
-from tests.fake_qai_hub import FakeQaiHub
+from tests.hub_rest_double import HubRestDouble
 
 
 def _copy_models(fastdepth_export: Path, ptq_dir: Path, root: Path) -> Path:
@@ -38,14 +41,31 @@ def host_only(tmp_path_factory, fastdepth_export, fastdepth_w8a8) -> Path:
     return _copy_models(fastdepth_export, fastdepth_w8a8.out_dir, tmp_path_factory.mktemp("fastdepth"))
 
 
+@contextlib.contextmanager
+def _hub_double(client_ini_folder: Path, **knobs) -> Iterator[HubClient]:
+    """A client whose requests the hub double answers while the block runs; its client.ini is written
+    to client_ini_folder, never read from the user's ~/.qai_hub. Module fixtures use it too, so it
+    patches through a MonkeyPatch of its own."""
+    double = HubRestDouble(**knobs)
+    try:
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            double.install(monkeypatch)
+            monkeypatch.setenv("QAIHUB_CLIENT_INI", str(double.write_client_ini(client_ini_folder)))
+            yield HubClient(preflight=False)
+    finally:
+        double.close()
+
+
 @pytest.fixture(scope="module")
 def with_hub(host_only, tmp_path_factory, rgbd_dir) -> Path:
-    """The same models after `lpcv-depth hub --artifact export` and `--artifact ptq-w8a8` (fake hub)."""
+    """The same models after `lpcv-depth hub --artifact export` and `--artifact ptq-w8a8` (hub double, two
+    layers of each model on the CPU)."""
     root = tmp_path_factory.mktemp("with-hub")
     _copy_models(host_only / "export", host_only / "ptq-w8a8", root)
-    client = HubClient(FakeQaiHub(cpu_layers=2), preflight=False)
-    for folder in ("export", "ptq-w8a8"):
-        run_hub(HubConfig(artifact=root / folder, eval_data=rgbd_dir, max_frames=1, poll=0.001, threads=1), client)
+    with _hub_double(tmp_path_factory.mktemp("qai_hub"), cpu_layers=2) as client:
+        for folder in ("export", "ptq-w8a8"):
+            run_hub(HubConfig(artifact=root / folder, eval_data=rgbd_dir, max_frames=1, poll=0.001, threads=1),
+                    client)
     return root
 
 
@@ -289,8 +309,9 @@ def test_docs_flag_table_matches_the_config():
 def test_the_int8_hub_run_of_the_htp_checks_context_binary_is_found(host_only, tmp_path, rgbd_dir):
     root = _copy_models(host_only / "export", host_only / "ptq-w8a8", tmp_path)
     htp = _fake_htp_check(root / "ptq-w8a8", root / "export")
-    client = HubClient(FakeQaiHub(), preflight=False)
-    hub = run_hub(HubConfig(artifact=htp, eval_data=rgbd_dir, max_frames=1, poll=0.001, threads=1), client).out_dir
+    with _hub_double(tmp_path / "qai_hub") as client:
+        hub = run_hub(HubConfig(artifact=htp, eval_data=rgbd_dir, max_frames=1, poll=0.001, threads=1),
+                      client).out_dir
     assert find_hub_run(root / "ptq-w8a8", htp) == hub and find_hub_run(root / "ptq-w8a8") is None
     result = run_compare(CompareConfig(fp32=root / "export", int8=root / "ptq-w8a8"))
     assert result.report["missing_hub_runs"] == ["fp32"] and result.report["models"]["int8"]["hub_run"] == str(hub)

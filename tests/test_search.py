@@ -29,7 +29,7 @@ from lpcv_depth.stages.evaluate import EvaluateConfig, run_evaluate
 from lpcv_depth.stages.search import SearchConfig, run_search
 from lpcv_depth.stages.search_report import GMACS, LATENCY, choose, pareto_front
 from lpcv_depth.track3_metric import FSCORE
-from tests.fake_qai_hub import write_client_ini
+from tests.stage_folders import write_client_ini
 from tests.hub_rest_double import HubRestDouble
 
 # Quick PTQs, as the conftest's PTQ fixture: 16 calibration + 4 held-out images, no CLE; the int8
