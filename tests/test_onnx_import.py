@@ -232,3 +232,38 @@ def test_several_outputs_export_with_output_name(tmp_path, calibration_dir):
 def test_wrap_without_normalisation_is_refused(tmp_path):
     with pytest.raises(Exception, match="--wrap needs the normalisation"):
         ExportConfig(onnx=tmp_path / "m.onnx", wrap=True)
+
+
+# --- ptq on an ONNX-only export (onnx2torch, then the aimet-torch path unchanged) -------------------
+
+def test_ptq_of_the_wrapped_bare_fastdepth_scores_as_the_torch_path(fastdepth_bare, fastdepth_w8a8, calib_subset,
+                                                                     rgbd_dir, tmp_path):
+    pytest.importorskip("onnx2torch", reason="onnx2torch (the quant extra) is not installed")
+    from lpcv_depth.stages.ptq import run_ptq
+    from tests.conftest import fastdepth_ptq_config
+
+    export = run_export(ExportConfig(onnx=fastdepth_bare, wrap=True, **FASTDEPTH_NORMALISATION, out=tmp_path / "e",
+                                     check_images=calib_subset, num_check_images=2))
+    result = run_ptq(fastdepth_ptq_config(export.out_dir, calib_subset, tmp_path / "ptq",
+                                          eval_data=rgbd_dir / "kinect_home"))
+    onnx_route, torch_route = result.results, fastdepth_w8a8.results
+    assert onnx_route.model == "fastdepth_bare"
+    assert onnx_route.preparation["traced"] and onnx_route.techniques.keys() == torch_route.techniques.keys()
+    tails = [route.techniques["output_tail"] for route in (onnx_route, torch_route)]
+    assert [(t["bits"], len(t["quantizers"])) for t in tails] == [(16, 4), (16, 4)]
+    assert result.qdq_onnx.is_file() and any(result.aimet_dir.glob("*.encodings"))
+    assert abs(onnx_route.ground_truth.int8["fscore@0.1"] - torch_route.ground_truth.int8["fscore@0.1"]) <= 0.1
+    assert abs(onnx_route.int8_vs_fp32.sqnr_db - torch_route.int8_vs_fp32.sqnr_db) <= 0.5
+
+
+def test_ptq_refuses_an_onnx_op_that_onnx2torch_cannot_convert(calib_subset, tmp_path, capsys):
+    pytest.importorskip("onnx2torch", reason="onnx2torch (the quant extra) is not installed")
+    path = _graph_file(tmp_path / "lp.onnx", [helper.make_node("LpNormalization", ["x"], ["n"], axis=1),
+                                              _channel_mean("n")], [_image()], [_depth()])
+    export = run_export(ExportConfig(onnx=path, wrap=True, mean=(0.5,) * 3, std=(0.25,) * 3, out=tmp_path / "e",
+                                     check_images=calib_subset, num_check_images=1))
+    argv = ["ptq", "--fp32", str(export.out_dir), "--calib", str(calib_subset), "--holdout", "4", "--min-calib", "8",
+            "--out", str(tmp_path / "ptq")]
+    assert cli.main(argv) == ExitCode.ERROR
+    err = capsys.readouterr().err
+    assert "onnx2torch cannot convert the ops ['LpNormalization']" in err and "fix:" in err
