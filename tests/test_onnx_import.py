@@ -236,22 +236,27 @@ def test_wrap_without_normalisation_is_refused(tmp_path):
 
 # --- ptq on an ONNX-only export (onnx2torch, then the aimet-torch path unchanged) -------------------
 
-def test_ptq_of_the_wrapped_bare_fastdepth_scores_as_the_torch_path(fastdepth_bare, fastdepth_w8a8, calib_subset,
-                                                                     rgbd_dir, tmp_path):
+def test_bare_fastdepth_runs_end_to_end_and_its_int8_scores_as_the_torch_path(fastdepth_bare, fastdepth_w8a8,
+                                                                                calib_subset, rgbd_dir, tmp_path):
+    """run --onnx: export (wrapped), ptq through onnx2torch, compare; the int8 model as good as the torch path's."""
     pytest.importorskip("onnx2torch", reason="onnx2torch (the quant extra) is not installed")
-    from lpcv_depth.stages.ptq import run_ptq
-    from tests.conftest import fastdepth_ptq_config
+    from lpcv_depth.manifest import Manifest
+    from lpcv_depth.results import PtqResults
+    from tests.test_pipeline import PTQ_ARGS
 
-    export = run_export(ExportConfig(onnx=fastdepth_bare, wrap=True, **FASTDEPTH_NORMALISATION, out=tmp_path / "e",
-                                     check_images=calib_subset, num_check_images=2))
-    result = run_ptq(fastdepth_ptq_config(export.out_dir, calib_subset, tmp_path / "ptq",
-                                          eval_data=rgbd_dir / "kinect_home"))
-    onnx_route, torch_route = result.results, fastdepth_w8a8.results
+    out = tmp_path / "run"
+    argv = ["run", "--onnx", str(fastdepth_bare), "--wrap", "--mean", "0,0,0", "--std", "1,1,1",
+            "--calib", str(calib_subset), "--eval-data", str(rgbd_dir / "kinect_home"), "--htp-check", "off",
+            "--hub", "off", f"--ptq-args={PTQ_ARGS}", "--out", str(out)]
+    assert cli.main(argv) == ExitCode.OK
+    assert (out / "compare" / "compare.md").is_file()
+    ptq = Manifest.read(out / "ptq-w8a8", stage="ptq")
+    onnx_route, torch_route = ptq.results_as(PtqResults), fastdepth_w8a8.results
     assert onnx_route.model == "fastdepth_bare"
     assert onnx_route.preparation["traced"] and onnx_route.techniques.keys() == torch_route.techniques.keys()
     tails = [route.techniques["output_tail"] for route in (onnx_route, torch_route)]
     assert [(t["bits"], len(t["quantizers"])) for t in tails] == [(16, 4), (16, 4)]
-    assert result.qdq_onnx.is_file() and any(result.aimet_dir.glob("*.encodings"))
+    assert any((out / "ptq-w8a8").glob("*.aimet/*.encodings")) and (out / "ptq-w8a8" / "model_qdq.onnx").is_file()
     assert abs(onnx_route.ground_truth.int8["fscore@0.1"] - torch_route.ground_truth.int8["fscore@0.1"]) <= 0.1
     assert abs(onnx_route.int8_vs_fp32.sqnr_db - torch_route.int8_vs_fp32.sqnr_db) <= 0.5
 
