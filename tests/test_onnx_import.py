@@ -272,3 +272,30 @@ def test_ptq_refuses_an_onnx_op_that_onnx2torch_cannot_convert(calib_subset, tmp
     assert cli.main(argv) == ExitCode.ERROR
     err = capsys.readouterr().err
     assert "onnx2torch cannot convert the ops ['LpNormalization']" in err and "fix:" in err
+
+
+def test_an_onnx_file_edited_in_place_makes_its_export_out_of_date(tmp_path):
+    """run's up-to-date check: the same --onnx path with other content is another model."""
+    from lpcv_depth.cache import stage_fingerprint
+
+    path = _not_in_contract(tmp_path / "user.onnx")
+    config = ExportConfig(onnx=path, out=tmp_path / "e")
+    before = stage_fingerprint("export", config, {})
+    _several_outputs(path)
+    assert stage_fingerprint("export", config, {}) != before
+
+
+def test_the_export_script_takes_an_onnx_file(tmp_path, calibration_dir):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    path = _several_outputs(tmp_path / "user.onnx")
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "export" / "to_onnx.py"), "--onnx", str(path), "--wrap",
+                           "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--output-name", "z", "--out",
+                           str(tmp_path / "e"), "--check-images", str(calibration_dir), "--num-check-images", "1"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith("export: next: python quantize/ptq.py")
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["inputs"]["onnx"]["sha256"] == sha256_file(path)

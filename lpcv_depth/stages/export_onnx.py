@@ -29,7 +29,7 @@ from lpcv_depth.stage import StageLog, StagingDir, display_path
 from lpcv_depth.verify import OrtRunner, compare_outputs
 
 __all__ = ["run_onnx_export", "parse_channels", "format_channels", "read_user_onnx", "adapt_to_contract",
-           "MIN_SOURCE_OPSET", "NATIVE_OUTPUTS", "onnx_model_name"]
+           "source_hashes", "MIN_SOURCE_OPSET", "NATIVE_OUTPUTS", "onnx_model_name"]
 
 MIN_SOURCE_OPSET = 11
 NATIVE_OUTPUTS = ("depth", "disparity")
@@ -71,14 +71,13 @@ class _Source:
     model: object
     path: Path
     sha256: str
-    external_data: dict[str, str]
     opset: int
+    external_data: dict[str, str]  # file name beside the .onnx -> sha256
 
 
 def read_user_onnx(path: str | os.PathLike) -> _Source:
     """Load the file (and its external data), refusing what is not a readable standard ONNX model."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     path = Path(path)
     if not path.is_file():
@@ -89,7 +88,7 @@ def read_user_onnx(path: str | os.PathLike) -> _Source:
     except Exception as err:  # protobuf's DecodeError and friends: the bytes are not a whole ONNX model
         raise ConfigError(f"--onnx {path} cannot be read as an ONNX model (truncated or not ONNX): {err}",
                           hint=fix) from None
-    external = sorted({ExternalDataInfo(t).location for t in _all_initializers(header) if uses_external_data(t)})
+    external = _external_data_files(header)
     missing = [name for name in external if not (path.parent / name).is_file()]
     if missing:
         raise ConfigError(f"--onnx {path} keeps its weights in {', '.join(missing)}, which is not beside it",
@@ -101,9 +100,29 @@ def read_user_onnx(path: str | os.PathLike) -> _Source:
         raise ConfigError(f"--onnx {path} is not a valid ONNX model: {err}", hint=fix) from None
     if not model.graph.node:
         raise ConfigError(f"--onnx {path} has an empty graph", hint=fix)
-    return _Source(model=model, path=path.resolve(), sha256=sha256_file(path),
-                   external_data={name: sha256_file(path.parent / name) for name in external},
-                   opset=_default_opset(model))
+    return _Source(model=model, path=path.resolve(), sha256=sha256_file(path), opset=_default_opset(model),
+                   external_data={name: sha256_file(path.parent / name) for name in external})
+
+
+def _external_data_files(model) -> list[str]:
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    return sorted({ExternalDataInfo(t).location for t in _all_initializers(model) if uses_external_data(t)})
+
+
+def source_hashes(path: Path) -> dict[str, str]:
+    """sha256 of an ONNX file and of each external data file beside it that it names (unreadable: the file alone)."""
+    import onnx
+
+    hashes = {path.name: sha256_file(path)}
+    try:
+        header = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # a truncated file: export refuses it with its fix; its own hash is enough here
+        return hashes
+    for name in _external_data_files(header):
+        if (path.parent / name).is_file():
+            hashes[name] = sha256_file(path.parent / name)
+    return hashes
 
 
 def _all_initializers(model):
