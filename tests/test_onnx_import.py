@@ -299,3 +299,16 @@ def test_the_export_script_takes_an_onnx_file(tmp_path, calibration_dir):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1].startswith("export: next: python quantize/ptq.py")
     assert json.loads((tmp_path / "e" / "manifest.json").read_text())["inputs"]["onnx"]["sha256"] == sha256_file(path)
+
+
+def test_a_model_over_the_protobuf_limit_is_kept_with_external_data(fastdepth_bare, tmp_path, calibration_dir,
+                                                                     monkeypatch):
+    from lpcv_depth.manifest import Manifest
+    from lpcv_depth.stages import export_onnx
+
+    monkeypatch.setattr(export_onnx, "_PROTO_LIMIT", 1000)  # stands for 2 GB: FastDepth is 5 MB
+    result = run_export(ExportConfig(onnx=fastdepth_bare, wrap=True, **FASTDEPTH_NORMALISATION, out=tmp_path / "e",
+                                     check_images=calibration_dir, num_check_images=1))
+    assert (tmp_path / "e" / "model.onnx.data").is_file()
+    assert result.results.nodes_simplified == result.results.nodes_exported  # onnxsim cannot read it: unsimplified
+    assert "model.onnx.data" in {o.path for o in Manifest.read(tmp_path / "e", stage="export").outputs}
