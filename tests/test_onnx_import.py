@@ -102,7 +102,7 @@ def _foreign_spec(native_output: str) -> ModelSpec:
                      native_output=native_output, license="test", weight_source="random")
 
 
-@pytest.mark.parametrize("native_output,output", [("disparity", "depth"), ("depth", "depth"),
+@pytest.mark.parametrize("native_output,output", [("disparity", "depth"), ("depth", "depth"), ("depth", "disparity"),
                                                   ("disparity", "disparity")])
 def test_a_foreign_network_from_opset_11_with_dynamic_axes_matches_its_torch_wrapper(native_output, output, tmp_path,
                                                                                       calibration_dir):
