@@ -312,3 +312,11 @@ def test_a_model_over_the_protobuf_limit_is_kept_with_external_data(fastdepth_ba
     assert (tmp_path / "e" / "model.onnx.data").is_file()
     assert result.results.nodes_simplified == result.results.nodes_exported  # onnxsim cannot read it: unsimplified
     assert "model.onnx.data" in {o.path for o in Manifest.read(tmp_path / "e", stage="export").outputs}
+
+
+@pytest.mark.parametrize("command", ["export", "run"])
+def test_wrap_options_without_onnx_are_refused(command, capsys):
+    argv = [command, "--model", "fastdepth", "--weights", "None", "--wrap", "--mean", "0,0,0", "--std", "1,1,1"]
+    assert cli.main(argv) == ExitCode.ERROR
+    err = capsys.readouterr().err
+    assert "--wrap, --mean, --std apply to --onnx FILE only" in err and "fix:" in err

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from lpcv_depth.contract import GELU_MODES, OUTPUT_MODES, TRACK3
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.images import list_images, load_contract_batch
 from lpcv_depth.manifest import Manifest, config_as_dict, read_manifest, sha256_of_files, write_manifest
-from lpcv_depth.options import choices_hint, option, parse_size
+from lpcv_depth.options import choices_hint, flag_name, option, parse_size
 from lpcv_depth.results import ExportResults
 from lpcv_depth.stages.export_onnx import NATIVE_OUTPUTS, format_channels, onnx_model_name, parse_channels, run_onnx_export
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
@@ -34,12 +34,14 @@ from lpcv_depth.verify import (OrtRunner, ParityThresholds, check_onnx_io, check
 from lpcv_depth.workspace import build_dir, in_workspace
 
 __all__ = ["ExportConfig", "ExportResult", "run_export", "count_macs", "DEFAULT_MODEL",
-           "DEFAULT_CHECK_IMAGES"]
+           "DEFAULT_CHECK_IMAGES", "ONNX_ONLY_OPTIONS"]
 
 STAGE = "export"
 DEFAULT_MODEL = "depth_anything_v2_vits"
 DEFAULT_CHECK_IMAGES = Path("calibration_data")
 EXPORTERS = ("legacy", "dynamo")
+# What only an ONNX file's export takes (a registered model's spec says all of it).
+ONNX_ONLY_OPTIONS = ("wrap", "mean", "std", "native_input_size", "native_output", "input_name", "output_name")
 ONNX_NAME = "model.onnx"
 
 
@@ -128,8 +130,11 @@ class ExportConfig:
         resolved = resolve_model(self.model)  # unknown names fail here, listing the valid ones
         # Recorded as the reference that finds the model from any folder (a file's path made absolute).
         object.__setattr__(self, "model", resolved.source.reference)
-        if self.wrap:
-            raise ConfigError("--wrap applies to --onnx FILE only", hint="pass --onnx FILE, or leave --wrap out")
+        defaults = {f.name: f.default for f in fields(self)}
+        given = [flag_name(name) for name in ONNX_ONLY_OPTIONS if getattr(self, name) != defaults[name]]
+        if given:
+            raise ConfigError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --onnx FILE only",
+                              hint=f"pass --onnx FILE, or leave {', '.join(given)} out")
         if self.input_size is not None:
             object.__setattr__(self, "input_size", resolved.spec.validate_input_size(self.input_size))
 

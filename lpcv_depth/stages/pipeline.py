@@ -26,7 +26,7 @@ from lpcv_depth.runner import (AUTO_ON_OFF, PassedOnArgs, Step, backend_wanted, 
                                check_output_root, create_output_root, run_step)
 from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
-from lpcv_depth.stages.export import ExportConfig
+from lpcv_depth.stages.export import ONNX_ONLY_OPTIONS, ExportConfig
 from lpcv_depth.stages.export_onnx import onnx_model_name
 from lpcv_depth.stages.ptq import PtqConfig
 from lpcv_depth.workspace import build_dir, in_workspace
@@ -65,8 +65,8 @@ class RunConfig(PassedOnArgs):
     out: Path | None = option(None, help="output folder (default: build/<model>)")
 
     def __post_init__(self):
-        export = ExportConfig(model=self.model, weights=self.weights, input_size=self.input_size,
-                              **self.onnx_options())  # validates these
+        export = ExportConfig(model=self.model, weights=self.weights, input_size=self.input_size, onnx=self.onnx,
+                              **{name: getattr(self, name) for name in ONNX_ONLY_OPTIONS})  # validates these
         object.__setattr__(self, "model", export.model)  # a file reference, with its path made absolute
         object.__setattr__(self, "onnx", export.onnx)
         check_input_folders(self.calib, self.eval_data)
@@ -79,8 +79,7 @@ class RunConfig(PassedOnArgs):
         """What export --onnx takes, passed on only with --onnx (a registered model's export is unchanged)."""
         if self.onnx is None:
             return {}
-        return {name: getattr(self, name) for name in ("onnx", "wrap", "mean", "std", "native_input_size",
-                                                       "native_output", "input_name", "output_name")}
+        return {name: getattr(self, name) for name in ("onnx", *ONNX_ONLY_OPTIONS)}
 
     @property
     def destination(self) -> Path:
