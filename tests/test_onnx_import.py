@@ -320,3 +320,15 @@ def test_wrap_options_without_onnx_are_refused(command, capsys):
     assert cli.main(argv) == ExitCode.ERROR
     err = capsys.readouterr().err
     assert "--wrap, --mean, --std apply to --onnx FILE only" in err and "fix:" in err
+
+
+def test_a_bare_graph_whose_own_io_is_called_image_and_depth_is_wrapped(tmp_path, calibration_dir):
+    torch.manual_seed(0)
+    net = _ForeignDepthNet().eval()
+    path = _torch_export(net, tmp_path / "named.onnx", (64, 64), opset=11, input_name="image", output_name="depth")
+    spec = _foreign_spec("depth")
+    result = run_export(ExportConfig(onnx=path, wrap=True, mean=spec.mean, std=spec.std, out=tmp_path / "e",
+                                     check_images=calibration_dir, num_check_images=2))
+    images = _check_batch(calibration_dir)
+    reference = _torch_outputs(Track3Wrapper(_WithChannel(net), spec).eval(), images)
+    assert sqnr_db(reference, OrtRunner(result.onnx_path).run(images)) >= 60

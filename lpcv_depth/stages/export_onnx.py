@@ -229,6 +229,7 @@ def adapt_to_contract(source_model, source_opset: int, config) -> _Adapted:
     graph_input = _pick(_graph_inputs(model), config.input_name, "input", "--input-name")
     graph_output = _pick(list(model.graph.output), config.output_name, "output", "--output-name")
     _check_input(graph_input)
+    input_name, output_name = graph_input.name, graph_output.name
     for other in [o for o in model.graph.output if o.name != graph_output.name]:
         model.graph.output.remove(other)
     for other in [i for i in _graph_inputs(model) if i.name != graph_input.name]:
@@ -240,10 +241,15 @@ def adapt_to_contract(source_model, source_opset: int, config) -> _Adapted:
     del model.graph.value_info[:]
     model, opset = _convert_opset(model, _default_opset(model), config.opset)
     if config.wrap:
-        _wrap(model, graph_input.name, graph_output.name, size, config, opset)
+        # A bare graph's own tensors may already be called `image` or `depth`: the wrapper's I/O needs those names.
+        # (version_converter returns a new model: from here on, the names only.)
+        renamed = {name: _WRAP + name for name in (TRACK3.input.name, TRACK3.output.name)}
+        for old, new in renamed.items():
+            _rename(model, old, new)
+        _wrap(model, renamed.get(input_name, input_name), renamed.get(output_name, output_name), size, config, opset)
     else:
-        _check_in_contract(model, graph_output)
-        _rename(model, graph_input.name, TRACK3.input.name)
+        _check_in_contract(model, model.graph.output[0])
+        _rename(model, input_name, TRACK3.input.name)
         _rename(model, model.graph.output[0].name, TRACK3.output.name)
     _set_shape(model.graph.output[0], list(TRACK3.output.concrete_shape(config.batch)))
     return _Adapted(model=model, opset=opset, native_input_size=size, wrapped=config.wrap)
@@ -295,7 +301,7 @@ def _rename(model, old: str, new: str) -> None:
     for node in graph.node:
         node.input[:] = [new if name == old else name for name in node.input]
         node.output[:] = [new if name == old else name for name in node.output]
-    for value in (*graph.input, *graph.output):
+    for value in (*graph.input, *graph.output, *graph.initializer):
         if value.name == old:
             value.name = new
 
