@@ -332,3 +332,39 @@ def test_a_bare_graph_whose_own_io_is_called_image_and_depth_is_wrapped(tmp_path
     images = _check_batch(calibration_dir)
     reference = _torch_outputs(Track3Wrapper(_WithChannel(net), spec).eval(), images)
     assert sqnr_db(reference, OrtRunner(result.onnx_path).run(images)) >= 60
+
+
+class _TransformerOps(nn.Module):
+    """The ops a ViT exports: reshape, transpose, matmul, erf, concat, slice and gather."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, stride=4)
+        self.token = nn.Parameter(torch.randn(1, 1, 8))
+
+    def forward(self, x):
+        tokens = self.proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.token.expand(x.shape[0], -1, -1), tokens], dim=1)
+        attention = torch.softmax(tokens @ tokens.transpose(1, 2), dim=-1) @ tokens
+        patches = torch.nn.functional.gelu(attention)[:, 1:, :]
+        depth = patches[:, :, 0] + patches[:, :, 1:3].mean(-1)
+        return depth.reshape(x.shape[0], 1, 8, 8)
+
+
+def test_transformer_ops_are_lowered_for_aimet_and_dynamic_shape_ops_are_refused(tmp_path, calibration_dir):
+    pytest.importorskip("onnx2torch", reason="onnx2torch (the quant extra) is not installed")
+    from lpcv_depth.backends.onnx_torch import onnx_to_torch
+    from lpcv_depth.errors import ConfigError
+
+    torch.manual_seed(0)
+    path = _torch_export(_TransformerOps(), tmp_path / "vit_ops.onnx", (32, 32))
+    with pytest.raises(ConfigError, match=r"torch.fx cannot trace onnx2torch's \[.*'OnnxShape'"):
+        onnx_to_torch(path, name="vit_ops", weights={"source": "onnx"})  # x.shape[0], before onnxsim
+    export = run_export(ExportConfig(onnx=path, wrap=True, mean=(0.5,) * 3, std=(0.25,) * 3, out=tmp_path / "e",
+                                     check_images=calibration_dir, num_check_images=1))
+    module = onnx_to_torch(export.onnx_path, name="vit_ops", weights={"source": "onnx"})
+    assert not [m for m in module.modules() if type(m).__module__.startswith("onnx2torch")]
+    images = _check_batch(calibration_dir, 1)
+    with torch.no_grad():
+        converted = module(torch.from_numpy(images)).numpy()
+    assert sqnr_db(OrtRunner(export.onnx_path).run(images), converted) >= 60

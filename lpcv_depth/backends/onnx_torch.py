@@ -64,9 +64,24 @@ def onnx_to_torch(path: Path, *, name: str, weights: dict):
         raise ConfigError(f"onnx2torch cannot convert {path}: {type(err).__name__}: {err}",
                           hint="export the model with plainer ops (static shapes, constant resize sizes)") from None
     module = lower_onnx2torch_modules(module).eval()
+    _refuse_untraceable(module, path)
     module.spec = SimpleNamespace(name=name, prepare_for_quantization=None)
     module.weights_info = WeightsInfo(**weights)
     return module
+
+
+def _refuse_untraceable(module, path: Path) -> None:
+    """What torch.fx cannot trace AIMET cannot prepare: its ops would stay float, off the phone's NPU."""
+    import torch
+
+    try:
+        torch.fx.symbolic_trace(module)
+    except Exception as err:
+        left = sorted({type(m).__name__ for m in module.modules() if type(m).__module__.startswith("onnx2torch")})
+        raise ConfigError(f"AIMET cannot prepare {path} for quantization: torch.fx cannot trace onnx2torch's "
+                          f"{left} ({type(err).__name__}: {err})",
+                          hint="export the model with static shapes and constant shape arguments, and simplify "
+                               "it (onnxsim), so these ops have constant inputs") from None
 
 
 def lower_onnx2torch_modules(module):
@@ -141,7 +156,64 @@ def _lowered_call(module, modules, node):
         return ("call", function, (args[0],), {"dim": tuple(submodule.axes), "keepdim": submodule.keepdims})
     if kind == "OnnxResize":
         return _lowered_resize(module, submodule, node, F)
+    return _lowered_tensor_op(module, kind, submodule, node)
+
+
+def _lowered_tensor_op(module, kind: str, submodule, node):
+    """The shape and matmul ops of a transformer (DA-V2's ViT), where their shapes and indices are constant."""
+    import operator
+
+    import torch
+
+    args = node.args
+    simple = {"OnnxMatMul": torch.matmul, "OnnxErf": torch.erf}
+    if kind in simple:
+        return ("call", simple[kind], tuple(args), {})
+    if kind == "OnnxTranspose" and submodule.perm is not None:
+        return ("call", torch.permute, (args[0], tuple(submodule.perm)), {})
+    if kind == "OnnxConcat":
+        return ("call", torch.cat, (list(args),), {"dim": submodule.axis})
+    if kind == "OnnxReshape":
+        shape = _constant_or_none(module, args[1])
+        if shape is None or bool((shape == 0).any()):
+            return None
+        return ("call", torch.reshape, (args[0], tuple(int(v) for v in shape.tolist())), {})
+    if kind == "OnnxGather":
+        indices = _constant_or_none(module, args[1])
+        if indices is None or indices.dim() > 1 or submodule._axis < 0:
+            return None
+        index = int(indices) if indices.dim() == 0 else [int(v) for v in indices.tolist()]
+        return ("call", operator.getitem, (args[0], (slice(None),) * submodule._axis + (index,)), {})
+    if kind == "OnnxSlice":
+        return _lowered_slice(module, node)
     return None
+
+
+def _lowered_slice(module, node):
+    import operator
+
+    inputs = dict(zip(("input_tensor", "starts", "ends", "axes", "steps"), node.args)) | dict(node.kwargs)
+    values = {name: _constant_or_none(module, inputs.get(name)) for name in ("starts", "ends", "axes", "steps")}
+    if values["starts"] is None or values["ends"] is None:
+        return None
+    starts, ends = values["starts"].tolist(), values["ends"].tolist()
+    axes = values["axes"].tolist() if values["axes"] is not None else list(range(len(starts)))
+    steps = values["steps"].tolist() if values["steps"] is not None else [1] * len(starts)
+    if min(axes) < 0 or min(steps) < 1:
+        return None
+    index = [slice(None)] * (max(axes) + 1)
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        index[axis] = slice(int(start), int(end), int(step))
+    return ("call", operator.getitem, (inputs["input_tensor"], tuple(index)), {})
+
+
+def _constant_or_none(module, node):
+    if node is None or not hasattr(node, "op"):
+        return None
+    try:
+        return _constant(module, node)
+    except ConfigError:
+        return None
 
 
 def _lowered_resize(module, submodule, node, F):
