@@ -1,4 +1,4 @@
-"""Export a registered depth model to a simplified, verified Track 3 ONNX: `lpcv-depth export`. Every option: `python export/to_onnx.py --help` or docs/export.md."""
+"""Export a registered depth model, or your own ONNX file (--onnx), to a simplified, verified Track 3 ONNX: `lpcv-depth export`. Every option: `python export/to_onnx.py --help` or docs/export.md."""
 
 import sys
 

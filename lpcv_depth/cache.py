@@ -1,8 +1,8 @@
 """Reusing stage outputs: a stage is redone only when its config, or the content of what it reads, changed.
 
 A stage's *fingerprint* is its config plus the content of its inputs: upstream stages by the sha256 of
-their manifests (which pin their inputs' hashes in turn), the weights file, the files that define a
-model given by factory reference and the photos by content, RGB-D data by file names, sizes and
+their manifests (which pin their inputs' hashes in turn), the weights file or ONNX file, the files that
+define a model given by factory reference and the photos by content, RGB-D data by file names, sizes and
 modification times. A *record* keeps the fingerprint an output
 was made from, and the sha256 of the manifest it got; the output is up to date while both still hold
 and the manifest still verifies its files. `lpcv-depth run` and `lpcv-depth search` both reuse work
@@ -31,6 +31,11 @@ def stage_fingerprint(stage: str, stage_config: Any, upstream: Mapping[str, str]
     weights = getattr(stage_config, "weights_file", None)
     if weights is not None and Path(weights).is_file():
         material["weights_sha256"] = sha256_file(weights)
+    onnx = getattr(stage_config, "onnx", None)
+    if onnx is not None and Path(onnx).is_file():  # export --onnx: the file (and its external data) by content
+        from lpcv_depth.stages.export_onnx import source_hashes
+
+        material["onnx_sha256"] = source_hashes(Path(onnx))
     model = getattr(stage_config, "model", None)
     if isinstance(model, str) and ":" in model:  # a factory reference: an edit to its file rebuilds the model
         from lpcv_depth.models import resolve_model

@@ -4,8 +4,11 @@
     lpcv-depth export --model fastdepth --weights default
     lpcv-depth export --weights None                     # random init, pipeline test only
     lpcv-depth export --model my_net.py:my_net_spec      # your own network (docs/models.md)
+    lpcv-depth export --onnx my_net.onnx --wrap --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
+                                                         # your own ONNX file (docs/export.md)
 
-Writes OUT/model.onnx and OUT/manifest.json (default OUT: build/<model>/export, <model> the spec's name).
+Writes OUT/model.onnx and OUT/manifest.json (default OUT: build/<model>/export, <model> the spec's name,
+or the ONNX file's name).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +25,23 @@ from lpcv_depth.contract import GELU_MODES, OUTPUT_MODES, TRACK3
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.images import list_images, load_contract_batch
 from lpcv_depth.manifest import Manifest, config_as_dict, read_manifest, sha256_of_files, write_manifest
-from lpcv_depth.options import choices_hint, option, parse_size
+from lpcv_depth.options import choices_hint, flag_name, option, parse_size
 from lpcv_depth.results import ExportResults
+from lpcv_depth.stages.export_onnx import NATIVE_OUTPUTS, format_channels, onnx_model_name, parse_channels, run_onnx_export
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
 from lpcv_depth.verify import (OrtRunner, ParityThresholds, check_onnx_io, check_output_range, compare_outputs,
                                sqnr_db)
 from lpcv_depth.workspace import build_dir, in_workspace
 
 __all__ = ["ExportConfig", "ExportResult", "run_export", "count_macs", "DEFAULT_MODEL",
-           "DEFAULT_CHECK_IMAGES"]
+           "DEFAULT_CHECK_IMAGES", "ONNX_ONLY_OPTIONS"]
 
 STAGE = "export"
 DEFAULT_MODEL = "depth_anything_v2_vits"
 DEFAULT_CHECK_IMAGES = Path("calibration_data")
 EXPORTERS = ("legacy", "dynamo")
+# What only an ONNX file's export takes (a registered model's spec says all of it).
+ONNX_ONLY_OPTIONS = ("wrap", "mean", "std", "native_input_size", "native_output", "input_name", "output_name")
 ONNX_NAME = "model.onnx"
 
 
@@ -67,14 +73,28 @@ class ExportConfig:
     num_check_images: int = option(4, help="photos used by the contract and parity checks")
     max_abs_diff: float = option(1e-3, help="parity: largest |ONNX Runtime - torch| allowed")
     min_sqnr: float = option(40.0, help="parity: lowest ONNX Runtime vs torch SQNR allowed, dB")
+    onnx: Path | None = option(None, help="your own ONNX file instead of --model: taken as it is when it meets the "
+                                          "Track 3 contract, else wrapped with --wrap (docs/export.md)")
+    wrap: bool = option(False, help="--onnx: add the Track 3 pre- and post-processing (normalise, resize, per-sample "
+                                    "depth scaling) around the graph as ONNX ops")
+    mean: tuple[float, float, float] | None = option(None, parse=parse_channels, format=format_channels,
+                                                     metavar="R,G,B", help="--wrap: the per-channel mean the graph's "
+                                                                           "input is normalised with, pixels in [0,1]")
+    std: tuple[float, float, float] | None = option(None, parse=parse_channels, format=format_channels,
+                                                    metavar="R,G,B", help="--wrap: the per-channel std, pixels in "
+                                                                          "[0,1]")
+    native_input_size: tuple[int, int] | None = option(None, parse=parse_size, metavar="HxW",
+                                                       help="--wrap: the size the graph takes (default: read from the "
+                                                            "graph when it is static)")
+    native_output: str = option("depth", choices=NATIVE_OUTPUTS, help="--wrap: what the graph outputs")
+    input_name: str | None = option(None, help="--onnx: the image input, where the graph has several")
+    output_name: str | None = option(None, help="--onnx: the depth output, where the graph has several")
 
     def __post_init__(self):
-        from lpcv_depth.models import resolve_model
-
-        resolved = resolve_model(self.model)  # unknown names fail here, listing the valid ones
-        spec = resolved.spec
-        # Recorded as the reference that finds the model from any folder (a file's path made absolute).
-        object.__setattr__(self, "model", resolved.source.reference)
+        if self.onnx is not None:
+            self._check_onnx_options()
+        else:
+            self._resolve_model()
         if self.output not in OUTPUT_MODES:
             raise ConfigError(f"output must be one of {OUTPUT_MODES}, got {self.output!r}",
                               hint=choices_hint("output", OUTPUT_MODES))
@@ -93,9 +113,47 @@ class ExportConfig:
         if self.num_check_images < 1:
             raise ConfigError(f"num_check_images must be >= 1, got {self.num_check_images}",
                               hint="pass --num-check-images 1 or more (default 4)")
-        if self.input_size is not None:
-            object.__setattr__(self, "input_size", spec.validate_input_size(self.input_size))
         self.parity  # validates the thresholds
+
+    def check_onnx_only(self) -> None:
+        """--onnx with an option that belongs to a registered model: which one was meant cannot be guessed."""
+        if self.model != onnx_model_name(self.onnx):
+            raise ConfigError(f"--model {self.model} and --onnx {self.onnx} both name the model",
+                              hint="pass either --model or --onnx")
+        if self.input_size is not None:
+            raise ConfigError("--input-size resizes a registered model; an ONNX file has its own size",
+                              hint="leave --input-size out (with --wrap, --native-input-size gives the graph's size)")
+
+    def _resolve_model(self) -> None:
+        from lpcv_depth.models import resolve_model
+
+        resolved = resolve_model(self.model)  # unknown names fail here, listing the valid ones
+        # Recorded as the reference that finds the model from any folder (a file's path made absolute).
+        object.__setattr__(self, "model", resolved.source.reference)
+        defaults = {f.name: f.default for f in fields(self)}
+        given = [flag_name(name) for name in ONNX_ONLY_OPTIONS if getattr(self, name) != defaults[name]]
+        if given:
+            raise ConfigError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --onnx FILE only",
+                              hint=f"pass --onnx FILE, or leave {', '.join(given)} out")
+        if self.input_size is not None:
+            object.__setattr__(self, "input_size", resolved.spec.validate_input_size(self.input_size))
+
+    def _check_onnx_options(self) -> None:
+        """--onnx: the model is the file (its name names the outputs); --wrap needs the normalisation.
+        Options that only a registered model takes are refused when the export runs (check_onnx_only)."""
+        if self.model == DEFAULT_MODEL:
+            object.__setattr__(self, "model", onnx_model_name(self.onnx))
+        object.__setattr__(self, "onnx", Path(self.onnx).absolute())
+        if self.wrap and (self.mean is None or self.std is None):
+            raise ConfigError("--wrap needs the normalisation the model was trained with",
+                              hint="pass --mean R,G,B and --std R,G,B for pixels in [0,1] (ImageNet: --mean "
+                                   "0.485,0.456,0.406 --std 0.229,0.224,0.225; RGB/255 alone: --mean 0,0,0 --std 1,1,1)")
+        if self.std is not None and min(self.std) <= 0:
+            raise ConfigError(f"--std must be > 0 per channel, got {format_channels(self.std)}",
+                              hint="pass --std R,G,B with three positive numbers")
+        if self.native_output not in NATIVE_OUTPUTS:
+            raise ConfigError(f"native_output must be one of {NATIVE_OUTPUTS}, got {self.native_output!r}",
+                              hint=choices_hint("native_output", NATIVE_OUTPUTS))
 
     @property
     def parity(self) -> ParityThresholds:
@@ -111,6 +169,8 @@ class ExportConfig:
         if self.out is not None:
             return Path(self.out)
         suffix = "" if self.output == "depth" else f"-{self.output}"
+        if self.onnx is not None:
+            return build_dir(onnx_model_name(self.onnx), f"export{suffix}")
         from lpcv_depth.models import model_folder_name
 
         return build_dir(model_folder_name(self.model), f"export{suffix}")
@@ -133,6 +193,8 @@ def run_export(config: ExportConfig, log: StageLog | None = None) -> ExportResul
     from lpcv_depth.models import resolve_model
 
     log = log or StageLog(STAGE)
+    if config.onnx is not None:
+        return run_onnx_export(config, log)
     photos = check_images_folder(config)
     inputs = [config.weights_file, photos if photos.is_dir() else None]
     with StagingDir(config.destination, stage=STAGE, inputs=inputs) as staging:

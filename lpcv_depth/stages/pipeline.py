@@ -3,6 +3,7 @@
     lpcv-depth run --model fastdepth --weights default
     lpcv-depth run --model depth_anything_v2_vits --eval-data ../shared/data/rgbd --preset w8a16
     lpcv-depth run --model fastdepth --weights default --ptq-args "--holdout 4 --no-cle" --force ptq
+    lpcv-depth run --onnx my_net.onnx --wrap --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
 
 htp-check runs where the qnn extra is installed, hub where an AI Hub token is configured (both
 can be forced on or off). A stage whose output is up to date (same config, same inputs, outputs
@@ -25,7 +26,8 @@ from lpcv_depth.runner import (AUTO_ON_OFF, PassedOnArgs, Step, backend_wanted, 
                                check_output_root, create_output_root, run_step)
 from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
-from lpcv_depth.stages.export import ExportConfig
+from lpcv_depth.stages.export import ONNX_ONLY_OPTIONS, ExportConfig
+from lpcv_depth.stages.export_onnx import onnx_model_name
 from lpcv_depth.stages.ptq import PtqConfig
 from lpcv_depth.workspace import build_dir, in_workspace
 
@@ -41,6 +43,14 @@ class RunConfig(PassedOnArgs):
     model: str = inherit(ExportConfig, "model")
     weights: str | None = inherit(ExportConfig, "weights")
     input_size: tuple[int, int] | None = inherit(ExportConfig, "input_size")
+    onnx: Path | None = inherit(ExportConfig, "onnx")
+    wrap: bool = inherit(ExportConfig, "wrap")
+    mean: tuple[float, float, float] | None = inherit(ExportConfig, "mean")
+    std: tuple[float, float, float] | None = inherit(ExportConfig, "std")
+    native_input_size: tuple[int, int] | None = inherit(ExportConfig, "native_input_size")
+    native_output: str = inherit(ExportConfig, "native_output")
+    input_name: str | None = inherit(ExportConfig, "input_name")
+    output_name: str | None = inherit(ExportConfig, "output_name")
     calib: Path = inherit(PtqConfig, "calib")
     preset: str = inherit(PtqConfig, "preset")
     eval_data: Path | None = inherit(PtqConfig, "eval_data",
@@ -55,19 +65,29 @@ class RunConfig(PassedOnArgs):
     out: Path | None = option(None, help="output folder (default: build/<model>)")
 
     def __post_init__(self):
-        export = ExportConfig(model=self.model, weights=self.weights, input_size=self.input_size)  # validates these
+        export = ExportConfig(model=self.model, weights=self.weights, input_size=self.input_size, onnx=self.onnx,
+                              **{name: getattr(self, name) for name in ONNX_ONLY_OPTIONS})  # validates these
         object.__setattr__(self, "model", export.model)  # a file reference, with its path made absolute
+        object.__setattr__(self, "onnx", export.onnx)
         check_input_folders(self.calib, self.eval_data)
         if self.max_frames is not None and self.max_frames < 1:
             raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}",
                               hint="leave --max-frames out to use every frame")
         check_stage_args(self)
 
+    def onnx_options(self) -> dict:
+        """What export --onnx takes, passed on only with --onnx (a registered model's export is unchanged)."""
+        if self.onnx is None:
+            return {}
+        return {name: getattr(self, name) for name in ("onnx", *ONNX_ONLY_OPTIONS)}
+
     @property
     def destination(self) -> Path:
         from lpcv_depth.models import model_folder_name
 
-        return Path(self.out) if self.out is not None else build_dir(model_folder_name(self.model))
+        if self.out is not None:
+            return Path(self.out)
+        return build_dir(onnx_model_name(self.onnx) if self.onnx is not None else model_folder_name(self.model))
 
     def forced(self, stage: str) -> bool:
         return "all" in self.force or stage in self.force
@@ -146,7 +166,8 @@ def _skipped_stages(config: RunConfig) -> dict[str, str]:
 def _inputs(config: RunConfig) -> list[Path | None]:
     """What the run reads: its output folder must be none of these, hold none and lie in none."""
     weights = Path(config.weights) if config.weights and Path(config.weights).is_file() else None
-    return [in_workspace(config.calib), in_workspace(config.eval_data) if config.eval_data else None, weights]
+    return [in_workspace(config.calib), in_workspace(config.eval_data) if config.eval_data else None, weights,
+            config.onnx]
 
 
 def plan_steps(config: RunConfig, root: Path, skipped: dict[str, str] | None = None) -> list[Step]:
@@ -155,8 +176,8 @@ def plan_steps(config: RunConfig, root: Path, skipped: dict[str, str] | None = N
     c = config
     eval_data = in_workspace(c.eval_data) if c.eval_data else None
     export = Step("export", "export", root / "export", {
-        "model": c.model, "weights": c.weights, "input_size": c.input_size, "check_images": in_workspace(c.calib)},
-        c.export_args)
+        "model": c.model, "weights": c.weights, "input_size": c.input_size, "check_images": in_workspace(c.calib),
+        **c.onnx_options()}, c.export_args)
     ptq = Step("ptq", "ptq", root / f"ptq-{c.preset}", {
         "calib": in_workspace(c.calib), "fp32": export.folder, "preset": c.preset, "eval_data": eval_data,
         "median": c.median}, c.ptq_args, {"export": export.folder})

@@ -361,8 +361,15 @@ def _exported_config(manifest: Manifest):
 
 
 def rebuild_fp32_model(manifest: Manifest, results: ExportResults):
-    """The exact torch model the export stage exported, from its manifest (weights checked by sha256)."""
+    """The exact torch model the export stage exported, from its manifest (weights checked by sha256);
+    for an export made from an ONNX file, its model.onnx converted to torch (onnx2torch)."""
     from lpcv_depth.models import create_model, set_gelu_approximation
+
+    if "onnx" in manifest.inputs:
+        from lpcv_depth.backends.onnx_torch import onnx_to_torch
+
+        # model.onnx itself was checked against the manifest's sha256 when the export was read.
+        return onnx_to_torch(manifest.folder / FP32_ONNX, name=results.model["model"], weights=results.weights)
     from lpcv_depth.models.sources import check_model_files
     from lpcv_depth.models.weights import WeightsInfo
 

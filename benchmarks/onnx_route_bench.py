@@ -1,0 +1,85 @@
+"""The torch path against the ONNX-file path (export --onnx --wrap, then ptq through onnx2torch), on the
+same photos with the same ptq settings: for each registered model given, the model exported by the
+registry (torch path), and its backbone exported bare by plain torch.onnx.export and wrapped in ONNX
+(ONNX path). Prints, per path: export and ptq wall time, peak RSS, int8 SQNR vs fp32 (held-out
+images), and fp32/int8 F-score on the RGB-D set.
+
+    python benchmarks/onnx_route_bench.py                                  # FastDepth, real weights
+    python benchmarks/onnx_route_bench.py --model depth_anything_v2_vits --weights None --num-calib 16
+    python benchmarks/onnx_route_bench.py --ptq-args "--holdout 4 --no-cle"   # the tests' fast settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ptq_bench import CALIBRATION, RGBD, SHARED, run_stage
+
+from lpcv_depth.workspace import build_dir
+
+FASTDEPTH_WEIGHTS = SHARED / "weights" / "fastdepth" / "fast_depth_224.tflite"
+
+
+def bare_backbone(model_name: str, weights: str | None, path: Path) -> list[str]:
+    """The model's backbone alone as ONNX, and the export --onnx flags that wrap it like the registry does."""
+    import torch
+
+    from lpcv_depth.models import create_model, set_gelu_approximation
+    from lpcv_depth.stages.export_onnx import format_channels
+
+    model = create_model(model_name, weights=weights)
+    set_gelu_approximation(model, "tanh")  # as the torch path exports it (export --gelu tanh, the default)
+    height, width = model.input_size
+    torch.onnx.export(model.backbone.eval(), (torch.zeros(1, 3, height, width),), str(path), input_names=["x"],
+                      output_names=["y"], opset_version=17, dynamo=False)
+    return ["--onnx", str(path), "--wrap", "--mean", format_channels(model.spec.mean), "--std",
+            format_channels(model.spec.std), "--native-output", model.spec.native_output]
+
+
+def ptq_figures(folder: Path) -> dict:
+    results = json.loads((folder / "manifest.json").read_text())["results"]
+    truth = results.get("ground_truth") or {}
+    return {"sqnr_vs_fp32_db": round(results["int8_vs_fp32"]["sqnr_db"], 2),
+            "fscore_fp32": truth.get("fp32", {}).get("fscore@0.1"),
+            "fscore_int8": truth.get("int8", {}).get("fscore@0.1")}
+
+
+def bench_path(label: str, export_args: list[str], ptq_args: list[str], out: Path) -> dict:
+    export_dir, ptq_dir = out / f"{label}-export", out / f"{label}-ptq"
+    export_s, export_rss = run_stage(["-m", "lpcv_depth.cli", "export", *export_args, "--out", str(export_dir),
+                                      "--check-images", str(CALIBRATION)])
+    ptq_s, ptq_rss = run_stage(["-m", "lpcv_depth.cli", "ptq", "--fp32", str(export_dir), "--out", str(ptq_dir),
+                                *ptq_args])
+    return {"path": label, "export_s": round(export_s, 1), "ptq_s": round(ptq_s, 1),
+            "peak_rss_gib": round(max(export_rss, ptq_rss), 2), **ptq_figures(ptq_dir)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="fastdepth")
+    parser.add_argument("--weights", default=str(FASTDEPTH_WEIGHTS), help="a file, hf, or None (random)")
+    parser.add_argument("--calib", type=Path, default=CALIBRATION)
+    parser.add_argument("--eval-data", type=Path, default=RGBD)
+    parser.add_argument("--num-calib", type=int, default=None, help="default: ptq's own")
+    parser.add_argument("--ptq-args", default="", help="more ptq flags, the same for both paths")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    weights = None if args.weights.lower() == "none" else args.weights
+    out = args.out or build_dir("bench", f"onnx-route-{args.model}")
+    out.mkdir(parents=True, exist_ok=True)
+    ptq_args = ["--calib", str(args.calib), "--eval-data", str(args.eval_data), *shlex.split(args.ptq_args)]
+    if args.num_calib is not None:
+        ptq_args += ["--num-calib", str(args.num_calib)]
+    torch_export = ["--model", args.model, "--weights", "None" if weights is None else weights]
+    onnx_export = bare_backbone(args.model, weights, out / f"{args.model}_bare.onnx")
+    rows = [bench_path("torch", torch_export, ptq_args, out), bench_path("onnx", onnx_export, ptq_args, out)]
+    print(json.dumps({"model": args.model, "weights": args.weights, "ptq_args": ptq_args, "paths": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
