@@ -35,7 +35,7 @@ from lpcv_depth.stages.compare_report import HTP_NOTE, chart_panels, write_repor
 from lpcv_depth.track3_metric import FSCORE
 from lpcv_depth.verify import output_fidelity, recorded_path, recorded_sha256
 
-__all__ = ["CompareConfig", "CompareInputs", "CompareResult", "run_compare", "read_inputs", "find_hub_run",
+__all__ = ["CompareConfig", "CompareInputs", "CompareOutput", "run_compare", "read_inputs", "find_hub_run",
            "chart_panels", "HTP_NOTE"]
 
 STAGE = "compare"
@@ -109,7 +109,9 @@ class CompareInputs:
 
 
 @dataclass(frozen=True)
-class CompareResult:
+class CompareOutput:
+    """What a finished run of the compare stage hands back: where its output folder is, and what it found."""
+
     out_dir: Path
     manifest_path: Path
     results: CompareResults
@@ -121,7 +123,7 @@ class CompareResult:
         return to_json(self.results)
 
 
-def run_compare(config: CompareConfig, log: StageLog | None = None) -> CompareResult:
+def run_compare(config: CompareConfig, log: StageLog | None = None) -> CompareOutput:
     """Gather both models' figures, write the table, the JSON, the chart and the manifest."""
     log = log or StageLog(STAGE)
     inputs = _read_inputs_step(config, log)
@@ -135,7 +137,7 @@ def run_compare(config: CompareConfig, log: StageLog | None = None) -> CompareRe
                                        results=results)
     destination = config.destination
     log.info(f"ok {log.total_seconds:.1f}s -> {display_path(destination)}")
-    return CompareResult(destination, destination / manifest_path.name, results, read_manifest(destination))
+    return CompareOutput(destination, destination / manifest_path.name, results, read_manifest(destination))
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -389,7 +391,7 @@ def _inputs_record(inputs: CompareInputs) -> dict:
             for key, folder in inputs.folders().items()}
 
 
-def _next_hint(result: CompareResult) -> str:
+def _next_hint(result: CompareOutput) -> str:
     return f"cat {shlex.quote(display_path(result.out_dir / 'compare.md'))}"
 
 

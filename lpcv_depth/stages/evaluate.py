@@ -45,7 +45,7 @@ from lpcv_depth.track3_metric import (DEPTH_METRICS, F_THRESHOLDS_M, FSCORE, GRI
                                       score_frame)
 from lpcv_depth.workspace import build_dir
 
-__all__ = ["EvaluateConfig", "EvaluateResult", "run_evaluate", "evaluate_within", "summarize", "DEFINITION"]
+__all__ = ["EvaluateConfig", "EvaluateOutput", "run_evaluate", "evaluate_within", "summarize", "DEFINITION"]
 
 STAGE = "evaluate"
 INTRINSICS = ("official", "dataset")
@@ -171,7 +171,7 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
-class EvaluateResult:
+class EvaluateOutput:
     """Where the outputs went, the typed scores, and summary.json's content (the scores plus the
     source and the config)."""
 
@@ -277,7 +277,7 @@ def _open_source(config: EvaluateConfig, log: StageLog):
     return kind(config, log)
 
 
-def run_evaluate(config: EvaluateConfig, log: StageLog | None = None) -> EvaluateResult:
+def run_evaluate(config: EvaluateConfig, log: StageLog | None = None) -> EvaluateOutput:
     """Score every frame of config.data; write the per-frame CSV, summaries, panels and manifest."""
     log = log or StageLog(STAGE)
     _check_source_exists(config)
@@ -300,7 +300,7 @@ def run_evaluate(config: EvaluateConfig, log: StageLog | None = None) -> Evaluat
                   subject="the predictions",
                   hint="make the model output depth in [0, 1], scaled per sample (docs/export.md, the contract); "
                        "the reports list the frames")
-    return EvaluateResult(destination, results, summary, destination / manifest_path.name,
+    return EvaluateOutput(destination, results, summary, destination / manifest_path.name,
                           read_manifest(destination), config)
 
 
@@ -550,7 +550,7 @@ def _log_score(results: EvaluateResults, destination: Path, log: StageLog) -> No
              f"{display_path(destination / 'summary.md')}")
 
 
-def _next_hint(result: EvaluateResult) -> str:
+def _next_hint(result: EvaluateOutput) -> str:
     """Export what scored well; quantize an exported ONNX; otherwise read the table."""
     config = result.config
     if config.model is not None:
@@ -562,7 +562,7 @@ def _next_hint(result: EvaluateResult) -> str:
 
 
 def evaluate_within(stage: str, label: str, data: str | os.PathLike, out: Path, *, quiet: bool = False,
-                    **options) -> EvaluateResult:
+                    **options) -> EvaluateOutput:
     """The evaluate stage run by another stage on one model (its .onnx or its saved predictions, in
     `options` with any other EvaluateConfig field; no panels unless num_vis is given), into `out`,
     logged as `<stage>/evaluate-<label>` (nowhere with `quiet`): scored exactly as `lpcv-depth

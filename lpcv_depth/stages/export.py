@@ -33,7 +33,7 @@ from lpcv_depth.verify import (OrtRunner, ParityThresholds, check_onnx_io, check
                                sqnr_db)
 from lpcv_depth.workspace import build_dir, in_workspace
 
-__all__ = ["ExportConfig", "ExportResult", "run_export", "count_macs", "DEFAULT_MODEL",
+__all__ = ["ExportConfig", "ExportOutput", "run_export", "count_macs", "DEFAULT_MODEL",
            "DEFAULT_CHECK_IMAGES", "ONNX_ONLY_OPTIONS"]
 
 STAGE = "export"
@@ -180,7 +180,9 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
-class ExportResult:
+class ExportOutput:
+    """What a finished run of the export stage hands back: where its output folder is, and what it found."""
+
     out_dir: Path
     onnx_path: Path
     manifest_path: Path
@@ -188,7 +190,7 @@ class ExportResult:
     manifest: dict
 
 
-def run_export(config: ExportConfig, log: StageLog | None = None) -> ExportResult:
+def run_export(config: ExportConfig, log: StageLog | None = None) -> ExportOutput:
     """Build, export, simplify and verify the model; returns the artifact paths and typed results."""
     from lpcv_depth.models import resolve_model
 
@@ -213,7 +215,7 @@ def run_export(config: ExportConfig, log: StageLog | None = None) -> ExportResul
                                        outputs=[onnx_path], timings=log.timings, results=results)
     destination = config.destination
     log.info(f"ok {log.total_seconds:.1f}s -> {display_path(destination / ONNX_NAME)}")
-    return ExportResult(destination, destination / ONNX_NAME, destination / manifest_path.name, results,
+    return ExportOutput(destination, destination / ONNX_NAME, destination / manifest_path.name, results,
                         read_manifest(destination))
 
 
@@ -412,7 +414,7 @@ def _list_models(args) -> int | None:
     return 0
 
 
-def _next_hint(result: ExportResult) -> str:
+def _next_hint(result: ExportOutput) -> str:
     return command_line("ptq", "--calib", "calibration_data", "--fp32", display_path(result.out_dir))
 
 

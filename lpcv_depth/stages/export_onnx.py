@@ -451,7 +451,7 @@ def run_onnx_export(config, log: StageLog):
                                        outputs=outputs, timings=log.timings, results=results)
     destination = config.destination
     log.info(f"ok {log.total_seconds:.1f}s -> {display_path(destination / torch_export.ONNX_NAME)}")
-    return torch_export.ExportResult(destination, destination / torch_export.ONNX_NAME,
+    return torch_export.ExportOutput(destination, destination / torch_export.ONNX_NAME,
                                      destination / manifest_path.name, results, read_manifest(destination))
 
 

@@ -52,7 +52,7 @@ from lpcv_depth.stages.ptq import HOLDOUT_OUTPUTS, QDQ_ONNX
 from lpcv_depth.verify import ParityThresholds, output_fidelity, recorded_sha256
 from lpcv_depth.workspace import in_workspace
 
-__all__ = ["HtpCheckConfig", "HtpCheckResult", "run_htp_check", "HtpRefusedError", "InputChangedError", "STAGE"]
+__all__ = ["HtpCheckConfig", "HtpCheckOutput", "run_htp_check", "HtpRefusedError", "InputChangedError", "STAGE"]
 
 STAGE = "htp-check"
 CONTEXT_ONNX = "model_ctx.onnx"
@@ -175,7 +175,9 @@ class HtpCheckConfig:
 
 
 @dataclass(frozen=True)
-class HtpCheckResult:
+class HtpCheckOutput:
+    """What a finished run of the htp-check stage hands back: where its output folder is, and what it found."""
+
     out_dir: Path
     context_onnx: Path | None
     results: HtpCheckResults
@@ -202,7 +204,7 @@ class _Inputs:
 # The stage
 
 
-def run_htp_check(config: HtpCheckConfig, log: StageLog | None = None) -> HtpCheckResult:
+def run_htp_check(config: HtpCheckConfig, log: StageLog | None = None) -> HtpCheckOutput:
     """Coverage, numerics, context binary and fp16 baseline of the int8 model on the emulated HTP, in a
     child process that an interrupt kills at once (the emulation's native calls run for seconds)."""
     log = log or StageLog(STAGE)
@@ -219,7 +221,7 @@ def _clean_after_kill(destination: Path, pid: int) -> None:
     remove_stale_partials(destination)
 
 
-def _check(config: HtpCheckConfig, log: StageLog) -> HtpCheckResult:
+def _check(config: HtpCheckConfig, log: StageLog) -> HtpCheckOutput:
     log.info("every time below is host EMULATION time on this x86 CPU, not device latency")
     warnings: list[str] = []
     with _inputs_stay_readable():
@@ -248,7 +250,7 @@ def _check(config: HtpCheckConfig, log: StageLog) -> HtpCheckResult:
     out = config.destination
     log.info(f"ok {log.total_seconds:.1f}s -> {display_path(out)} (report: {display_path(out / 'report.md')}); "
              "device latency: only an AI Hub profile job measures it")
-    result = HtpCheckResult(out, out / CONTEXT_ONNX if context else None, results, read_manifest(out), config)
+    result = HtpCheckOutput(out, out / CONTEXT_ONNX if context else None, results, read_manifest(out), config)
     enforce_gates(_gates(config, results), subject="HTP check", hint=GATE_HINT)
     return result
 
@@ -657,7 +659,7 @@ def _gates(config: HtpCheckConfig, results: HtpCheckResults) -> list[Gate]:
             Gate("--max-fscore-drop", drop_what, drop, config.max_fscore_drop, kind="at_most")]
 
 
-def _next_hint(result: HtpCheckResult) -> str:
+def _next_hint(result: HtpCheckOutput) -> str:
     return command_line("hub", display_path(result.config.ptq))
 
 

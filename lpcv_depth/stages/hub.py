@@ -50,7 +50,7 @@ from lpcv_depth.stages.hub_jobs import (STAGE, STATE_NAME, ArtifactRun, DeviceMo
                                         submit_or_resume, upload_artifact, wait_for)
 from lpcv_depth.stages.hub_report import TARGET_FPS, profile_line, summarize_profile, warn_profile
 
-__all__ = ["HubConfig", "HubPlan", "HubResult", "HubArtifact", "HubState", "run_hub", "run_in_turn", "resolve_inputs",
+__all__ = ["HubConfig", "HubPlan", "HubOutput", "HubArtifact", "HubState", "run_hub", "run_in_turn", "resolve_inputs",
            "resolve_artifact", "summarize_profile", "next_command", "STATE_NAME", "RUNTIMES", "DEFINITION"]
 
 RUNTIMES = ("qnn_context_binary", "tflite", "qnn_dlc", "onnx")
@@ -239,7 +239,9 @@ class HubPlan:
 
 
 @dataclass(frozen=True)
-class HubResult:
+class HubOutput:
+    """What a finished run of the hub stage hands back: where its output folder is, and what it found."""
+
     out_dir: Path
     manifest_path: Path
     results: HubResults
@@ -464,14 +466,14 @@ def _report_submission(run: ArtifactRun, model: DeviceModel) -> None:
                  f"--share {ORGANIZERS} (their address; the rerun submits nothing new)")
 
 
-def run_hub(config: HubConfig, client: HubClient | None = None, log: StageLog | None = None) -> HubResult:
+def run_hub(config: HubConfig, client: HubClient | None = None, log: StageLog | None = None) -> HubOutput:
     """Upload, compile, share, profile and run on the device as configured; resumable; manifest last."""
     log = log or StageLog(STAGE)
     plan, input_sha256 = resolve_inputs(config, log)
     return _run_plan(plan, input_sha256, client or HubClient(), log)
 
 
-def _run_plan(plan: HubPlan, input_sha256: str, client: HubClient, log: StageLog) -> HubResult:
+def _run_plan(plan: HubPlan, input_sha256: str, client: HubClient, log: StageLog) -> HubOutput:
     _preflight(plan, client, log)
     out = _prepare_output(plan)
     run = ArtifactRun(plan, client, log, out, HubState(out / STATE_NAME), input_sha256)
@@ -485,10 +487,10 @@ def _run_plan(plan: HubPlan, input_sha256: str, client: HubClient, log: StageLog
     manifest_path = _write(run, results)
     _report_submission(run, model)
     log.info(f"ok {log.total_seconds:.1f}s -> {display_path(out)}")
-    return HubResult(out, manifest_path, results, read_manifest(out))
+    return HubOutput(out, manifest_path, results, read_manifest(out))
 
 
-def run_in_turn(configs: tuple[HubConfig, ...], log: StageLog | None = None) -> tuple[HubResult, ...]:
+def run_in_turn(configs: tuple[HubConfig, ...], log: StageLog | None = None) -> tuple[HubOutput, ...]:
     """Several artifacts one after the other with the same flags and one client; every artifact is
     resolved before anything is uploaded."""
     log = log or StageLog(STAGE)
@@ -497,7 +499,7 @@ def run_in_turn(configs: tuple[HubConfig, ...], log: StageLog | None = None) -> 
     return tuple(_run_plan(plan, input_sha256, client, log) for plan, input_sha256 in resolved)
 
 
-def next_command(results: list[HubResult]) -> str:
+def next_command(results: list[HubOutput]) -> str:
     """After fp32 and int8 runs: the comparison; after one of them: the other one."""
     sources = {r.results.input.kind: r.results.input.source_dir for r in results}
     if "export" in sources and "ptq" in sources:
@@ -533,12 +535,12 @@ def _config_from_args(args) -> HubConfig | tuple[HubConfig, ...]:
     return configs[0] if len(configs) == 1 else configs
 
 
-def _run(config: HubConfig | tuple[HubConfig, ...], log: StageLog | None = None) -> HubResult | tuple[HubResult, ...]:
+def _run(config: HubConfig | tuple[HubConfig, ...], log: StageLog | None = None) -> HubOutput | tuple[HubOutput, ...]:
     """The stage as the CLI, `lpcv-depth run` and `search` call it: one artifact, or several in turn."""
     return run_in_turn(config, log) if isinstance(config, tuple) else run_hub(config, log=log)
 
 
-def _next_hint(result: HubResult | tuple[HubResult, ...]) -> str:
+def _next_hint(result: HubOutput | tuple[HubOutput, ...]) -> str:
     return next_command(list(result) if isinstance(result, tuple) else [result])
 
 

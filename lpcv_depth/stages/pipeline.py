@@ -31,7 +31,7 @@ from lpcv_depth.stages.export_onnx import onnx_model_name
 from lpcv_depth.stages.ptq import PtqConfig
 from lpcv_depth.workspace import build_dir, in_workspace
 
-__all__ = ["RunConfig", "RunResult", "StageOutcome", "run_pipeline", "plan_steps", "PIPELINE_STAGES"]
+__all__ = ["RunConfig", "RunOutput", "StageOutcome", "run_pipeline", "plan_steps", "PIPELINE_STAGES"]
 
 STAGE = "run"
 PIPELINE_STAGES = ("export", "ptq", "htp-check", "hub", "compare")
@@ -106,7 +106,9 @@ class StageOutcome:
 
 
 @dataclass(frozen=True)
-class RunResult:
+class RunOutput:
+    """What a finished run of lpcv-depth run hands back: where its output folder is, and what it found."""
+
     out_dir: Path
     outcomes: list[StageOutcome]
     summary: str
@@ -115,7 +117,7 @@ class RunResult:
         return next(o for o in self.outcomes if o.stage == stage)
 
 
-def run_pipeline(config: RunConfig, log: StageLog | None = None) -> RunResult:
+def run_pipeline(config: RunConfig, log: StageLog | None = None) -> RunOutput:
     """Check everything, then each stage in turn: skipped when up to date, run otherwise; then the summary."""
     log = log or StageLog(STAGE)
     skipped = _skipped_stages(config)
@@ -150,7 +152,7 @@ def run_pipeline(config: RunConfig, log: StageLog | None = None) -> RunResult:
     log.info(f"ok {log.total_seconds:.1f}s -> {display_path(root)}")
     for line in summary.splitlines():
         log.info(line)
-    return RunResult(root, outcomes, summary)
+    return RunOutput(root, outcomes, summary)
 
 
 def _skipped_stages(config: RunConfig) -> dict[str, str]:
@@ -238,7 +240,7 @@ def _headline(outcome: StageOutcome) -> str:
     return ""
 
 
-def _next_hint(result: RunResult) -> str | None:
+def _next_hint(result: RunOutput) -> str | None:
     ptq = next((o.folder for o in result.outcomes if o.stage == "ptq" and o.folder), None)
     hub = next((o for o in result.outcomes if o.stage == "hub"), None)
     if ptq is not None and hub is not None and hub.status == "skipped":

@@ -42,7 +42,7 @@ from lpcv_depth.stages.ptq_verify import Int8Checks, ptq_gates, score_against_gr
 from lpcv_depth.verify import OrtRunner, ParityThresholds, check_output_range, sqnr_db
 from lpcv_depth.workspace import build_dir, in_workspace
 
-__all__ = ["PtqConfig", "PtqResult", "Preset", "PRESETS", "run_ptq", "FloatStart", "prepare_float_model",
+__all__ = ["PtqConfig", "PtqOutput", "Preset", "PRESETS", "run_ptq", "FloatStart", "prepare_float_model",
            "build_quantsim", "rebuild_fp32_model", "check_torch_contract", "score_against_ground_truth", "GateError",
            "DEFINITION"]
 
@@ -204,7 +204,9 @@ class PtqConfig:
 
 
 @dataclass(frozen=True)
-class PtqResult:
+class PtqOutput:
+    """What a finished run of the ptq stage hands back: where its output folder is, and what it found."""
+
     out_dir: Path
     qdq_onnx: Path
     aimet_dir: Path
@@ -263,7 +265,7 @@ class _Artifacts:
     qdq: Path
 
 
-def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
+def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqOutput:
     """Calibrate, export both int8 artifacts, verify them against fp32 on held-out images, report."""
     from lpcv_depth.backends.aimet_fast import fast_quantize_dequantize
 
@@ -293,7 +295,7 @@ def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqResult:
             outputs=[artifacts.aimet_onnx, artifacts.encodings, artifacts.qdq, holdout_outputs, *report_files],
             timings=log.timings, results=results)
     out = config.destination
-    result = PtqResult(out, out / QDQ_ONNX, out / artifacts.aimet_dir.name, out / manifest_path.name, results,
+    result = PtqOutput(out, out / QDQ_ONNX, out / artifacts.aimet_dir.name, out / manifest_path.name, results,
                        read_manifest(out))
     log.info(f"ok {log.total_seconds:.1f}s -> {display_path(out)}; report: {display_path(out / 'report.md')}")
     enforce_gates(ptq_gates(config, results), subject="int8 model", hint=GATE_HINT)
@@ -660,7 +662,7 @@ class _progress:
         return False
 
 
-def _next_hint(result: PtqResult) -> str:
+def _next_hint(result: PtqOutput) -> str:
     folder = display_path(result.out_dir)
     return f"{command_line('htp-check', '--ptq', folder)}   (then: {command_line('hub', folder)})"
 

@@ -43,7 +43,7 @@ from lpcv_depth.stages.export import ExportConfig
 from lpcv_depth.stages.ptq import CALIBRATION_SCHEMES, PRESETS, PtqConfig
 from lpcv_depth.workspace import build_dir, in_workspace
 
-__all__ = ["SearchConfig", "SearchResult", "Trial", "run_search", "DEFINITION"]
+__all__ = ["SearchConfig", "SearchOutput", "Trial", "run_search", "DEFINITION"]
 
 STAGE = "search"
 STATE_NAME = "search.json"
@@ -323,13 +323,15 @@ def _worker() -> str:
 # --- the driver ----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class SearchResult:
+class SearchOutput:
+    """What a finished run of lpcv-depth search hands back: where its output folder is, and what it found."""
+
     out_dir: Path
     results: Any  # results.SearchResults
     report: Path
 
 
-def run_search(config: SearchConfig, log: StageLog | None = None) -> SearchResult:
+def run_search(config: SearchConfig, log: StageLog | None = None) -> SearchOutput:
     """Check everything, then run the grid (exports first, each trial as soon as its export is there,
     hub profiles concurrently as trials end), then choose and report."""
     log = log or StageLog(STAGE)
@@ -619,7 +621,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f}m{seconds % 60:02.0f}s" if seconds >= 60 else f"{seconds:.0f}s"
 
 
-def _finish(config: SearchConfig, root: Path, table: _Table, log: StageLog) -> SearchResult:
+def _finish(config: SearchConfig, root: Path, table: _Table, log: StageLog) -> SearchOutput:
     from lpcv_depth.stages.search_report import PARETO, REPORT, choose, draw_pareto, report_markdown, write_table
 
     rows = list(table.rows.values())
@@ -637,7 +639,7 @@ def _finish(config: SearchConfig, root: Path, table: _Table, log: StageLog) -> S
     log.info(f"ok {log.total_seconds:.1f}s: {len(rows) - failed}/{len(rows)} trials done"
              + (f", {failed} FAILED" if failed else "") + f" -> {display_path(root)}")
     log.info(f"chosen: {chosen.trial}" if chosen else f"no trial chosen: {reason}")
-    return SearchResult(root, results, report)
+    return SearchOutput(root, results, report)
 
 
 def _manifest_inputs(config: SearchConfig) -> dict:
@@ -670,7 +672,7 @@ def rebuild_commands(config: SearchConfig, trial: Trial) -> list[str]:
     return [command_line(step.stage, *[shown(arg) for arg in config_to_argv(step.config)]) for step in steps]
 
 
-def _next_hint(result: SearchResult) -> str | None:
+def _next_hint(result: SearchOutput) -> str | None:
     return f"open {display_path(result.report)}"
 
 
