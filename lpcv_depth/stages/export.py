@@ -25,7 +25,7 @@ from lpcv_depth.contract import GELU_MODES, OUTPUT_MODES, TRACK3
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.images import list_images, load_contract_batch
 from lpcv_depth.manifest import Manifest, config_as_dict, read_manifest, sha256_of_files, write_manifest
-from lpcv_depth.options import choices_hint, flag_name, option, parse_size
+from lpcv_depth.options import choices_hint, flag_name, inherit, option, parse_size
 from lpcv_depth.results import ExportResults
 from lpcv_depth.stages.export_onnx import NATIVE_OUTPUTS, format_channels, onnx_model_name, parse_channels, run_onnx_export
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
@@ -34,7 +34,7 @@ from lpcv_depth.verify import (OrtRunner, ParityThresholds, check_onnx_io, check
 from lpcv_depth.workspace import build_dir, in_workspace
 
 __all__ = ["ExportConfig", "ExportOutput", "run_export", "count_macs", "DEFAULT_MODEL",
-           "DEFAULT_CHECK_IMAGES", "ONNX_ONLY_OPTIONS"]
+           "DEFAULT_CHECK_IMAGES", "ONNX_ONLY_OPTIONS", "OnnxFileOptions"]
 
 STAGE = "export"
 DEFAULT_MODEL = "depth_anything_v2_vits"
@@ -177,6 +177,40 @@ class ExportConfig:
 
     def as_dict(self) -> dict:
         return config_as_dict(self)
+
+
+@dataclass(frozen=True)
+class OnnxFileOptions:
+    """--onnx FILE and the options that go with it, declared as export declares them, for a command
+    that passes them on to its export step (run, search): its config derives from this."""
+
+    onnx: Path | None = inherit(ExportConfig, "onnx")
+    wrap: bool = inherit(ExportConfig, "wrap")
+    mean: tuple[float, float, float] | None = inherit(ExportConfig, "mean")
+    std: tuple[float, float, float] | None = inherit(ExportConfig, "std")
+    native_input_size: tuple[int, int] | None = inherit(ExportConfig, "native_input_size")
+    native_output: str = inherit(ExportConfig, "native_output")
+    input_name: str | None = inherit(ExportConfig, "input_name")
+    output_name: str | None = inherit(ExportConfig, "output_name")
+
+    def export_config(self, **options) -> ExportConfig:
+        """The export these options and `options` make: building it validates them, and the ONNX-only
+        options are passed even without --onnx, so that export refuses them there."""
+        return ExportConfig(**options, onnx=self.onnx, **{name: getattr(self, name) for name in ONNX_ONLY_OPTIONS})
+
+    def onnx_options(self) -> dict:
+        """What export --onnx takes, passed on only with --onnx (a registered model's export is unchanged)."""
+        if self.onnx is None:
+            return {}
+        return {name: getattr(self, name) for name in ("onnx", *ONNX_ONLY_OPTIONS)}
+
+    def model_folder(self, model: str) -> str:
+        """The model's folder under build/: the file's stem with --onnx, else the registered model's."""
+        if self.onnx is not None:
+            return onnx_model_name(self.onnx)
+        from lpcv_depth.models import model_folder_name
+
+        return model_folder_name(model)
 
 
 @dataclass(frozen=True)

@@ -271,6 +271,20 @@ def _native_size(graph_input, config) -> tuple[int, int]:
     return tuple(static)  # type: ignore[return-value]
 
 
+def onnx_input_size(config) -> tuple[int, int]:
+    """The size an export of `config` (an ExportConfig with --onnx) runs its graph at: the wrapped
+    graph's own, else the contract's. Read from the file's header alone, before any export."""
+    if not config.wrap:
+        return TRACK3.height, TRACK3.width
+    import onnx
+
+    try:
+        header = onnx.load(os.fspath(config.onnx), load_external_data=False)
+    except Exception:  # noqa: BLE001 - missing or unreadable: read_user_onnx says which, with its fix
+        header = read_user_onnx(config.onnx).model
+    return _native_size(_pick(_graph_inputs(header), config.input_name, "input", "--input-name"), config)
+
+
 def _check_in_contract(model, graph_output) -> None:
     """Without --wrap the graph must already take the contract's input; its outputs are checked on images."""
     from lpcv_depth.options import flag_name

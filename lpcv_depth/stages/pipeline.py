@@ -26,8 +26,7 @@ from lpcv_depth.runner import (AUTO_ON_OFF, PassedOnArgs, Step, backend_wanted, 
                                check_output_root, create_output_root, run_step)
 from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
-from lpcv_depth.stages.export import ONNX_ONLY_OPTIONS, ExportConfig
-from lpcv_depth.stages.export_onnx import onnx_model_name
+from lpcv_depth.stages.export import ExportConfig, OnnxFileOptions
 from lpcv_depth.stages.ptq import PtqConfig
 from lpcv_depth.workspace import build_dir, in_workspace
 
@@ -39,18 +38,10 @@ STATE_NAME = "pipeline.json"
 
 
 @dataclass(frozen=True)
-class RunConfig(PassedOnArgs):
+class RunConfig(PassedOnArgs, OnnxFileOptions):
     model: str = inherit(ExportConfig, "model")
     weights: str | None = inherit(ExportConfig, "weights")
     input_size: tuple[int, int] | None = inherit(ExportConfig, "input_size")
-    onnx: Path | None = inherit(ExportConfig, "onnx")
-    wrap: bool = inherit(ExportConfig, "wrap")
-    mean: tuple[float, float, float] | None = inherit(ExportConfig, "mean")
-    std: tuple[float, float, float] | None = inherit(ExportConfig, "std")
-    native_input_size: tuple[int, int] | None = inherit(ExportConfig, "native_input_size")
-    native_output: str = inherit(ExportConfig, "native_output")
-    input_name: str | None = inherit(ExportConfig, "input_name")
-    output_name: str | None = inherit(ExportConfig, "output_name")
     calib: Path = inherit(PtqConfig, "calib")
     preset: str = inherit(PtqConfig, "preset")
     eval_data: Path | None = inherit(PtqConfig, "eval_data",
@@ -65,8 +56,7 @@ class RunConfig(PassedOnArgs):
     out: Path | None = option(None, help="output folder (default: build/<model>)")
 
     def __post_init__(self):
-        export = ExportConfig(model=self.model, weights=self.weights, input_size=self.input_size, onnx=self.onnx,
-                              **{name: getattr(self, name) for name in ONNX_ONLY_OPTIONS})  # validates these
+        export = self.export_config(model=self.model, weights=self.weights, input_size=self.input_size)
         object.__setattr__(self, "model", export.model)  # a file reference, with its path made absolute
         object.__setattr__(self, "onnx", export.onnx)
         check_input_folders(self.calib, self.eval_data)
@@ -75,19 +65,9 @@ class RunConfig(PassedOnArgs):
                               hint="leave --max-frames out to use every frame")
         check_stage_args(self)
 
-    def onnx_options(self) -> dict:
-        """What export --onnx takes, passed on only with --onnx (a registered model's export is unchanged)."""
-        if self.onnx is None:
-            return {}
-        return {name: getattr(self, name) for name in ("onnx", *ONNX_ONLY_OPTIONS)}
-
     @property
     def destination(self) -> Path:
-        from lpcv_depth.models import model_folder_name
-
-        if self.out is not None:
-            return Path(self.out)
-        return build_dir(onnx_model_name(self.onnx) if self.onnx is not None else model_folder_name(self.model))
+        return Path(self.out) if self.out is not None else build_dir(self.model_folder(self.model))
 
     def forced(self, stage: str) -> bool:
         return "all" in self.force or stage in self.force

@@ -39,7 +39,7 @@ from lpcv_depth.runner import (AUTO_ON_OFF, PassedOnArgs, Step, backend_wanted, 
                                check_output_root, create_output_root, run_step, step_is_current)
 from lpcv_depth.stage import StageDefinition, StageLog, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
-from lpcv_depth.stages.export import ExportConfig
+from lpcv_depth.stages.export import ExportConfig, OnnxFileOptions
 from lpcv_depth.stages.ptq import CALIBRATION_SCHEMES, PRESETS, PtqConfig
 from lpcv_depth.workspace import build_dir, in_workspace
 
@@ -72,12 +72,13 @@ def _join(values: tuple) -> str:
 
 
 @dataclass(frozen=True)
-class SearchConfig(PassedOnArgs):
+class SearchConfig(PassedOnArgs, OnnxFileOptions):
     model: str = inherit(ExportConfig, "model")
     weights: str | None = inherit(ExportConfig, "weights")
     input_size: tuple[tuple[int, int], ...] | None = option(
         None, parse=_comma_list(parse_size), format=_join, metavar="HxW[,HxW...]",
-        help="input sizes to try, each a multiple of the model's patch size (default: the model's native size)")
+        help="input sizes to try, each a multiple of the model's patch size (default: the model's native size; "
+             "with --onnx, the file's own size is the one size)")
     preset: tuple[str, ...] = option(("w8a8",), parse=_comma_list(str), format=_join, metavar="P[,P...]",
                                      help=f"PTQ presets to try: {', '.join(PRESETS)}")
     calibration_scheme: tuple[str, ...] | None = option(
@@ -104,7 +105,8 @@ class SearchConfig(PassedOnArgs):
                                                  "CPU of the smallest node, one trial per node)")
     trial_memory_gb: float = option(4.0, help="memory Ray reserves per trial, GiB (0: no reservation)")
     force: bool = option(False, help="redo every trial even where its outputs are up to date")
-    out: Path | None = option(None, help="output folder (default: build/<model>/search)")
+    out: Path | None = option(None, help="output folder (default: build/<model>/search; with --onnx, "
+                                         "build/<file stem>/search)")
 
     def __post_init__(self):
         for name in ("input_size", "preset", "calibration_scheme", "output_tail_bits"):
@@ -112,9 +114,7 @@ class SearchConfig(PassedOnArgs):
                 raise ConfigError(f"empty grid: --{name.replace('_', '-')} lists no value",
                                   hint=f"pass at least one value, or leave --{name.replace('_', '-')} out for "
                                        "its default")
-        for size in self.sizes:
-            export = ExportConfig(model=self.model, weights=self.weights, input_size=size)  # patch multiple, model
-            object.__setattr__(self, "model", export.model)  # a file reference, with its path made absolute
+        self._check_model()
         unknown = [p for p in self.preset if p not in PRESETS]
         if unknown:
             raise ConfigError(f"unknown preset(s) {', '.join(unknown)}; presets: {', '.join(PRESETS)}",
@@ -140,6 +140,20 @@ class SearchConfig(PassedOnArgs):
                               hint="--trial-memory-gb 0 reserves nothing; --budget-ms is the S24 time per frame")
         check_stage_args(self)
 
+    def _check_model(self) -> None:
+        """Each size a patch multiple of the model's; --onnx: the file's one size, read once here."""
+        if self.onnx is not None and self.input_size is not None:
+            raise ConfigError("--input-size resizes a registered model; an ONNX file is searched at its own size",
+                              hint="leave --input-size out (with --wrap, --native-input-size gives the graph's size)")
+        for size in (None,) if self.onnx is not None else self.sizes:
+            export = self.export_config(model=self.model, weights=self.weights, input_size=size)
+            object.__setattr__(self, "model", export.model)  # a file reference, with its path made absolute
+        if self.onnx is not None:
+            from lpcv_depth.stages.export_onnx import onnx_input_size
+
+            object.__setattr__(self, "onnx", export.onnx)
+            object.__setattr__(self, "_onnx_size", onnx_input_size(export))
+
     @property
     def cluster_address(self) -> str | None:
         """The existing cluster to join; None for a local Ray (or none at all)."""
@@ -147,6 +161,8 @@ class SearchConfig(PassedOnArgs):
 
     @property
     def sizes(self) -> tuple[tuple[int, int] | None, ...]:
+        if self.onnx is not None:
+            return (self._onnx_size,)
         if self.input_size:
             return self.input_size
         from lpcv_depth.models import get_spec
@@ -155,9 +171,7 @@ class SearchConfig(PassedOnArgs):
 
     @property
     def destination(self) -> Path:
-        from lpcv_depth.models import model_folder_name
-
-        return Path(self.out) if self.out is not None else build_dir(model_folder_name(self.model), "search")
+        return Path(self.out) if self.out is not None else build_dir(self.model_folder(self.model), "search")
 
     def as_dict(self) -> dict:
         from lpcv_depth.manifest import config_as_dict
@@ -226,8 +240,8 @@ def plan_trials(config: SearchConfig, root: Path, *, htp: bool, hub: bool) -> li
 
 def _export_unit(config: SearchConfig, folder: Path, size) -> Unit:
     export = Step("export", "export", folder / "export", {
-        "model": config.model, "weights": config.weights, "input_size": size,
-        "check_images": in_workspace(config.calib)}, config.export_args, command=STAGE)
+        "model": config.model, "weights": config.weights, "input_size": None if config.onnx else size,
+        "check_images": in_workspace(config.calib), **config.onnx_options()}, config.export_args, command=STAGE)
     evaluate = Step("eval-fp32", "evaluate", folder / "eval-fp32", _evaluate_wiring(config, export.folder / "model.onnx"),
                     upstream={"export": export.folder}, command=STAGE)
     return Unit(f"export {format_size(size)}", folder, (export, evaluate), force=config.force)
@@ -372,7 +386,7 @@ def _htp_wanted(config: SearchConfig) -> bool:
 def _inputs(config: SearchConfig) -> list[Path | None]:
     """What the search reads: its output folder must be none of these, hold none and lie in none."""
     weights = Path(config.weights) if config.weights and Path(config.weights).is_file() else None
-    return [in_workspace(config.calib), in_workspace(config.eval_data), weights]
+    return [in_workspace(config.calib), in_workspace(config.eval_data), weights, config.onnx]
 
 
 class _Table:
@@ -657,9 +671,7 @@ def rebuild_commands(config: SearchConfig, trial: Trial) -> list[str]:
     from lpcv_depth.options import config_to_argv
     from lpcv_depth.stage import command_line
 
-    from lpcv_depth.models import model_folder_name
-
-    alone = os.fspath(build_dir(model_folder_name(config.model), trial.name))
+    alone = os.fspath(build_dir(config.model_folder(config.model), trial.name))
     moved = {os.fspath(trial.export.folder): alone, os.fspath(trial.local.folder): alone}
 
     def shown(arg: str) -> str:
