@@ -261,6 +261,49 @@ def test_bare_fastdepth_runs_end_to_end_and_its_int8_scores_as_the_torch_path(fa
     assert abs(onnx_route.int8_vs_fp32.sqnr_db - torch_route.int8_vs_fp32.sqnr_db) <= 0.5
 
 
+@pytest.mark.slow  # export, ptq and two evaluations: about 2 minutes on 2 shared cores
+def test_search_on_an_onnx_file_runs_its_one_size_and_rebuilds_from_the_file(fastdepth_bare, calib_subset, rgbd_dir,
+                                                                            tmp_path):
+    """search --onnx: one trial at the file's own size, scored at int8; its rebuild commands export the same file."""
+    pytest.importorskip("onnx2torch", reason="onnx2torch (the quant extra) is not installed")
+    from lpcv_depth.options import config_from_args
+    from lpcv_depth.results import SearchResults
+    from lpcv_depth.schema import from_json
+    from lpcv_depth.stages.search import SearchConfig, plan_trials, rebuild_commands
+    from tests.test_search import PTQ_ARGS  # test_pipeline's sets --latency-runs, which search wires itself
+
+    out = tmp_path / "search"
+    argv = ["search", "--onnx", str(fastdepth_bare), "--wrap", "--mean", "0,0,0", "--std", "1,1,1",
+            "--calib", str(calib_subset), "--eval-data", str(rgbd_dir / "kinect_home"), "--preset", "w8a8",
+            "--ray-address", "none", "--htp-check", "off", "--hub", "off", f"--ptq-args={PTQ_ARGS}", "--out", str(out)]
+    assert cli.main(argv) == ExitCode.OK
+    results = from_json(SearchResults, json.loads((out / "results.json").read_text()), where="results.json")
+    assert results.model == "fastdepth_bare" and results.grid["input_size"] == ["224x224"]
+    [trial] = results.trials
+    assert trial.trial == "224x224-w8a8" and trial.status == "done" and trial.fscore_int8 is not None
+    export = json.loads((out / "exports" / "224x224" / "export" / "manifest.json").read_text())
+    assert export["inputs"]["onnx"]["sha256"] == sha256_file(fastdepth_bare) and export["config"]["wrap"] is True
+
+    config = SearchConfig(onnx=fastdepth_bare, wrap=True, mean=(0.0,) * 3, std=(1.0,) * 3, calib=calib_subset,
+                          eval_data=rgbd_dir / "kinect_home")
+    assert config.destination.parts[-2:] == ("fastdepth_bare", "search")
+    [planned] = plan_trials(config, out, htp=False, hub=False)
+    export_command = rebuild_commands(config, planned)[0].split()
+    assert export_command[:2] == ["lpcv-depth", "export"]
+    rebuilt = config_from_args(ExportConfig, cli.build_parser("export").parse_args(export_command[2:]))
+    assert rebuilt.onnx == fastdepth_bare and rebuilt.wrap and rebuilt.input_size is None
+
+
+def test_search_refuses_input_size_with_an_onnx_file(fastdepth_bare, calib_subset, rgbd_dir, tmp_path, capsys):
+    argv = ["search", "--onnx", str(fastdepth_bare), "--wrap", "--mean", "0,0,0", "--std", "1,1,1",
+            "--input-size", "224x224", "--calib", str(calib_subset), "--eval-data", str(rgbd_dir / "kinect_home"),
+            "--out", str(tmp_path / "search")]
+    assert cli.main(argv) == ExitCode.ERROR
+    err = capsys.readouterr().err
+    assert "an ONNX file is searched at its own size" in err and "fix: leave --input-size out" in err
+    assert not (tmp_path / "search").exists()
+
+
 def test_ptq_refuses_an_onnx_op_that_onnx2torch_cannot_convert(calib_subset, tmp_path, capsys):
     pytest.importorskip("onnx2torch", reason="onnx2torch (the quant extra) is not installed")
     path = _graph_file(tmp_path / "lp.onnx", [helper.make_node("LpNormalization", ["x"], ["n"], axis=1),
