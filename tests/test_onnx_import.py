@@ -261,7 +261,7 @@ def test_bare_fastdepth_runs_end_to_end_and_its_int8_scores_as_the_torch_path(fa
     assert abs(onnx_route.int8_vs_fp32.sqnr_db - torch_route.int8_vs_fp32.sqnr_db) <= 0.5
 
 
-@pytest.mark.slow  # export, ptq and two evaluations: about 2 minutes on 2 shared cores
+@pytest.mark.slow  # a whole trial: export, ptq and two evaluations
 def test_search_on_an_onnx_file_runs_its_one_size_and_rebuilds_from_the_file(fastdepth_bare, calib_subset, rgbd_dir,
                                                                             tmp_path):
     """search --onnx: one trial at the file's own size, scored at int8; its rebuild commands export the same file."""
