@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import queue
@@ -141,18 +142,27 @@ class SearchConfig(PassedOnArgs, OnnxFileOptions):
         check_stage_args(self)
 
     def _check_model(self) -> None:
-        """Each size a patch multiple of the model's; --onnx: the file's one size, read once here."""
-        if self.onnx is not None and self.input_size is not None:
-            raise ConfigError("--input-size resizes a registered model; an ONNX file is searched at its own size",
-                              hint="leave --input-size out (with --wrap, --native-input-size gives the graph's size)")
+        """Each size a patch multiple of the model's. An ONNX file is read when the search starts
+        (check_onnx_file), as export reads it when it runs."""
         for size in (None,) if self.onnx is not None else self.sizes:
             export = self.export_config(model=self.model, weights=self.weights, input_size=size)
             object.__setattr__(self, "model", export.model)  # a file reference, with its path made absolute
-        if self.onnx is not None:
-            from lpcv_depth.stages.export_onnx import onnx_input_size
-
             object.__setattr__(self, "onnx", export.onnx)
-            object.__setattr__(self, "_onnx_size", onnx_input_size(export))
+
+    def check_onnx_file(self) -> None:
+        """--onnx: the file's own size is the grid's one size (reading it refuses a file export would)."""
+        if self.onnx is None:
+            return
+        if self.input_size is not None:
+            raise ConfigError("--input-size resizes a registered model; an ONNX file is searched at its own size",
+                              hint="leave --input-size out (with --wrap, --native-input-size gives the graph's size)")
+        self.sizes  # noqa: B018 - reads the file
+
+    @functools.cached_property
+    def _onnx_size(self) -> tuple[int, int]:
+        from lpcv_depth.stages.export_onnx import onnx_input_size
+
+        return onnx_input_size(self.export_config(model=self.model, weights=self.weights))
 
     @property
     def cluster_address(self) -> str | None:
@@ -349,6 +359,7 @@ def run_search(config: SearchConfig, log: StageLog | None = None) -> SearchOutpu
     """Check everything, then run the grid (exports first, each trial as soon as its export is there,
     hub profiles concurrently as trials end), then choose and report."""
     log = log or StageLog(STAGE)
+    config.check_onnx_file()
     htp, hub = _htp_wanted(config), backend_wanted("hub", config.hub)[0]
     if config.cluster_address is not None:
         from lpcv_depth.backends.ray_cluster import check_address
