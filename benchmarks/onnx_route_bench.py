@@ -2,7 +2,8 @@
 same photos with the same ptq settings: for each registered model given, the model exported by the
 registry (torch path), and its backbone exported bare by plain torch.onnx.export and wrapped in ONNX
 (ONNX path). Prints, per path: export and ptq wall time, peak RSS, int8 SQNR vs fp32 (held-out
-images), and fp32/int8 F-score on the RGB-D set.
+images), fp32/int8 F-score on the RGB-D set, and the int8 model's HTP coverage (the htp-check
+stage's compile with CPU fallback disabled, numerics off; only where the qnn extra is installed).
 
     python benchmarks/onnx_route_bench.py                                  # FastDepth, real weights
     python benchmarks/onnx_route_bench.py --model depth_anything_v2_vits --weights None --num-calib 16
@@ -48,6 +49,19 @@ def ptq_figures(folder: Path) -> dict:
             "fscore_int8": truth.get("int8", {}).get("fscore@0.1")}
 
 
+def htp_coverage(ptq_dir: Path) -> dict:
+    """Nodes of the int8 model on the HTP and on the CPU, from the htp-check stage's compile alone."""
+    from lpcv_depth.runner import backend_wanted
+    from lpcv_depth.stages.htp_check import HtpCheckConfig, run_htp_check
+
+    wanted, reason = backend_wanted("htp-check", "auto")
+    if not wanted:
+        return {"htp_coverage": f"not measured: {reason}"}
+    coverage = run_htp_check(HtpCheckConfig(ptq=ptq_dir, numerics=False, fp16_baseline=False,
+                                            out=ptq_dir / "htp-check")).results.coverage
+    return {"htp_full": coverage.full_htp, "htp_nodes": coverage.htp_nodes, "htp_cpu_nodes": coverage.cpu_nodes}
+
+
 def bench_path(label: str, export_args: list[str], ptq_args: list[str], out: Path) -> dict:
     export_dir, ptq_dir = out / f"{label}-export", out / f"{label}-ptq"
     export_s, export_rss = run_stage(["-m", "lpcv_depth.cli", "export", *export_args, "--out", str(export_dir),
@@ -55,7 +69,7 @@ def bench_path(label: str, export_args: list[str], ptq_args: list[str], out: Pat
     ptq_s, ptq_rss = run_stage(["-m", "lpcv_depth.cli", "ptq", "--fp32", str(export_dir), "--out", str(ptq_dir),
                                 *ptq_args])
     return {"path": label, "export_s": round(export_s, 1), "ptq_s": round(ptq_s, 1),
-            "peak_rss_gib": round(max(export_rss, ptq_rss), 2), **ptq_figures(ptq_dir)}
+            "peak_rss_gib": round(max(export_rss, ptq_rss), 2), **ptq_figures(ptq_dir), **htp_coverage(ptq_dir)}
 
 
 def main(argv: list[str] | None = None) -> int:
