@@ -11,9 +11,10 @@ size), PTQ with its preset, the evaluate stage's F-score against ground truth (f
 coverage from the local HTP compile with CPU fallback disabled (where the qnn extra is installed;
 --htp-frames N also scores the HTP-emulated int8 model), and an S24 profile on AI Hub where a token is
 configured. Trials run as Ray tasks (a local Ray by default; --ray-address none: a plain loop); finished
-work is reused by content, so a rerun only does what changed. Writes under OUT (default
-build/<model>/search): results.json and results.csv (updated as each trial ends), pareto.png,
-report.md (the best fully-NPU trial within --budget-ms, and the commands that rebuild it).
+work is reused by content, so a rerun only does what changed. --onnx FILE searches the file's model
+at its one size. Writes under OUT (default build/<model>/search; --onnx: build/<file stem>/search):
+results.json and results.csv (updated as each trial ends), pareto.png, report.md (the best fully-NPU
+trial within --budget-ms, and the commands that rebuild it).
 Every option: docs/search.md.
 """
 
@@ -115,7 +116,12 @@ class SearchConfig(PassedOnArgs, OnnxFileOptions):
                 raise ConfigError(f"empty grid: --{name.replace('_', '-')} lists no value",
                                   hint=f"pass at least one value, or leave --{name.replace('_', '-')} out for "
                                        "its default")
-        self._check_model()
+        # Each size a patch multiple of the model's; an ONNX file is read when the search starts
+        # (check_onnx_file), as export reads it when it runs.
+        for size in (None,) if self.onnx is not None else self.sizes:
+            export = self.export_config(model=self.model, weights=self.weights, input_size=size)
+            object.__setattr__(self, "model", export.model)  # a file reference, with its path made absolute
+            object.__setattr__(self, "onnx", export.onnx)
         unknown = [p for p in self.preset if p not in PRESETS]
         if unknown:
             raise ConfigError(f"unknown preset(s) {', '.join(unknown)}; presets: {', '.join(PRESETS)}",
@@ -141,14 +147,6 @@ class SearchConfig(PassedOnArgs, OnnxFileOptions):
                               hint="--trial-memory-gb 0 reserves nothing; --budget-ms is the S24 time per frame")
         check_stage_args(self)
 
-    def _check_model(self) -> None:
-        """Each size a patch multiple of the model's. An ONNX file is read when the search starts
-        (check_onnx_file), as export reads it when it runs."""
-        for size in (None,) if self.onnx is not None else self.sizes:
-            export = self.export_config(model=self.model, weights=self.weights, input_size=size)
-            object.__setattr__(self, "model", export.model)  # a file reference, with its path made absolute
-            object.__setattr__(self, "onnx", export.onnx)
-
     def check_onnx_file(self) -> None:
         """--onnx: the file's own size is the grid's one size (reading it refuses a file export would)."""
         if self.onnx is None:
@@ -156,7 +154,7 @@ class SearchConfig(PassedOnArgs, OnnxFileOptions):
         if self.input_size is not None:
             raise ConfigError("--input-size resizes a registered model; an ONNX file is searched at its own size",
                               hint="leave --input-size out (with --wrap, --native-input-size gives the graph's size)")
-        self.sizes  # noqa: B018 - reads the file
+        self._onnx_size  # noqa: B018 - read now, so that a file export would refuse fails before any trial
 
     @functools.cached_property
     def _onnx_size(self) -> tuple[int, int]:
@@ -677,7 +675,7 @@ def _manifest_inputs(config: SearchConfig) -> dict:
 
 
 def rebuild_commands(config: SearchConfig, trial: Trial) -> list[str]:
-    """The stage commands that rebuild this one trial by itself, into build/<model>/<trial>/: the
+    """The stage commands that rebuild this one trial by itself, into build/<model folder>/<trial>/: the
     configs the trial ran with, its folders moved there."""
     from lpcv_depth.options import config_to_argv
     from lpcv_depth.stage import command_line
