@@ -236,19 +236,26 @@ def test_wrap_without_normalisation_is_refused(tmp_path):
 
 # --- ptq on an ONNX-only export (onnx2torch, then the aimet-torch path unchanged) -------------------
 
-def test_bare_fastdepth_runs_end_to_end_and_its_int8_scores_as_the_torch_path(fastdepth_bare, fastdepth_w8a8,
-                                                                                calib_subset, rgbd_dir, tmp_path):
-    """run --onnx: export (wrapped), ptq through onnx2torch, compare; the int8 model as good as the torch path's."""
+@pytest.fixture(scope="module")
+def bare_fastdepth_run(fastdepth_bare, calib_subset, rgbd_dir, tmp_path_factory) -> tuple[Path, int]:
+    """run --onnx on the bare FastDepth: export (wrapped), ptq through onnx2torch, compare."""
     pytest.importorskip("onnx2torch", reason="onnx2torch (the quant extra) is not installed")
-    from lpcv_depth.manifest import Manifest
-    from lpcv_depth.results import PtqResults
     from tests.test_pipeline import PTQ_ARGS
 
-    out = tmp_path / "run"
+    out = tmp_path_factory.mktemp("onnx-run") / "run"
     argv = ["run", "--onnx", str(fastdepth_bare), "--wrap", "--mean", "0,0,0", "--std", "1,1,1",
             "--calib", str(calib_subset), "--eval-data", str(rgbd_dir / "kinect_home"), "--htp-check", "off",
             "--hub", "off", f"--ptq-args={PTQ_ARGS}", "--out", str(out)]
-    assert cli.main(argv) == ExitCode.OK
+    return out, cli.main(argv)
+
+
+def test_bare_fastdepth_runs_end_to_end_and_its_int8_scores_as_the_torch_path(bare_fastdepth_run, fastdepth_w8a8):
+    """run --onnx: export (wrapped), ptq through onnx2torch, compare; the int8 model as good as the torch path's."""
+    from lpcv_depth.manifest import Manifest
+    from lpcv_depth.results import PtqResults
+
+    out, status = bare_fastdepth_run
+    assert status == ExitCode.OK
     assert (out / "compare" / "compare.md").is_file()
     ptq = Manifest.read(out / "ptq-w8a8", stage="ptq")
     onnx_route, torch_route = ptq.results_as(PtqResults), fastdepth_w8a8.results
@@ -259,6 +266,18 @@ def test_bare_fastdepth_runs_end_to_end_and_its_int8_scores_as_the_torch_path(fa
     assert any((out / "ptq-w8a8").glob("*.aimet/*.encodings")) and (out / "ptq-w8a8" / "model_qdq.onnx").is_file()
     assert abs(onnx_route.ground_truth.int8["fscore@0.1"] - torch_route.ground_truth.int8["fscore@0.1"]) <= 0.1
     assert abs(onnx_route.int8_vs_fp32.sqnr_db - torch_route.int8_vs_fp32.sqnr_db) <= 0.5
+
+
+def test_the_onnx_routes_int8_fastdepth_is_fully_on_the_htp(bare_fastdepth_run, tmp_path):
+    """htp-check's compile (CPU fallback disabled) of the QDQ model that ptq made through onnx2torch."""
+    pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn (the qnn extra, Linux x86_64) is not installed")
+    from lpcv_depth.stages.htp_check import HtpCheckConfig, run_htp_check
+
+    out, status = bare_fastdepth_run
+    assert status == ExitCode.OK
+    coverage = run_htp_check(HtpCheckConfig(ptq=out / "ptq-w8a8", numerics=False, fp16_baseline=False,
+                                            out=tmp_path / "htp")).results.coverage
+    assert coverage.full_htp and coverage.cpu_nodes == 0 and coverage.htp_nodes > 0
 
 
 @pytest.mark.slow  # a whole trial: export, ptq and two evaluations
