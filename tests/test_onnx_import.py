@@ -280,7 +280,6 @@ def test_the_onnx_routes_int8_fastdepth_is_fully_on_the_htp(bare_fastdepth_run, 
     assert coverage.full_htp and coverage.cpu_nodes == 0 and coverage.htp_nodes > 0
 
 
-@pytest.mark.slow  # a whole trial: export, ptq and two evaluations
 def test_search_on_an_onnx_file_runs_its_one_size_and_rebuilds_from_the_file(fastdepth_bare, calib_subset, rgbd_dir,
                                                                             tmp_path):
     """search --onnx: one trial at the file's own size, scored at int8; its rebuild commands export the same file."""
