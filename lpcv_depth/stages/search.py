@@ -579,10 +579,12 @@ class _Scheduler:
         return count + f", ETA {_duration(seconds)}"
 
     def _collect_hub(self, block: bool) -> None:
+        from lpcv_depth.stages.search_report import latency_line
+
         for trial, outcome in self.hub_threads.finished(block):
             row = self.table.update(trial.name, hub_outcome=outcome)
             if outcome["status"] == "done":
-                self.log.info(f"hub {trial.name}: {cell_latency(row)}")
+                self.log.info(f"hub {trial.name}: {latency_line(row)}")
             else:
                 self.log.warn(f"hub {trial.name} FAILED: {str(outcome.get('error')).splitlines()[0]} "
                               f"(log: {display_path(trial.local.folder / LOG_NAME)})")
@@ -620,13 +622,6 @@ class _HubThreads:
                 break
             self.pending -= 1
         return ended
-
-
-def cell_latency(row) -> str:
-    if row.s24_latency_ms is None:
-        return "no profile"
-    return (f"{row.s24_latency_ms:.1f} ms on the S24, layers NPU {row.s24_npu_layers} / GPU {row.s24_gpu_layers} / "
-            f"CPU {row.s24_cpu_layers}, profile job {row.hub_profile_job}")
 
 
 def _end_line(trial: Trial, row, outcome: dict) -> str:

@@ -21,7 +21,7 @@ from lpcv_depth.results import (EvaluateResults, ExportResults, HtpCheckResults,
 from lpcv_depth.schema import to_json
 from lpcv_depth.stage import display_path
 
-__all__ = ["trial_row", "write_table", "choose", "draw_pareto", "report_markdown", "LATENCY", "GMACS"]
+__all__ = ["latency_line", "trial_row", "write_table", "choose", "draw_pareto", "report_markdown", "LATENCY", "GMACS"]
 
 LATENCY = "s24_latency_ms"
 GMACS = "gmacs"
@@ -123,6 +123,14 @@ def write_table(root: Path, results: SearchResults) -> list[Path]:
     writer.writeheader()
     writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
     return [write_text_atomically(root / RESULTS_JSON, text), write_text_atomically(root / RESULTS_CSV, buffer.getvalue())]
+
+
+def latency_line(row) -> str:
+    """A trial's S24 profile in one line of the search's log."""
+    if row.s24_latency_ms is None:
+        return "no profile"
+    return (f"{row.s24_latency_ms:.1f} ms on the S24, layers NPU {row.s24_npu_layers} / GPU {row.s24_gpu_layers} / "
+            f"CPU {row.s24_cpu_layers}, profile job {row.hub_profile_job}")
 
 
 # --- the choice --------------------------------------------------------------------------------------
