@@ -26,6 +26,7 @@ import functools
 import itertools
 import os
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -332,13 +333,11 @@ def _quiet(log_file):
 def _worker() -> str:
     """Where the unit ran: the Ray node and process, or this process."""
     node = "this process"
-    try:
-        import ray
-
-        if ray.is_initialized():
-            node = f"ray node {ray.get_runtime_context().get_node_id()[:12]}"
-    except ImportError:
-        pass
+    # Not imported here: Ray reads its authentication settings once, at import, so a search without
+    # Ray would fix them for every later search of this process.
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        node = f"ray node {ray.get_runtime_context().get_node_id()[:12]}"
     return f"{node}, pid {os.getpid()}"
 
 
