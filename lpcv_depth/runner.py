@@ -30,9 +30,9 @@ from lpcv_depth.options import add_config_arguments, cli_fields, config_from_arg
 from lpcv_depth.stage import StageLog, refuse_inputs
 from lpcv_depth.workspace import in_workspace, where_to_write_hint
 
-__all__ = ["AUTO_ON_OFF", "STAGES_WITH_ARGS", "PassedOnArgs", "Step", "stage_args_option", "parse_stage_args", "check_stage_args",
-           "stage_config", "check_steps", "step_is_current", "run_step", "backend_wanted", "check_input_folders",
-           "check_output_root", "create_output_root"]
+__all__ = ["AUTO_ON_OFF", "STAGES_WITH_ARGS", "PassedOnArgs", "Step", "stage_args_option", "parse_stage_args",
+           "check_stage_args", "stage_config", "check_steps", "step_is_current", "run_step", "backend_wanted",
+           "command_inputs", "check_input_folders", "check_output_root", "create_output_root"]
 
 AUTO_ON_OFF = ("auto", "on", "off")
 # The stages whose options a command passes on through --<stage>-args.
@@ -159,9 +159,11 @@ def check_steps(steps: Iterable[Step]) -> None:
 
 def step_is_current(step: Step, records: Mapping) -> bool:
     """The step's output exists, verifies, and was made from what it would be made from now."""
-    if not step.upstream_ready():
-        return False
-    return is_up_to_date(records.get(step.name), step.folder, step.stage, step.fingerprint(step.config))
+    return step.upstream_ready() and _is_current(step, records, step.fingerprint(step.config))
+
+
+def _is_current(step: Step, records: Mapping, fingerprint: str) -> bool:
+    return step.upstream_ready() and is_up_to_date(records.get(step.name), step.folder, step.stage, fingerprint)
 
 
 def run_step(step: Step, state_file: Path, log: StageLog, *, force: bool = False,
@@ -173,8 +175,7 @@ def run_step(step: Step, state_file: Path, log: StageLog, *, force: bool = False
     config = step.config
     fingerprint = step.fingerprint(config)
     records = read_records(state_file)
-    if not force and step.upstream_ready() and is_up_to_date(records.get(step.name), step.folder, step.stage,
-                                                              fingerprint):
+    if not force and _is_current(step, records, fingerprint):
         return "up to date"
     if on_start is not None:
         on_start()
@@ -216,6 +217,14 @@ def _unavailable(stage: str) -> str | None:
     except LpcvError as err:
         return f"AI Hub cannot be used: {str(err).splitlines()[0]}"
     return None
+
+
+def command_inputs(config: Any) -> list[Path | None]:
+    """What a command that chains stages reads (its photos, RGB-D data, weights file or ONNX file):
+    its output folder must be none of these, hold none and lie in none."""
+    weights = Path(config.weights) if config.weights and Path(config.weights).is_file() else None
+    eval_data = in_workspace(config.eval_data) if config.eval_data else None
+    return [in_workspace(config.calib), eval_data, weights, config.onnx]
 
 
 def check_input_folders(calib: Path, eval_data: Path | None) -> None:

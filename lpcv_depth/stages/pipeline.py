@@ -22,8 +22,8 @@ from lpcv_depth.files import write_text_atomically
 from lpcv_depth.manifest import Manifest, config_as_dict
 from lpcv_depth.options import inherit, option
 from lpcv_depth.report import markdown_table
-from lpcv_depth.runner import (AUTO_ON_OFF, PassedOnArgs, Step, backend_wanted, check_input_folders, check_stage_args, check_steps,
-                               check_output_root, create_output_root, run_step)
+from lpcv_depth.runner import (AUTO_ON_OFF, PassedOnArgs, Step, backend_wanted, check_input_folders, check_stage_args,
+                               command_inputs, check_steps, check_output_root, create_output_root, run_step)
 from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import ExportConfig, OnnxFileOptions
@@ -102,7 +102,7 @@ def run_pipeline(config: RunConfig, log: StageLog | None = None) -> RunOutput:
     log = log or StageLog(STAGE)
     skipped = _skipped_stages(config)
     root = config.destination.absolute()
-    check_output_root(root, command=STAGE, marker=STATE_NAME, model=config.model, inputs=_inputs(config))
+    check_output_root(root, command=STAGE, marker=STATE_NAME, model=config.model, inputs=command_inputs(config))
     plan = plan_steps(config, root, skipped)
     check_steps(plan)
     create_output_root(root, command=STAGE, marker=STATE_NAME, model=config.model)
@@ -143,13 +143,6 @@ def _skipped_stages(config: RunConfig) -> dict[str, str]:
         if not wanted:
             skipped[stage] = reason if mode == "off" else f"{reason}; --{stage} on to insist"
     return skipped
-
-
-def _inputs(config: RunConfig) -> list[Path | None]:
-    """What the run reads: its output folder must be none of these, hold none and lie in none."""
-    weights = Path(config.weights) if config.weights and Path(config.weights).is_file() else None
-    return [in_workspace(config.calib), in_workspace(config.eval_data) if config.eval_data else None, weights,
-            config.onnx]
 
 
 def plan_steps(config: RunConfig, root: Path, skipped: dict[str, str] | None = None) -> list[Step]:

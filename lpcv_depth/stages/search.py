@@ -38,8 +38,9 @@ from lpcv_depth.cache import read_records
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.manifest import write_manifest
 from lpcv_depth.options import format_size, inherit, option, parse_size
-from lpcv_depth.runner import (AUTO_ON_OFF, PassedOnArgs, Step, backend_wanted, check_input_folders, check_stage_args, check_steps,
-                               check_output_root, create_output_root, run_step, step_is_current)
+from lpcv_depth.runner import (AUTO_ON_OFF, PassedOnArgs, Step, backend_wanted, check_input_folders, check_stage_args,
+                               command_inputs, check_steps, check_output_root, create_output_root, run_step,
+                               step_is_current)
 from lpcv_depth.stage import StageDefinition, StageLog, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import ExportConfig, OnnxFileOptions
@@ -363,7 +364,7 @@ def run_search(config: SearchConfig, log: StageLog | None = None) -> SearchOutpu
 
         check_address(config.cluster_address)  # a dead address is an error now, not after a minute of retries
     root = config.destination.absolute()
-    check_output_root(root, command=STAGE, marker=STATE_NAME, model=config.model, inputs=_inputs(config))
+    check_output_root(root, command=STAGE, marker=STATE_NAME, model=config.model, inputs=command_inputs(config))
     trials = plan_trials(config, root, htp=htp, hub=hub)
     check_steps(step for unit in _units(trials) + [t.hub for t in trials if t.hub] for step in unit.steps)
     create_output_root(root, command=STAGE, marker=STATE_NAME, model=config.model)
@@ -389,12 +390,6 @@ def _htp_wanted(config: SearchConfig) -> bool:
         raise ConfigError(f"--htp-frames needs the local HTP check, but {reason}",
                           hint='pip install -e ".[qnn]" (Linux x86_64), and --htp-check auto or on')
     return wanted
-
-
-def _inputs(config: SearchConfig) -> list[Path | None]:
-    """What the search reads: its output folder must be none of these, hold none and lie in none."""
-    weights = Path(config.weights) if config.weights and Path(config.weights).is_file() else None
-    return [in_workspace(config.calib), in_workspace(config.eval_data), weights, config.onnx]
 
 
 class _Table:
