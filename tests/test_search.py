@@ -334,8 +334,8 @@ def test_bad_grid_is_refused_before_any_trial(extra, message, fastdepth_tflite, 
 def test_unknown_presets_and_schemes_say_which_are_known(fastdepth_tflite, calib_subset, rgbd_dir, tmp_path, capsys):
     base = ["search", "--model", "fastdepth", "--weights", str(fastdepth_tflite), "--calib", str(calib_subset),
             "--eval-data", str(rgbd_dir / "kinect_home"), "--out", str(tmp_path / "out")]
-    assert cli.main([*base, "--preset", "w4a8"]) == ExitCode.ERROR
-    assert "fix: pass --preset with some of w8a8,w8a16,mixed" in capsys.readouterr().err
+    assert cli.main([*base, "--preset", "w2a8"]) == ExitCode.ERROR
+    assert "fix: pass --preset with some of w8a8,w8a16,mixed,w4a8,w4a16" in capsys.readouterr().err
     assert cli.main([*base, "--calibration-scheme", "best"]) == ExitCode.ERROR
     assert "fix: pass --calibration-scheme with some of" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -71,6 +71,8 @@ PRESETS = {
     "w8a16": Preset(8, 16, False, "per-channel symmetric int8 weights, 16-bit asymmetric activations"),
     "mixed": Preset(8, 8, True, "w8a8, with the activations a measured per-layer sensitivity analysis "
                                 "finds fragile kept at 16 bits"),
+    "w4a8": Preset(4, 8, False, "per-channel symmetric int4 weights, 8-bit asymmetric activations"),
+    "w4a16": Preset(4, 16, False, "per-channel symmetric int4 weights, 16-bit asymmetric activations"),
 }
 
 
@@ -81,7 +83,8 @@ class PtqConfig:
     fp32: Path | None = option(None, help="export stage output folder (default: "
                                           f"build/{DEFAULT_FP32_MODEL}/export of the workspace)")
     preset: str = option("w8a8", choices=tuple(PRESETS),
-                         help="w8a8, w8a16, or mixed (w8a8 with the fragile activations kept at 16 bits)")
+                         help="w8a8, w8a16, mixed (w8a8 with the fragile activations kept at 16 bits), "
+                              "w4a8 or w4a16 (int4 weights)")
     # The scheme that scored best on the Track 3 metric is the default (measured: docs/ptq.md).
     calibration_scheme: str = option("tf-enhanced", choices=CALIBRATION_SCHEMES,
                                      help="how activation ranges are calibrated")
@@ -185,9 +188,11 @@ class PtqConfig:
 
     @property
     def opset(self) -> int:
-        # 16-bit QuantizeLinear needs opset 21. 8-bit uses 18, the dynamo exporter's own opset: converted
-        # down to 17, ReduceMin's axes become an attribute and AIMET's masked-softmax pattern check fails.
-        wide = self.preset_spec.activation_bw > 8 or self.preset_spec.mixed or self.output_tail_bits > 8
+        # 16-bit QuantizeLinear and int4 DequantizeLinear need opset 21. 8-bit uses 18, the dynamo exporter's
+        # own opset: converted down to 17, ReduceMin's axes become an attribute and AIMET's masked-softmax
+        # pattern check fails.
+        preset = self.preset_spec
+        wide = preset.activation_bw > 8 or preset.mixed or self.output_tail_bits > 8 or preset.param_bw < 8
         return 21 if wide else 18
 
     @property
