@@ -317,7 +317,7 @@ def test_pareto_front():
     (["--preset", ""], "empty grid: --preset"),
     (["--input-size", ""], "empty grid: --input-size"),
     (["--input-size", "224x224,200x256"], "multiples of 32"),
-    (["--preset", "w8a8,w4a8"], "unknown preset(s) w4a8"),
+    (["--preset", "w8a8,w2a8"], "unknown preset(s) w2a8"),
     (["--calibration-scheme", "min-max,best"], "unknown calibration scheme(s) best"),
     (["--ptq-args", "--preset w8a16"], "--ptq-args sets --preset"),
 ])
