@@ -37,6 +37,7 @@ from lpcv_depth.options import inherit, option
 from lpcv_depth.results import PredictResults, PredictSource, PredictVideo
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
+from lpcv_depth.stages.export import weights_path
 from lpcv_depth.stages.htp_check import HtpCheckConfig, _clean_after_kill
 from lpcv_depth.stages.predict_sources import Source, check_same_model, identify_sources, open_sources
 from lpcv_depth.video import VIDEO_SUFFIXES
@@ -103,9 +104,6 @@ class PredictConfig:
         if self.max_frames is not None and self.max_frames < 1:
             raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}",
                               hint="leave --max-frames out for every frame")
-        if self.predictions and any(Path(p).suffix.lower() in VIDEO_SUFFIXES for p in self.input):
-            raise ConfigError("--predictions holds outputs saved per photo; it cannot follow a video's frames",
-                              hint="run the video with --model, --onnx, --ptq or --htp")
         if self.htp_arch not in HTP_ARCHS:
             raise ConfigError(f"htp_arch must be one of {HTP_ARCHS}, got {self.htp_arch!r}",
                               hint="the Snapdragon 8 Gen 3 (Galaxy S24) is 75")
@@ -122,9 +120,8 @@ class PredictConfig:
 
     @property
     def weights_file(self) -> Path | None:
-        if self.model is None or self.weights in (None, "hf", "default"):
-            return None
-        return Path(self.weights)
+        """The local weights file, when --model runs with one (--out must never replace it)."""
+        return weights_path(self.weights) if self.model is not None else None
 
     @property
     def destination(self) -> Path:
@@ -411,7 +408,7 @@ def row_maps(labels: list[str], outputs: list[np.ndarray]) -> tuple[list[tuple[s
     if len(columns) == 2:
         diff = np.abs(columns[0][1] - columns[1][1])
         top = float(np.percentile(diff, DIFF_PERCENTILE)) or float(diff.max()) or 1e-6
-        difference = (f"|{labels[0]} - {labels[1]}| (median-scaled)", diff, top)
+        difference = ("|difference| after median scaling", diff, top)
     return columns, low, high, difference
 
 

@@ -101,10 +101,10 @@ def _ptq_folder(folder: Path, flag: str) -> tuple[Manifest, Path]:
 
 def _model_source(model: str, weights: str | None, output: str) -> Source:
     from lpcv_depth.models import get_spec
+    from lpcv_depth.stages.export import weights_path
 
-    weights_file = Path(weights) if weights not in (None, "hf", "default") else None
     name = get_spec(model).name
-    return Source("model", weights_file, f"torch {name}", model=name, contract=TRACK3.name, output_mode=output,
+    return Source("model", weights_path(weights), f"torch {name}", model=name, contract=TRACK3.name, output_mode=output,
                   record={"reference": model, "weights": weights})
 
 
