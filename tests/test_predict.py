@@ -142,16 +142,71 @@ def test_video_gives_the_expected_frames_as_pngs_and_mp4(tiny, tmp_path):
     assert len(list((tmp_path / "all" / "clip").glob("*.png"))) == count_frames(tmp_path / "all" / "clip.mp4") == 5
 
 
-def test_saved_predictions_are_a_source(tiny, photos, tmp_path):
-    """--save-npy writes one folder per source that --predictions reads back: the same picture."""
-    photo = sorted(photos.glob("*.jpg"))[0]
-    first = tmp_path / "first"
-    assert _predict(photo, "--onnx", tiny["onnx"], "--save-npy", "--out", first) == 0
-    assert _predict(photo, "--predictions", first / "npy" / "onnx", "--out", tmp_path / "again") == 0
+def _depth_tile(png: Path, column: int) -> np.ndarray:
+    """A depth tile's pixels below its label."""
     from PIL import Image
 
-    with Image.open(first / f"{photo.stem}.png") as a, Image.open(tmp_path / "again" / f"{photo.stem}.png") as b:
-        assert a.size == b.size
+    with Image.open(png) as picture:
+        pixels = np.asarray(picture.convert("RGB"))
+    return pixels[TILE_H // 4:TILE_H, column * TILE_W:(column + 1) * TILE_W]
+
+
+def test_saved_predictions_are_a_source(tiny, photos, tmp_path):
+    """--save-npy writes one folder per source that --predictions reads back (photos and video frames
+    alike): the same depth, pixel for pixel."""
+    photo = sorted(photos.glob("*.jpg"))[0]
+    video = _write_video(tmp_path / "clip.mp4", 3)
+    first = tmp_path / "first"
+    assert _predict(photo, video, "--onnx", tiny["onnx"], "--save-npy", "--out", first) == 0
+    assert sorted(p.name for p in (first / "npy" / "onnx").iterdir()) == [
+        "clip__000000.npy", "clip__000001.npy", "clip__000002.npy", f"{photo.stem}.npy"]
+    again = tmp_path / "again"
+    assert _predict(photo, video, "--predictions", first / "npy" / "onnx", "--out", again) == 0
+    for name in (f"{photo.stem}.png", "clip/000002.png"):
+        np.testing.assert_array_equal(_depth_tile(first / name, 1), _depth_tile(again / name, 1))
+
+
+def test_a_hub_folder_is_read_through_its_device_outputs(tiny, photos, tmp_path, capsys):
+    """A hub stage folder stands for its device_outputs/, named as hub_inference names --images photos."""
+    from lpcv_depth.images import load_contract_image
+    from lpcv_depth.verify import OrtRunner
+
+    hub = tmp_path / "hub-ptq"
+    saved = hub / "device_outputs" / "images"
+    saved.mkdir(parents=True)
+    files = sorted(photos.glob("*.jpg"))
+    runner = OrtRunner(tiny["onnx"])
+    for path in files:
+        np.save(saved / f"{path.stem}.npy", runner.run(load_contract_image(path)[None]) * 0.5)
+    write_manifest(hub, stage="hub", config={}, inputs={}, outputs=[], timings={}, results={})
+    out = tmp_path / "out"
+    assert _predict(photos, "--onnx", tiny["onnx"], "--predictions", hub, "--out", out) == 0
+    # Half the ONNX output is the same depth after median scaling: the difference column is black.
+    name = f"{files[0].stem}.png"
+    np.testing.assert_array_equal(_depth_tile(out / name, 1), _depth_tile(out / name, 2))
+    assert _depth_tile(out / name, 3).max() <= 8
+    (saved / name.replace(".png", ".npy")).unlink()
+    err = _refused(capsys, photos, "--onnx", tiny["onnx"], "--predictions", hub, "--out", tmp_path / "o")
+    assert f"{files[0].stem}.npy" in err
+
+
+def test_htp_source_runs_the_qdq_model_on_the_emulator(tiny, photos, tmp_path):
+    """--htp: the ptq folder's QDQ model on the local HTP emulator (in a child process), a few
+    quantization steps from ONNX Runtime's CPU run of the same model."""
+    from lpcv_depth.backends.qnn import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    photo = sorted(photos.glob("*.jpg"))[0]
+    out = tmp_path / "htp"
+    assert _predict(photo, "--ptq", tiny["ptq"], "--htp", tiny["ptq"], "--save-npy", "--out", out) == 0
+    cpu, htp = (np.load(out / "npy" / kind / f"{photo.stem}.npy") for kind in ("ptq", "htp"))
+    assert htp.shape == (1, 1, 480, 640) and np.isfinite(htp).all()
+    # The tiny model's output step is 1/255: the HTP requantizes in its own arithmetic, a few steps off.
+    assert np.abs(cpu - htp).max() < 0.05 and htp.std() > 0
+    results = json.loads((out / "manifest.json").read_text())["results"]
+    assert [s["kind"] for s in results["sources"]] == ["ptq", "htp"] and results["difference"] is True
 
 
 def _refused(capsys, *args) -> str:
