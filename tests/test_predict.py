@@ -287,3 +287,41 @@ def test_htp_without_onnxruntime_qnn_names_the_install(tiny, photos, tmp_path, c
     monkeypatch.setattr(builtins, "__import__", no_qnn)
     err = _refused(capsys, sorted(photos.glob("*.jpg"))[0], "--htp", tiny["ptq"], "--out", tmp_path / "o")
     assert '.[qnn]' in err
+
+
+def test_torch_source_is_the_wrapped_model_on_the_prepared_input(photos, fastdepth_tflite, tmp_path):
+    """--model with FastDepth's real weights: the .npy is create_model's output on the prepared photo."""
+    import torch
+
+    from lpcv_depth.images import load_contract_image
+    from lpcv_depth.models import create_model
+
+    photo = photos / "portrait.jpg"
+    out = tmp_path / "torch"
+    assert _predict(photo, "--model", "fastdepth", "--weights", fastdepth_tflite, "--save-npy", "--threads", "1",
+                    "--out", out) == 0
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # as --threads 1: the same summation order, the same float32 result
+    try:
+        with torch.no_grad():
+            expected = create_model("fastdepth", weights=str(fastdepth_tflite))(
+                torch.from_numpy(load_contract_image(photo)[None])).numpy()
+    finally:
+        torch.set_num_threads(previous)
+    np.testing.assert_array_equal(np.load(out / "npy" / "model" / "portrait.npy"), expected)
+    assert json.loads((out / "manifest.json").read_text())["results"]["sources"][0]["model"] == "fastdepth"
+
+
+def test_a_video_without_the_video_extra_names_the_install(tiny, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    video = _write_video(tmp_path / "clip.mp4", 2)
+    real_import = builtins.__import__
+
+    def no_av(name, *args, **kwargs):
+        if name == "av":
+            raise ImportError("No module named 'av'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_av)
+    assert "pip install -e '.[video]'" in _refused(capsys, video, "--onnx", tiny["onnx"], "--out", tmp_path / "o")

@@ -87,7 +87,8 @@ class PredictConfig:
     save_npy: bool = option(False, help="also save each source's raw (1,1,480,640) output as .npy")
     soc_model: str = inherit(HtpCheckConfig, "soc_model")
     htp_arch: str = inherit(HtpCheckConfig, "htp_arch")
-    threads: int | None = inherit(EvaluateConfig, "threads")
+    threads: int | None = inherit(EvaluateConfig, "threads",
+                                  help="CPU threads of the torch and ONNX Runtime sources (default: all cores)")
     name: str | None = option(None, help="output folder name under build/predict/ (default: the first input's name)")
     out: Path | None = option(None, help="output folder (default: build/predict/<name> in the workspace)")
 

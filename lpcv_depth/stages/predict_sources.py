@@ -214,8 +214,13 @@ def _open_model(source: Source, config, log):
     source.record.update({"weights": info.as_dict(), "sha256": info.sha256})
 
     def run(image: np.ndarray, key: str) -> np.ndarray:
-        with torch.no_grad():
-            return model(torch.from_numpy(image[None])).numpy()
+        previous = torch.get_num_threads()
+        torch.set_num_threads(config.threads or previous)
+        try:
+            with torch.no_grad():
+                return model(torch.from_numpy(image[None])).numpy()
+        finally:
+            torch.set_num_threads(previous)
 
     return run
 
