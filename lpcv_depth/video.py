@@ -70,8 +70,8 @@ def _open(path: Path):
 
 
 def _unsupported(path: Path, codec: str, err: Exception | None = None) -> VideoReadError:
-    reason = f": {err}" if err is not None else ""
-    return VideoReadError(f"cannot decode video {path}: codec {codec!r} is not supported by PyAV's FFmpeg{reason}",
+    reason = f" ({err})" if err is not None else ""
+    return VideoReadError(f"cannot decode video {path}: its codec ({codec}) has no decoder in PyAV's FFmpeg{reason}",
                           hint=f"re-encode it to H.264, e.g. `ffmpeg -i {path.name} -c:v libx264 "
                                f"{path.stem}_h264.mp4`, and pass that file")
 
@@ -82,13 +82,14 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     container = _open(path)
     try:
         stream = container.streams.video[0]
-        codec = stream.codec_context.name if stream.codec_context is not None else "unknown"
+        # FFmpeg opens a stream of a codec it has no decoder for without a codec context.
+        if stream.codec_context is None:
+            raise _unsupported(path, "unknown to FFmpeg")
+        codec = stream.codec_context.name
         try:
-            decodable = av.codec.Codec(codec, "r") is not None
+            av.codec.Codec(codec, "r")
         except (av.FFmpegError, ValueError) as err:
             raise _unsupported(path, codec, err) from err
-        if not decodable or codec in ("none", "unknown"):
-            raise _unsupported(path, codec)
         fps = stream.average_rate or stream.base_rate or Fraction(30)
         return VideoInfo(path, codec, stream.codec_context.width, stream.codec_context.height, Fraction(fps),
                          stream.frames or None)

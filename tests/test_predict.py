@@ -66,7 +66,7 @@ def tiny(tmp_path_factory, photos) -> dict[str, Path]:
     return {"onnx": onnx_path, "ptq": ptq}
 
 
-def _predict(*args, capsys=None) -> int:
+def _predict(*args) -> int:
     return cli.main(["predict", *map(os.fspath, args)])
 
 
@@ -325,3 +325,17 @@ def test_a_video_without_the_video_extra_names_the_install(tiny, tmp_path, capsy
 
     monkeypatch.setattr(builtins, "__import__", no_av)
     assert "pip install -e '.[video]'" in _refused(capsys, video, "--onnx", tiny["onnx"], "--out", tmp_path / "o")
+
+
+def test_a_glob_writes_under_the_workspace_build_folder(tiny, photos, tmp_path, monkeypatch):
+    """Without --out: build/predict/<name> of the workspace, <name> from the first INPUT (a glob: its folder)."""
+    from lpcv_depth.workspace import ENV_VAR
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    monkeypatch.setenv(ENV_VAR, os.fspath(workspace))  # --workspace would set it for the rest of the session
+    assert _predict(photos / "*.jpg", "--onnx", tiny["onnx"]) == 0
+    out = workspace / "build" / "predict" / photos.name
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(p.stem for p in photos.glob("*.jpg"))
+    assert _predict(photos / "portrait.jpg", "--onnx", tiny["onnx"], "--name", "mine") == 0
+    assert (workspace / "build" / "predict" / "mine" / "portrait.png").is_file()
