@@ -34,6 +34,7 @@ STAGE_MODULES = {
     "htp-check": "lpcv_depth.stages.htp_check",
     "hub": "lpcv_depth.stages.hub",
     "compare": "lpcv_depth.stages.compare",
+    "predict": "lpcv_depth.stages.predict",
     "run": "lpcv_depth.stages.pipeline",
     "search": "lpcv_depth.stages.search",
 }

@@ -35,10 +35,16 @@ def load_contract_image(path: str | os.PathLike) -> np.ndarray:
     """
     try:
         with Image.open(path) as img:
-            rgb = _as_rgb8(img, path)
+            return prepare_contract_image(img, path)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"cannot read image {path}: {err}",
                              hint="remove or replace the file; only readable JPG/PNG files are accepted") from err
+
+
+def prepare_contract_image(img: Image.Image, name: str | os.PathLike = "image") -> np.ndarray:
+    """A decoded picture (a photo, a video frame) as the contract input: the one preparation every
+    stage and `predict` apply, so that what predict shows is what evaluate scores."""
+    rgb = _as_rgb8(img, name)
     size = (TRACK3.width, TRACK3.height)
     if rgb.size != size:
         rgb = rgb.resize(size, Image.BILINEAR)

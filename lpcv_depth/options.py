@@ -41,14 +41,17 @@ class OptionSpec:
     cli: bool = True
     # A list field: the flag may be repeated (--share a --share b).
     repeatable: bool = False
+    # A list field given as positional words (`lpcv-depth predict a.jpg b.jpg`), one or more.
+    positional: bool = False
 
 
 def option(default: Any = MISSING, *, help: str, parse=None, format=None, choices=None, metavar=None,
-           cli: bool = True, repeatable: bool = False, default_factory: Any = MISSING) -> Any:
-    """A dataclass field that is also a command-line option."""
+           cli: bool = True, repeatable: bool = False, positional: bool = False,
+           default_factory: Any = MISSING) -> Any:
+    """A dataclass field that is also a command-line option (with `positional`, words without a flag)."""
     spec = OptionSpec(help=help, parse=parse, format=format, choices=tuple(choices) if choices else None,
                       metavar=metavar, required=default is MISSING and default_factory is MISSING, cli=cli,
-                      repeatable=repeatable)
+                      repeatable=repeatable, positional=positional)
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"option": spec})
 
 
@@ -133,6 +136,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_type: type, *, 
         converter = _parser_for(annotation, spec)
         if converter is not None:
             kwargs["type"] = converter
+        if spec.positional:
+            kwargs.pop("dest")
+            kwargs["metavar"] = spec.metavar or field.name.upper()
+            kwargs.update({"nargs": "*", "default": argparse.SUPPRESS} if given_only else {"nargs": "+"})
+            parser.add_argument(field.name, **kwargs)
+            continue
         if spec.choices:
             kwargs["choices"] = spec.choices
         if given_only:
@@ -166,7 +175,7 @@ def config_from_args(config_type: type, args: argparse.Namespace, **overrides) -
     values = {}
     for field, spec in cli_fields(config_type):
         value = getattr(args, field.name)
-        if spec.repeatable:
+        if spec.repeatable or spec.positional:
             value = tuple(value) if value else field_default(field)
         values[field.name] = value
     values.update(overrides)
@@ -196,7 +205,11 @@ def config_to_argv(config: Any, *, only_changed: bool = True) -> list[str]:
     """The command-line arguments that rebuild `config` (fields left at their default are omitted)."""
     hints = typing.get_type_hints(type(config))
     argv: list[str] = []
+    positional: list[str] = []
     for field, spec in cli_fields(type(config)):
+        if spec.positional:
+            positional += [_format_value(field, spec, item) for item in getattr(config, field.name)]
+            continue
         value = getattr(config, field.name)
         default = field_default(field)
         if only_changed and not spec.required and value == default:
@@ -214,7 +227,8 @@ def config_to_argv(config: Any, *, only_changed: bool = True) -> list[str]:
             text = _format_value(field, spec, value)
             # argparse reads a separate "-..." word as a flag: glue such a value to its own flag.
             argv += [f"{flag}={text}"] if text.startswith("-") else [flag, text]
-    return argv
+    # After "--", a word that starts with "-" is still read as a positional value.
+    return [*argv, "--", *positional] if positional else argv
 
 
 def quote_argv(argv: list[str]) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 __all__ = ["Metrics", "ExportResults", "Fidelity", "GroundTruthPair", "HostLatency", "PtqSizes", "PtqResults", "Coverage",
            "ContextBinary", "OutputComparison", "EmulationTime", "Fp16Baseline", "HtpGroundTruth", "HtpCheckResults", "HubInput", "HubJobRecord", "HubShare", "HubContract", "HubCompile",
            "HubProfile", "HubHostFidelity", "HubGroundTruth", "HubInference", "HubResults", "EvaluateGroup", "SkippedFrame", "MetricTime", "EvaluateResults", "CompareColumn", "CompareFidelity", "ComparePanel", "CompareResults",
-           "SearchTrial", "SearchResults"]
+           "SearchTrial", "SearchResults", "PredictSource", "PredictVideo", "PredictResults"]
 
 # Metric name -> value, as track3_metric names them ("fscore@0.1", "abs_rel", ...).
 Metrics = dict[str, float]
@@ -518,6 +518,46 @@ class SearchResults:
     trials: list[SearchTrial]
 
 
+@dataclass(frozen=True)
+class PredictSource:
+    """One column of predict's rows: its label, kind (model, onnx, ptq, htp, predictions), the model its
+    artifacts name (None: they do not say) and, with --save-npy, the folder of its raw outputs."""
+
+    label: str
+    kind: str
+    model: str | None
+    npy: str | None = None
+
+
+@dataclass(frozen=True)
+class PredictVideo:
+    """A video predict ran on: frames read (every --every-th, at most --max-frames), the frame rate
+    and the MP4 of its rows."""
+
+    source: str
+    codec: str
+    frames: int
+    fps: float
+    mp4: str
+
+
+@dataclass(frozen=True)
+class PredictResults:
+    """The predict command: its sources in column order, how many photos and video frames, and the
+    host's speed: `host_fps` end to end (preparing, every source, drawing, writing), `model_fps` the
+    sources' own time (host CPU or HTP emulation, not device latency)."""
+
+    sources: list[PredictSource]
+    photos: int
+    frames: int
+    pngs: int
+    difference: bool
+    colormap: str
+    host_fps: float
+    model_fps: float
+    videos: list[PredictVideo] = field(default_factory=list)
+
+
 def schema_markdown() -> str:
     """docs/results.md: every results dataclass with its fields (`python -m lpcv_depth.results`)."""
     import dataclasses
@@ -543,7 +583,7 @@ def schema_markdown() -> str:
              "(`python -m lpcv_depth.results > docs/results.md`); a test keeps them equal.", ""]
     stage_of = {"ExportResults": "export", "EvaluateResults": "evaluate", "PtqResults": "ptq",
                 "HtpCheckResults": "htp-check", "HubResults": "hub", "CompareResults": "compare",
-                "SearchResults": "search"}
+                "SearchResults": "search", "PredictResults": "predict"}
     module = sys.modules[__name__]
     for name in sorted((n for n in dir(module) if dataclasses.is_dataclass(getattr(module, n))
                         and getattr(module, n).__module__ == __name__),

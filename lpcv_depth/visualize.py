@@ -1,5 +1,6 @@
 """Figures, drawn with matplotlib (Agg canvas, imported only when a figure is drawn): side-by-side
-depth panels (RGB | GT | prediction | absolute error) and small bar charts.
+depth panels (RGB | GT | prediction | absolute error), predict's rows (RGB | each source | their
+difference, with colour bars) and small bar charts.
 
 No figure goes through pyplot: each one is a `matplotlib.figure.Figure` on its own Agg canvas, so
 drawing never depends on, or changes, a process-wide backend.
@@ -17,12 +18,18 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["colorize", "depth_comparison_panel", "BarPanel", "bar_chart", "COLORMAP"]
+__all__ = ["colorize", "depth_comparison_panel", "sources_panel", "BarPanel", "bar_chart", "COLORMAP",
+           "SOURCES_COLORMAP"]
 
 # Dark blue = near / small, dark red = far / large: ordered enough to read depth, and unambiguous
 # against the black of invalid pixels.
 COLORMAP = "turbo"
 _INVALID = (0, 0, 0)
+# predict's rows: perceptually uniform (equal steps of depth look like equal steps of colour), near
+# bright and far dark; the difference column in its own uniform map, 0 black.
+SOURCES_COLORMAP = "magma_r"
+DIFF_COLORMAP = "inferno"
+_COLOUR_BAR_PX = 34
 # Series colours (matplotlib's tab10), indexed by BarPanel.colours.
 _BAR_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 _LABEL_WIDTH = 12  # characters per line of a bar label; longer ones wrap instead of overlapping
@@ -42,11 +49,11 @@ def _matplotlib():
     return matplotlib, Figure, FigureCanvasAgg
 
 
-def colorize(values: np.ndarray, valid: np.ndarray, low: float, high: float) -> np.ndarray:
-    """(H, W, 3) uint8: `values` mapped from [low, high] through matplotlib's turbo, invalid pixels black."""
+def colorize(values: np.ndarray, valid: np.ndarray, low: float, high: float, colormap: str = COLORMAP) -> np.ndarray:
+    """(H, W, 3) uint8: `values` mapped from [low, high] through `colormap` (turbo), invalid pixels black."""
     matplotlib, _, _ = _matplotlib()
     t = np.clip((np.asarray(values, dtype=np.float64) - low) / max(high - low, 1e-12), 0.0, 1.0)
-    rgb = matplotlib.colormaps[COLORMAP](t, bytes=True)[..., :3].copy()
+    rgb = matplotlib.colormaps[colormap](t, bytes=True)[..., :3].copy()
     rgb[~np.asarray(valid, dtype=bool)] = _INVALID
     return rgb
 
@@ -87,6 +94,53 @@ def depth_comparison_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, 
         text = f"{title}  {label}" if index == 0 and title else label
         axes.text(0.01, 0.99, text, transform=axes.transAxes, va="top", ha="left", fontsize=7, color="white",
                   bbox={"facecolor": "black", "edgecolor": "none", "pad": 1.5})
+    return _render(figure, FigureCanvasAgg)
+
+
+def _tile_axes(figure, index: int, count: int, bottom: float, pixels: np.ndarray, label: str):
+    axes = figure.add_axes((index / count, bottom, 1.0 / count, 1.0 - bottom))
+    axes.imshow(pixels, interpolation="antialiased", aspect="auto")
+    axes.set_axis_off()
+    axes.text(0.01, 0.99, label, transform=axes.transAxes, va="top", ha="left", fontsize=7, color="white",
+              bbox={"facecolor": "black", "edgecolor": "none", "pad": 1.5})
+    return axes
+
+
+def _colour_bar(figure, first: int, last: int, count: int, height: float, colormap: str, low: float,
+                high: float) -> None:
+    """A horizontal colour bar under tiles first..last (inclusive), in figure fractions."""
+    matplotlib, _, _ = _matplotlib()
+    margin = 0.08 / count
+    axes = figure.add_axes((first / count + margin, height * 0.55, (last - first + 1) / count - 2 * margin,
+                            height * 0.3))
+    mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(low, high),
+                                            cmap=matplotlib.colormaps[colormap])
+    bar = figure.colorbar(mappable, cax=axes, orientation="horizontal")
+    bar.ax.tick_params(labelsize=6, length=2, pad=1)
+
+
+def sources_panel(image: np.ndarray, columns: list[tuple[str, np.ndarray]], low: float, high: float,
+                  difference: tuple[str, np.ndarray, float] | None = None, title: str = "",
+                  scale: float = 0.5) -> "Image.Image":
+    """One row (a PIL image): RGB, each source's (H, W) depth in one colour range [low, high] with one
+    colour bar under them all, then the optional (label, |a - b|, top of its range) column with its own
+    bar. Every tile is `scale` times the input size; the width is tiles x tile width exactly."""
+    _, Figure, FigureCanvasAgg = _matplotlib()
+    tiles = [(f"{title}  RGB" if title else "RGB", np.clip(image, 0, 255).transpose(1, 2, 0).round().astype(np.uint8))]
+    tiles += [(label, colorize(depth, np.ones(depth.shape, bool), low, high, SOURCES_COLORMAP))
+              for label, depth in columns]
+    if difference is not None:
+        label, values, top = difference
+        tiles.append((label, colorize(values, np.ones(values.shape, bool), 0.0, top, DIFF_COLORMAP)))
+    height, width = image.shape[1:]
+    tile_w, tile_h = max(2, round(width * scale)), max(2, round(height * scale))
+    figure = Figure(figsize=(tile_w * len(tiles) / _DPI, (tile_h + _COLOUR_BAR_PX) / _DPI), dpi=_DPI)
+    bar = _COLOUR_BAR_PX / (tile_h + _COLOUR_BAR_PX)
+    for index, (label, pixels) in enumerate(tiles):
+        _tile_axes(figure, index, len(tiles), bar, pixels, label)
+    _colour_bar(figure, 1, len(columns), len(tiles), bar, SOURCES_COLORMAP, low, high)
+    if difference is not None:
+        _colour_bar(figure, len(tiles) - 1, len(tiles) - 1, len(tiles), bar, DIFF_COLORMAP, 0.0, difference[2])
     return _render(figure, FigureCanvasAgg)
 
 

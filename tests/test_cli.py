@@ -60,6 +60,11 @@ STAGE_VALUES = {
                "export_args": "--opset 18", "htp_check_args": "--fp16-baseline", "hub_args": "--no-profile",
                "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "input_name": "x", "output_name": "y",
                "onnx": REPO_ROOT / "my_net.onnx"},
+    # INPUT is positional: a word that starts with "-" must still come back as an input.
+    "predict": {"input": (Path("a.jpg"), Path("-odd name.mp4")), "model": "fastdepth", "weights": "my.pth",
+                "output": "disparity", "onnx": (Path("a.onnx"), Path("b.onnx")), "ptq": (Path("p1"), Path("p2")),
+                "htp": (Path("p1"),), "predictions": (Path("saved"),), "soc_model": "43", "htp_arch": "73",
+                "name": "mine", "out": None},
 }
 
 
@@ -84,9 +89,9 @@ def test_every_flag_round_trips_to_its_config_field(stage, tmp_path, calibration
     parsed = config_from_args(definition.config, parser.parse_args(argv))
     assert parsed == config, f"{stage}: {argv}"
     help_text = parser.format_help()
-    for field, _ in fields:
-        # The flag is the field name, and so is the manifest's config key.
-        assert flag_name(field.name) in help_text
+    for field, spec in fields:
+        # The flag is the field name (a positional's metavar), and so is the manifest's config key.
+        assert (spec.metavar or field.name.upper() if spec.positional else flag_name(field.name)) in help_text
         assert field.name in config.as_dict()
 
 
@@ -123,8 +128,9 @@ def test_every_subcommand_is_generated_and_documented():
     for name, sub in subcommands.choices.items():
         definition = cli.stage_definition(name)
         page = (docs / f"{name}.md").read_text()
-        for field, _ in cli_fields(definition.config):
-            assert flag_name(field.name) in page, f"docs/{name}.md does not document {flag_name(field.name)}"
+        for field, spec in cli_fields(definition.config):
+            word = (spec.metavar or field.name.upper()) if spec.positional else flag_name(field.name)
+            assert word in page, f"docs/{name}.md does not document {word}"
 
 
 def test_bad_flag_value_exits_2_with_the_reason(capsys):

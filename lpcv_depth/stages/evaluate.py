@@ -39,7 +39,7 @@ from lpcv_depth.rgbd import DatasetError, Frame, FrameError, GroundTruth, datase
 from lpcv_depth.schema import to_json
 from lpcv_depth.gates import Gate, enforce_gates
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
-from lpcv_depth.stages.export import ONNX_NAME, parse_weights
+from lpcv_depth.stages.export import ONNX_NAME, parse_weights, weights_path
 from lpcv_depth.track3_metric import (DEPTH_METRICS, F_THRESHOLDS_M, FSCORE, GRIDS, MEDIAN_MODES, OFFICIAL_K,
                                       POINT_METRICS, ceiling_fscore, evaluation_masks, fscore_key, mean_metrics,
                                       score_frame)
@@ -136,9 +136,7 @@ class EvaluateConfig:
     @property
     def weights_file(self) -> Path | None:
         """The local weights file, when --model runs with one (--out must never replace it)."""
-        if self.model is None or self.weights in (None, "hf", "default"):
-            return None
-        return Path(self.weights)
+        return weights_path(self.weights) if self.model is not None else None
 
     @property
     def inputs(self) -> list[Path | None]:

@@ -33,7 +33,7 @@ from lpcv_depth.verify import (OrtRunner, ParityThresholds, check_onnx_io, check
                                sqnr_db)
 from lpcv_depth.workspace import build_dir, in_workspace
 
-__all__ = ["ExportConfig", "ExportOutput", "run_export", "count_macs", "DEFAULT_MODEL",
+__all__ = ["ExportConfig", "ExportOutput", "run_export", "count_macs", "DEFAULT_MODEL", "weights_path",
            "DEFAULT_CHECK_IMAGES", "ONNX_ONLY_OPTIONS", "OnnxFileOptions"]
 
 STAGE = "export"
@@ -48,6 +48,11 @@ ONNX_NAME = "model.onnx"
 def parse_weights(text: str) -> str | None:
     """--weights: the word None (any case) asks for random init; anything else passes through."""
     return None if text.lower() == "none" else text
+
+
+def weights_path(weights: str | None) -> Path | None:
+    """The local file a --weights value names; None for 'hf', 'default' and random init."""
+    return None if weights in (None, "hf", "default") else Path(weights)
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,7 @@ class ExportConfig:
     @property
     def weights_file(self) -> Path | None:
         """The local weights file, when --weights names one (--out must never replace it)."""
-        return None if self.weights in (None, "hf", "default") else Path(self.weights)
+        return weights_path(self.weights)
 
     @property
     def destination(self) -> Path:
