@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lpcv_depth.contract import TRACK3
 from lpcv_depth.errors import LpcvError
@@ -27,15 +27,17 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def load_contract_image(path: str | os.PathLike) -> np.ndarray:
+def load_contract_image(path: str | os.PathLike, *, upright: bool = True) -> np.ndarray:
     """One image as the contract input: float32 (3, 480, 640), RGB, values in [0, 255].
 
     Other sizes are resized (bilinear) to 640x480 without cropping; intrinsics must be scaled the
-    same way (fx * 640 / W, fy * 480 / H), which is what the RGB-D readers do.
+    same way (fx * 640 / W, fy * 480 / H), which is what the RGB-D readers do. `upright` turns a
+    photo by its EXIF orientation tag, as a phone's gallery shows it; an RGB-D frame's colour image
+    is read as stored (upright=False), because its depth map is aligned with the stored pixels.
     """
     try:
         with Image.open(path) as img:
-            return prepare_contract_image(img, path)
+            return prepare_contract_image(ImageOps.exif_transpose(img) if upright else img, path)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"cannot read image {path}: {err}",
                              hint="remove or replace the file; only readable JPG/PNG files are accepted") from err

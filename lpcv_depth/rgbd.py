@@ -86,7 +86,7 @@ class Frame:
     def load_image(self) -> np.ndarray:
         """The RGB as the contract input: float32 (3, 480, 640) in [0, 255]."""
         try:
-            return load_contract_image(self._require(self.rgb_path, "RGB image"))
+            return load_contract_image(self._require(self.rgb_path, "RGB image"), upright=False)
         except ImageReadError as err:
             raise FrameError(f"{self.name}: {err}") from err
 

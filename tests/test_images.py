@@ -75,3 +75,31 @@ def test_unknown_range_images_are_refused(tmp_path):
     with pytest.raises(ImageReadError, match="range is unknown") as excinfo:
         load_contract_image(path)
     assert "fix:" in str(excinfo.value)
+
+
+def test_a_phone_photo_is_read_upright_and_an_rgbd_frame_as_stored(tmp_path):
+    # A phone stores a portrait photo as landscape pixels plus EXIF orientation 6 (turn 90 degrees clockwise).
+    stored = np.zeros((480, 640, 3), np.uint8)
+    stored[:, :320] = 255  # the left half is white as stored; upright, the top half is
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "portrait.jpg"
+    Image.fromarray(stored).save(photo, exif=exif.tobytes(), quality=95)
+
+    upright = load_contract_image(photo)
+    assert upright.shape == (3, 480, 640)
+    assert upright[:, :200].mean() > 200 and upright[:, 280:].mean() < 50
+
+    as_stored = load_contract_image(photo, upright=False)
+    assert as_stored[:, :, :300].mean() > 200 and as_stored[:, :, 340:].mean() < 50
+
+    from lpcv_depth.rgbd import load_rgbd_dataset
+
+    dataset = tmp_path / "set"
+    (dataset / "rgb").mkdir(parents=True)
+    (dataset / "depth").mkdir()
+    (dataset / "meta.json").write_text('{"source": "test", "intrinsics": null}')
+    Image.fromarray(stored).save(dataset / "rgb" / "f0.jpg", exif=exif.tobytes(), quality=95)
+    Image.fromarray(np.full((480, 640), 1500, np.uint16)).save(dataset / "depth" / "f0.png")
+    [frame] = load_rgbd_dataset(dataset)
+    np.testing.assert_array_equal(frame.load_image(), load_contract_image(dataset / "rgb" / "f0.jpg", upright=False))
