@@ -170,7 +170,7 @@ class HubPlan:
 
     @cached_property
     def model_compile_options(self) -> str:
-        """What the model's spec adds to every compile (ModelSpec.hub_compile_options)."""
+        """What the model's spec adds to the compile of this artifact (ModelSpec.hub_options_for its preset)."""
         name = self.artifact.model_name
         if not self.compiles or name is None:
             return ""
@@ -179,7 +179,7 @@ class HubPlan:
         # A model given by factory reference is registered under no name: its export's --model finds it.
         for model in dict.fromkeys((name, exported_model(self.artifact.source_dir))):
             try:
-                return get_spec(model).hub_compile_options if model else ""
+                return get_spec(model).hub_options_for(self.artifact.preset) if model else ""
             except UnknownModelError:  # an .aimet folder named after an unregistered model
                 continue
         return ""

@@ -45,6 +45,7 @@ class HubArtifact:
     # htp-check context binary's companion EPContext model); None: ask AI Hub after the upload.
     io_onnx: Path | None = None
     qnn_sdk_version: str | None = None  # the QNN that built a local context binary (htp-check manifest)
+    preset: str | None = None  # the ptq preset an AIMET artifact was quantized with (its manifest)
 
     @property
     def compilable(self) -> bool:
@@ -112,7 +113,8 @@ def _ptq_artifact(folder: Path) -> HubArtifact:
     manifest = Manifest.read(folder, stage="ptq", flag="artifact")
     aimet = _single_aimet_dir(folder)
     _check_aimet_dir(aimet)
-    return HubArtifact("ptq", aimet, "int8", _ptq_label(manifest), aimet.stem, folder, _existing(folder / QDQ_ONNX))
+    return HubArtifact("ptq", aimet, "int8", _ptq_label(manifest), aimet.stem, folder, _existing(folder / QDQ_ONNX),
+                       preset=manifest.config.get("preset"))
 
 
 def _htp_check_artifact(folder: Path) -> HubArtifact:
@@ -134,9 +136,10 @@ def _htp_check_artifact(folder: Path) -> HubArtifact:
 def _aimet_artifact(folder: Path) -> HubArtifact:
     _check_aimet_dir(folder)
     in_ptq = stage_of(folder.parent) == "ptq"
-    label = _ptq_label(Manifest.read(folder.parent, stage="ptq", flag="artifact")) if in_ptq else folder.stem
-    return HubArtifact("aimet", folder, "int8", label, folder.stem, folder.parent if in_ptq else None,
-                       _existing(folder.parent / QDQ_ONNX))
+    manifest = Manifest.read(folder.parent, stage="ptq", flag="artifact") if in_ptq else None
+    return HubArtifact("aimet", folder, "int8", _ptq_label(manifest) if manifest else folder.stem, folder.stem,
+                       folder.parent if in_ptq else None, _existing(folder.parent / QDQ_ONNX),
+                       preset=manifest.config.get("preset") if manifest else None)
 
 
 def exported_model(folder: Path | None) -> str | None:
