@@ -103,7 +103,7 @@ def main() -> int:
     print(json.dumps({"qnn": backend.describe(), "forms": rows}, indent=1))
     print(markdown_table(["activations", "weights", "granularity", "out ch", "HTP", "max |HTP - CPU| (steps)",
                           "max |HTP - unsigned nibbles| (steps)"],
-                         [[r["activations"], r["weights"], r["granularity"], r["out_channels"], r["htp"],
+                         [[r["activations"], r["weights"], r["granularity"], str(r["out_channels"]), r["htp"],
                            r.get("max_steps_vs_cpu", r.get("reason")), r.get("max_steps_vs_unsigned_nibbles", "-")]
                           for r in rows]))
     return 0

@@ -450,6 +450,7 @@ def _check_4bit_weights(result, activation_zero_point):
     out = OrtRunner(result.qdq_onnx).run(image)
     assert out.shape == (1, 1, 480, 640) and np.isfinite(out).all()
     assert result.results.qdq_vs_aimet_sim["sqnr_db"] > 25
+    assert "Weights kept int8 in this 4-bit preset (--int8-weights first-last)" in (result.out_dir / "report.md").read_text()
 
 
 def test_w4a8_exports_int4_weights_that_onnx_runtime_runs(fastdepth_w4a8):
