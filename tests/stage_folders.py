@@ -82,7 +82,8 @@ def make_ptq_folder(export_dir: Path, out: Path, calibration: list[Path], *, eva
 
 
 def make_htp_check_folder(ptq_dir: Path, out: Path, binary: bytes = b"QNN context binary" * 100, *,
-                          qnn_sdk_version: str = "2.51.0", companion_io: tuple | None = None) -> Path:
+                          qnn_sdk_version: str = "2.51.0", companion_io: tuple | None = None,
+                          model: dict | None = None) -> Path:
     """A folder laid out like the htp-check stage's, without onnxruntime-qnn: a stand-in context binary
     and a manifest whose typed results (HtpCheckResults) describe it. The binary is not listed among
     the manifest's outputs, so a test may delete it and see the hub stage's own check.
@@ -105,7 +106,7 @@ def make_htp_check_folder(ptq_dir: Path, out: Path, binary: bytes = b"QNN contex
                             io="float32 in, float32 out",
                             build_note="fake", ai_hub="fake")
     results = HtpCheckResults(target={"htp_arch": "75", "soc_model": "57"}, emulation_note="fake", warnings=[],
-                              qnn={}, model={}, coverage=coverage, emulation_time={}, numerics={},
+                              qnn={}, model=model or {}, coverage=coverage, emulation_time={}, numerics={},
                               context_binary=context)
     write_manifest(out, stage="htp-check", config={"ptq": os.fspath(ptq_dir), "destination": os.fspath(out)},
                    inputs={}, outputs=[], timings={}, results=results)

@@ -942,6 +942,12 @@ def test_a_4bit_preset_compiles_with_the_models_options_for_it(hub, fp32_export,
     assert hub.submitted[-1][2] == "--target_runtime qnn_context_binary --truncate_64bit_io"
 
 
+def test_a_context_binary_of_4bit_weights_is_said_to_hold_them_as_int8(hub, int8_ptq, tmp_path, capsys):
+    htp = make_htp_check_folder(int8_ptq, tmp_path / "htp-check", model={"int4_weights": 36})
+    run_hub(_config(htp, tmp_path / "hub", inference=False))
+    assert "holds the 36 4-bit weights of its model in INT8 storage" in capsys.readouterr().out
+
+
 def test_docs_flag_table_lists_every_option():
     from lpcv_depth.options import cli_fields, flag_name
 

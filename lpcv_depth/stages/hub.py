@@ -309,6 +309,10 @@ def _note_options(plan: HubPlan, log: StageLog) -> None:
     if config.quantize_io and not plan.quantize_io_applies:
         why = "a float model has no quantized I/O" if plan.compiles else "nothing is compiled"
         log.info(f"--quantize-io not applied to {artifact.label}: {why}")
+    if artifact.int4_weights_as_int8:
+        log.warn(f"{artifact.upload.name} holds the {artifact.int4_weights_as_int8} 4-bit weights of its model in INT8 "
+                 "storage (htp-check's emulator form): its profile measures 8-bit-weight kernels. For the 4-bit "
+                 "model on the phone, send the ptq folder (its .aimet encodings)")
     if plan.qairt_version is not None:
         log.info(f"context binary built with QNN {artifact.qnn_sdk_version}: its jobs run on --qairt_version "
                  f"{plan.qairt_version} (from the htp-check manifest)")
