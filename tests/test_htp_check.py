@@ -532,6 +532,6 @@ def test_fastdepth_w4a8_runs_fully_on_the_htp(fastdepth_w4a8, tmp_path):
                                           out=tmp_path / "htp")).results
     coverage = report.coverage
     assert coverage.full_htp, f"on the CPU: {coverage.cpu_op_types}; refused: {coverage.refused}"
-    assert report.model["int4_weights"] == 36 and report.model["int4_weights_compiled_as"].startswith("int8 storage")
+    assert report.model["int4_weights"] == 38 and report.model["int4_weights_compiled_as"].startswith("int8 storage")
     assert any("reads signed INT4 weights as unsigned" in warning for warning in report.warnings)
     assert report.numerics["htp_vs_int8_cpu"].sqnr_db > 20.0

@@ -108,8 +108,8 @@ class PtqConfig:
     output_tail_bits: int = option(16, choices=(8, 16),
                                    help="bits of the activations from the input of the last conv to the output "
                                         "(min-max calibrated); 8 makes every activation int8")
-    # Set by measurement on FastDepth (docs/ptq.md, "4-bit weights").
-    int8_weights: str = option("first-last", choices=INT8_WEIGHT_CHOICES,
+    # Measured on FastDepth: keeping them bought nothing there (docs/ptq.md, "4-bit weights").
+    int8_weights: str = option("none", choices=INT8_WEIGHT_CHOICES,
                                help="4-bit presets: the weighted layers whose weights stay int8 (first: the conv "
                                     "on the raw image; last: the layer that writes the depth map)")
     mixed_max_drop: float = option(1.0, help="mixed preset: keep a layer 16-bit if its 8-bit activations cost more "
