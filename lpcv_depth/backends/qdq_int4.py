@@ -3,8 +3,9 @@
 The ptq stage's `model_qdq.onnx` of a 4-bit preset stores its weights as INT4 (opset 21), which
 ONNX Runtime's CPU kernels run as written. onnxruntime-qnn 2.7.0 (QNN 2.51) does not: it reads a
 signed INT4 weight as unsigned (a weight of -1 computes as 15), so the HTP's outputs are unrelated
-to the model's, and it refuses a per-tensor INT4 conv weight with a bias altogether ("Unsupported
-weight quantization encoding for bias quantization"), failing the whole build (measured:
+to the model's, and it refused FastDepth's head conv (a per-tensor INT4 weight with its zero point,
+16-bit input) with "Unsupported weight quantization encoding for bias quantization", failing the
+whole build (measured:
 docs/htp-check.md, "4-bit weights"; `python benchmarks/htp_int4_bench.py`). The same values held in
 INT8 storage run right: the HTP then computes an 8-bit-weight op whose weights take only the 16
 values of the 4-bit grid, which is the 4-bit model's arithmetic.
@@ -19,8 +20,8 @@ __all__ = ["int4_weight_count", "with_int8_storage", "INT4_EMULATION_NOTE"]
 
 INT4_EMULATION_NOTE = (
     "the QDQ model has {count} 4-bit weight tensor(s) (INT4 DequantizeLinear); onnxruntime-qnn {version}'s HTP reads "
-    "signed INT4 weights as unsigned (outputs unrelated to the model's) and refuses a per-tensor INT4 conv weight "
-    "with a bias ('Unsupported weight quantization encoding for bias quantization'), so the check compiles and runs "
+    "signed INT4 weights as unsigned (outputs unrelated to the model's) and can refuse a per-tensor INT4 conv weight "
+    "('Unsupported weight quantization encoding for bias quantization'), so the check compiles and runs "
     "the same weight values stored as INT8 (the 4-bit model's arithmetic; see docs/htp-check.md, '4-bit weights'). "
     "AI Hub compiles the 4-bit encodings of the .aimet artifact, not this model.")
 
