@@ -87,7 +87,7 @@ class PtqResults:
     """What the ptq stage measured: `results` of its manifest (and the body of its report.json).
 
     techniques: what each float/rounding technique did, by name (the model's own rewrite, e.g.
-    {"layer_scale_fold": {"folded": 24}}, then bn_fold, cle, output_tail, seq_mse when they ran).
+    {"layer_scale_fold": {"folded": 24}}, then bn_fold, cle, output_tail, weights_kept_8bit, seq_mse when they ran).
     ablation (AdaRound/SeqMSE against nearest rounding) and mixed_precision (the mixed preset's
     per-layer sensitivity) are None when those did not run; ground_truth without --eval-data."""
 

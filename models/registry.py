@@ -11,6 +11,11 @@ from torch import nn
 
 from lpcv_depth.errors import ConfigError
 
+# AI Hub takes an AIMET model's bit widths from its .encodings (4 for the weights of the 4-bit presets);
+# --quantize_full_type names the preset for whatever the encodings leave out, as qai-hub-models compiles
+# its own precompiled AIMET models (docs/hub.md, "4-bit weights").
+PRESET_HUB_COMPILE_OPTIONS = {"w4a8": "--quantize_full_type w4a8", "w4a16": "--quantize_full_type w4a16"}
+
 NativeOutput = Literal["depth", "disparity"]
 
 
@@ -37,6 +42,9 @@ class ModelSpec:
     prepare_for_quantization: the model's own float rewrite before PTQ (DA-V2 folds its LayerScales),
                   called with the wrapped model; returns what it changed, for the PTQ report.
     hub_compile_options: AI Hub compile options this model needs beyond the hub stage's own.
+    hub_preset_compile_options: more AI Hub compile options for the AIMET artifact of one ptq preset
+                  (preset -> options); by default the 4-bit presets name their type (see
+                  PRESET_HUB_COMPILE_OPTIONS). `hub_options_for(preset)` gives what a compile gets.
     """
 
     name: str
@@ -58,6 +66,7 @@ class ModelSpec:
     output_semantics: str = ""
     prepare_for_quantization: Callable[[nn.Module], dict] | None = None
     hub_compile_options: str = ""
+    hub_preset_compile_options: dict[str, str] = field(default_factory=lambda: dict(PRESET_HUB_COMPILE_OPTIONS))
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -76,6 +85,11 @@ class ModelSpec:
                 hint=f"e.g. {self.native_input_size[0]}x{self.native_input_size[1]} (the native size)")
         return height, width
 
+    def hub_options_for(self, preset: str | None) -> str:
+        """The model's AI Hub compile options for an artifact of `preset` (None: not a ptq artifact)."""
+        return " ".join(part for part in (self.hub_compile_options,
+                                          self.hub_preset_compile_options.get(preset or "", "")) if part)
+
     def metadata(self) -> dict:
         """JSON-friendly description for manifests and `--list`."""
         return {
@@ -93,6 +107,7 @@ class ModelSpec:
             "max_depth": self.max_depth,
             "output_semantics": self.output_semantics or self.native_output,
             "hub_compile_options": self.hub_compile_options,
+            "hub_preset_compile_options": dict(self.hub_preset_compile_options),
         }
 
 

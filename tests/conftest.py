@@ -69,3 +69,13 @@ def fastdepth_w8a8(fastdepth_export, calib_subset, tmp_path_factory, rgbd_dir):
 
     out = tmp_path_factory.mktemp("ptq") / "w8a8"
     return run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, out, eval_data=rgbd_dir / "kinect_home"))
+
+
+@pytest.fixture(scope="session")
+def fastdepth_w4a8(fastdepth_export, calib_subset, tmp_path_factory):
+    """FastDepth w4a8 through AIMET once per test run, shared by the PTQ and HTP checks of 4-bit weights."""
+    pytest.importorskip("aimet_torch", reason="aimet-torch (the quant extra) is not installed")
+    from lpcv_depth.stages.ptq import run_ptq
+
+    out = tmp_path_factory.mktemp("ptq") / "w4a8"
+    return run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, out, preset="w4a8", latency_runs=0))

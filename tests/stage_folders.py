@@ -26,7 +26,8 @@ def write_client_ini(folder: Path, *, token: str | None = "fake-token", api_url:
     return path
 
 
-def make_ptq_folder(export_dir: Path, out: Path, calibration: list[Path], *, eval_metrics: dict | None = None) -> Path:
+def make_ptq_folder(export_dir: Path, out: Path, calibration: list[Path], *, eval_metrics: dict | None = None,
+                    preset: str = "w8a8") -> Path:
     """A folder laid out like quantize/ptq.py's, without AIMET: `<model>.aimet/` (the float ONNX plus an
     encodings file), a real int8 `model_qdq.onnx` from ONNX Runtime's static quantizer, measured
     int8-vs-fp32 figures, and manifest.json last."""
@@ -60,7 +61,7 @@ def make_ptq_folder(export_dir: Path, out: Path, calibration: list[Path], *, eva
     fp32_runner, int8_runner = OrtRunner(fp32_onnx, threads=1), OrtRunner(qdq, threads=1)
     fp32_out, int8_out = fp32_runner.run(images), int8_runner.run(images)
     results = {
-        "preset": "w8a8",
+        "preset": preset,
         "int8_vs_fp32": {"sqnr_db": sqnr_db(fp32_out, int8_out),
                          "max_abs_diff": float(np.max(np.abs(fp32_out - int8_out))), "holdout_images": len(images)},
         "host_latency_ms": {"fp32": fp32_runner.median_latency_ms(images[:1], 2),
@@ -72,7 +73,7 @@ def make_ptq_folder(export_dir: Path, out: Path, calibration: list[Path], *, eva
     if eval_metrics is not None:
         results["ground_truth"] = eval_metrics
     np.savez_compressed(out / "holdout_outputs.npz", fp32=fp32_out, int8_qdq=int8_out)
-    config = {"fp32": os.fspath(export_dir), "preset": "w8a8", "destination": os.fspath(out)}
+    config = {"fp32": os.fspath(export_dir), "preset": preset, "destination": os.fspath(out)}
     inputs = {"fp32_onnx": {"path": os.fspath(fp32_onnx), "sha256": sha256_file(fp32_onnx)}}
     write_manifest(out, stage="ptq", config=config, inputs=inputs,
                    outputs=[aimet / f"{name}.onnx", aimet / f"{name}.encodings", qdq],
@@ -81,7 +82,8 @@ def make_ptq_folder(export_dir: Path, out: Path, calibration: list[Path], *, eva
 
 
 def make_htp_check_folder(ptq_dir: Path, out: Path, binary: bytes = b"QNN context binary" * 100, *,
-                          qnn_sdk_version: str = "2.51.0", companion_io: tuple | None = None) -> Path:
+                          qnn_sdk_version: str = "2.51.0", companion_io: tuple | None = None,
+                          model: dict | None = None) -> Path:
     """A folder laid out like the htp-check stage's, without onnxruntime-qnn: a stand-in context binary
     and a manifest whose typed results (HtpCheckResults) describe it. The binary is not listed among
     the manifest's outputs, so a test may delete it and see the hub stage's own check.
@@ -104,7 +106,7 @@ def make_htp_check_folder(ptq_dir: Path, out: Path, binary: bytes = b"QNN contex
                             io="float32 in, float32 out",
                             build_note="fake", ai_hub="fake")
     results = HtpCheckResults(target={"htp_arch": "75", "soc_model": "57"}, emulation_note="fake", warnings=[],
-                              qnn={}, model={}, coverage=coverage, emulation_time={}, numerics={},
+                              qnn={}, model=model or {}, coverage=coverage, emulation_time={}, numerics={},
                               context_binary=context)
     write_manifest(out, stage="htp-check", config={"ptq": os.fspath(ptq_dir), "destination": os.fspath(out)},
                    inputs={}, outputs=[], timings={}, results=results)

@@ -922,6 +922,32 @@ def test_the_models_own_compile_options_are_added_and_recorded(hub, fp32_export,
     assert manifest["results"]["compile"]["options"] == options
 
 
+def test_a_4bit_preset_compiles_with_the_models_options_for_it(hub, fp32_export, calibration_dir, tmp_path,
+                                                                monkeypatch):
+    import lpcv_depth.models as models
+
+    ptq = make_ptq_folder(fp32_export, tmp_path / "ptq-w4a8", list_images(calibration_dir)[:2], preset="w4a8")
+    result = run_hub(_config(ptq, tmp_path / "hub", profile=False))
+    options = "--target_runtime qnn_context_binary --quantize_full_type w4a8"
+    assert hub.submitted[0][2] == options and result.results.compile.options == options
+    assert result.results.compile.model_options == "--quantize_full_type w4a8"
+    # The .aimet folder itself: the preset is read from the ptq folder around it.
+    run_hub(_config(ptq / "fastdepth.aimet", tmp_path / "hub-aimet", profile=False, compile_options="--quantize_io"))
+    assert hub.submitted[-1][2] == options + " --quantize_io"
+    # The options are the model's: a spec that wants none for w4a8 sends none.
+    real = models.get_spec
+    monkeypatch.setattr(models, "get_spec", lambda name: dataclasses.replace(
+        real(name), hub_compile_options="--truncate_64bit_io", hub_preset_compile_options={}))
+    run_hub(_config(ptq, tmp_path / "hub-own", profile=False))
+    assert hub.submitted[-1][2] == "--target_runtime qnn_context_binary --truncate_64bit_io"
+
+
+def test_a_context_binary_of_4bit_weights_is_said_to_hold_them_as_int8(hub, int8_ptq, tmp_path, capsys):
+    htp = make_htp_check_folder(int8_ptq, tmp_path / "htp-check", model={"int4_weights": 36})
+    run_hub(_config(htp, tmp_path / "hub", inference=False))
+    assert "holds the 36 4-bit weights of its model in INT8 storage" in capsys.readouterr().out
+
+
 def test_docs_flag_table_lists_every_option():
     from lpcv_depth.options import cli_fields, flag_name
 

@@ -65,6 +65,7 @@ QDQ_CASES = {  # (qmin, qmax, offset, scale): AIMET's encodings as its quantizer
     "uint8-asymmetric": (0, 255, -117.0, 0.0123),
     "softmax-fixed": (0, 255, 0.0, 1 / 255),
     "int8-symmetric": (-128, 127, 0.0, 0.031),
+    "int4-symmetric": (-8, 7, 0.0, 0.21),  # the 4-bit presets' per-tensor weights (a one-channel conv)
     "uint16-asymmetric": (0, 65535, -30001.0, 1.3e-4),
 }
 
@@ -336,8 +337,9 @@ def test_a_batch_inside_the_histograms_range_skips_the_merge(monkeypatch):
     assert merges == [1]
 
 
+@pytest.mark.parametrize("num_steps", [254, 14])  # symmetric 8-bit and 4-bit weights
 @pytest.mark.parametrize("shape", [(16, 24), (12, 3, 3, 3)])
-def test_fast_tf_enhanced_weight_encodings_are_aimets(shape):
+def test_fast_tf_enhanced_weight_encodings_are_aimets(shape, num_steps):
     """Per-output-channel weight histograms come from one vectorized pass with histc's own bin
     arithmetic, and must be AIMET's bit for bit; the second search on the same statistics (AIMET's
     per-batch encoding, then the final one) is served from the first."""
@@ -356,8 +358,9 @@ def test_fast_tf_enhanced_weight_encodings_are_aimets(shape):
     for want, got in zip(theirs, ours):
         for name in ("histogram", "bin_edges", "min", "max"):
             assert torch.equal(getattr(want, name), getattr(got, name)), name
-    first = fast.compute_encodings_from_stats(ours, 254, True)
-    for want, got, again in zip(aimet.compute_encodings(254, True), fast.compute_encodings(254, True), first):
+    first = fast.compute_encodings_from_stats(ours, num_steps, True)
+    for want, got, again in zip(aimet.compute_encodings(num_steps, True), fast.compute_encodings(num_steps, True),
+                                first):
         assert torch.equal(want, got) and torch.equal(want, again)
 
 

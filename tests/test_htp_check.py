@@ -470,3 +470,68 @@ def test_saved_outputs_are_used_only_when_they_cover_every_checked_image(tmp_pat
     assert _saved_outputs(ptq, 3) == {}
     saved = _saved_outputs(ptq, 1)
     assert set(saved) == {"fp32", "aimet_sim"} and all(np.array_equal(saved[n], outputs[n][:1]) for n in outputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-bit weights
+
+
+def _int4_conv(path):
+    """x -> Q/DQ (uint8) -> Conv with per-channel INT4 weights (-8..7, many negative) -> Q/DQ -> y, opset 21."""
+    rng = np.random.default_rng(0)
+    weights = rng.integers(-8, 8, (16, 8, 3, 3)).astype(np.int8)
+    scale = np.full(16, 0.02, np.float32)
+    initializers = [numpy_helper.from_array(np.array(4 / 255, np.float32), "s"),
+                    numpy_helper.from_array(np.array(128, np.uint8), "zp"),
+                    helper.make_tensor("w_q", TensorProto.INT4, weights.shape, weights.flatten().tolist()),
+                    numpy_helper.from_array(scale, "w_s")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["c", "s", "zp"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "s", "zp"], ["y"])]
+    graph = helper.make_graph(nodes, "int4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, path)
+    return path
+
+
+def test_the_emulator_misreads_int4_weights_and_computes_their_int8_storage_right(tmp_path):
+    """Why htp-check compiles 4-bit weights as INT8 storage (docs/htp-check.md, "4-bit weights"); if a newer
+    onnxruntime-qnn computes INT4 right, this fails and the widening can go."""
+    import onnxruntime as ort
+
+    from lpcv_depth.backends.qdq_int4 import int4_weight_count, with_int8_storage
+
+    int4 = _int4_conv(tmp_path / "int4.onnx")
+    int8 = tmp_path / "int8_storage.onnx"
+    assert int4_weight_count(int4) == 1 and with_int8_storage(int4, int8) == 1 and int4_weight_count(int8) == 0
+    x = np.random.default_rng(1).uniform(-2, 2, (1, 8, 16, 16)).astype(np.float32)
+    options = ort.SessionOptions()  # basic optimizations: Q/DQ stay separate, as the stages' CPU reference runs
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    cpu, widened_cpu = (ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                        for path in (int4, int8))
+    assert np.array_equal(cpu, widened_cpu), "the widened model must be the same model"
+    backend, target = qnn.import_qnn(), qnn.HtpTarget(soc_model=qnn.SM8650, htp_arch="75")
+    step = 4 / 255
+    with qnn.native_stderr():
+        misread = qnn.HtpSession(int4, backend, target, cpu_fallback=False).run(x)
+        right = qnn.HtpSession(int8, backend, target, cpu_fallback=False).run(x)
+    # Measured: INT4 off by the whole output range; INT8 storage within 2 steps (the HTP's own rounding).
+    assert np.abs(misread - cpu).max() > 50 * step
+    assert np.abs(right - cpu).max() <= 4 * step
+
+
+def test_fastdepth_w4a8_runs_fully_on_the_htp(fastdepth_w4a8, tmp_path):
+    """The w4a8 PTQ (conftest, shared with test_ptq.py): coverage, and the HTP near ONNX Runtime's CPU
+    QDQ on one held-out image (measured 28 dB on the full ptq: docs/htp-check.md)."""
+    report = run_htp_check(HtpCheckConfig(ptq=fastdepth_w4a8.out_dir, max_frames=1, fp16_baseline=False,
+                                          out=tmp_path / "htp")).results
+    coverage = report.coverage
+    assert coverage.full_htp, f"on the CPU: {coverage.cpu_op_types}; refused: {coverage.refused}"
+    assert report.model["int4_weights"] == 38 and report.model["int4_weights_compiled_as"].startswith("int8 storage")
+    assert any("reads signed INT4 weights as unsigned" in warning for warning in report.warnings)
+    assert report.numerics["htp_vs_int8_cpu"].sqnr_db > 20.0

@@ -410,3 +410,64 @@ def test_int8_fidelity_keeps_its_figures_through_the_shared_helper():
     exact = output_fidelity(fp32, int8, fscore=False, float64_diff=True)
     assert exact.max_abs_diff == float(np.max(np.abs(fp32.astype(np.float64) - int8)))
     assert exact.fscore is None and exact.fscore_per_image is None and exact.sqnr_db_scale_aligned is None
+
+
+def _weight_dequantizers(qdq) -> dict[str, tuple[int, bool]]:
+    """weight initializer -> (its ONNX data type, per-channel) of every weight DequantizeLinear feeding a Conv."""
+    initializers = {tensor.name: tensor for tensor in qdq.graph.initializer}
+    conv_weights = {node.input[1] for node in qdq.graph.node if node.op_type == "Conv"}
+    found = {}
+    for node in qdq.graph.node:
+        if node.op_type == "DequantizeLinear" and node.output[0] in conv_weights and node.input[0] in initializers:
+            scale = onnx.numpy_helper.to_array(initializers[node.input[1]])
+            found[node.input[0]] = (initializers[node.input[0]].data_type, scale.size > 1)
+    return found
+
+
+def _check_4bit_weights(result, activation_zero_point, kept: list[str]):
+    """4-bit weights in the QDQ model and in the AI Hub encodings, per-channel wherever a layer has more than
+    one output channel, but for the layers `kept` int8."""
+    assert result.manifest["config"]["opset"] == 21, "INT4 DequantizeLinear needs opset 21"
+    assert result.results.techniques.get("weights_kept_8bit", {}).get("layers", []) == kept
+    qdq = onnx.load(str(result.qdq_onnx))
+    weights = _weight_dequantizers(qdq)
+    int4 = [name for name, (dtype, _) in weights.items() if dtype == onnx.TensorProto.INT4]
+    int8 = [name for name, (dtype, _) in weights.items() if dtype == onnx.TensorProto.INT8]
+    assert len(weights) == 38 and len(int4) == 38 - len(kept) and sorted(int8) == sorted(f"{k}.weight_q" for k in kept)
+    # AIMET exports the one-channel head conv's per-channel encoding as per-tensor.
+    assert [name for name in int4 if not weights[name][1]] in ([], ["backbone.head.conv.weight_q"])
+    values = [onnx.numpy_helper.to_array(t) for t in qdq.graph.initializer if t.name in int4]
+    assert all(v.astype(np.int8).min() >= -8 and v.astype(np.int8).max() <= 7 for v in values)
+    encodings = json.loads((result.aimet_dir / "fastdepth.encodings").read_text())
+    widths = {entry["name"].rsplit(".weight", 1)[0]: entry["bw"] for entry in encodings["param_encodings"]
+              if entry["name"].endswith(".weight")}
+    assert {name: bw for name, bw in widths.items() if bw != 4} == {name: 8 for name in kept}
+    assert sum(bw == 4 for bw in widths.values()) == 38 - len(kept)
+    zero_points = {t.data_type for t in qdq.graph.initializer if t.name.endswith("_zero_point")
+                   and t.name.replace("_zero_point", "_q") not in weights}
+    assert activation_zero_point in zero_points
+    # ONNX Runtime runs the INT4 graph, and it is the model AIMET simulated.
+    image = np.random.default_rng(0).uniform(0, 255, (1, 3, 480, 640)).astype(np.float32)
+    out = OrtRunner(result.qdq_onnx).run(image)
+    assert out.shape == (1, 1, 480, 640) and np.isfinite(out).all()
+    assert result.results.qdq_vs_aimet_sim["sqnr_db"] > 25
+
+
+def test_w4a8_exports_int4_weights_that_onnx_runtime_runs(fastdepth_w4a8):
+    _check_4bit_weights(fastdepth_w4a8, onnx.TensorProto.UINT8, kept=[])  # --int8-weights none, the default
+    # 4-bit weights cost fidelity, but the model must still be a depth model (F-score vs fp32).
+    assert fastdepth_w4a8.results.int8_vs_fp32.fscore_vs_fp32 > 70
+
+
+def test_w4a16_exports_int4_weights_with_16bit_activations_and_keeps_layers_int8(fastdepth_export, calib_subset,
+                                                                                  tmp_path):
+    result = run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "w4a16", preset="w4a16",
+                                          int8_weights="first-last", latency_runs=0))
+    _check_4bit_weights(result, onnx.TensorProto.UINT16, kept=["backbone.stem.conv", "backbone.head.conv"])
+    report = (result.out_dir / "report.md").read_text()
+    assert "Weights kept int8 in this 4-bit preset (--int8-weights first-last)" in report
+
+
+def test_int8_weights_option_is_validated():
+    with pytest.raises(ConfigError, match="int8_weights"):
+        PtqConfig(int8_weights="middle")

@@ -75,9 +75,9 @@ def activation_slots(module) -> Iterator[tuple[str, int, object]]:
                 yield kind, index, quantizer
 
 
-def output_tail(model, dummy) -> list[str]:
-    """Leaf modules from the last weighted layer to the model output, in execution order (one forward
-    pass with hooks). After that layer the network only resizes and normalises its answer."""
+def _execution_order(model, dummy) -> tuple[list[str], list[int]]:
+    """The leaf modules in the order one forward pass runs them (hooks), and the positions in that
+    order of those holding parameters of their own."""
     import torch
 
     order: list[str] = []
@@ -92,9 +92,38 @@ def output_tail(model, dummy) -> list[str]:
             hook.remove()
     modules = dict(leaves)
     weighted = [i for i, name in enumerate(order) if next(modules[name].parameters(recurse=False), None) is not None]
+    return order, weighted
+
+
+def output_tail(model, dummy) -> list[str]:
+    """Leaf modules from the last weighted layer to the model output, in execution order (one forward
+    pass with hooks). After that layer the network only resizes and normalises its answer."""
+    order, weighted = _execution_order(model, dummy)
     if not weighted:
         return []
     return list(dict.fromkeys(order[weighted[-1]:]))
+
+
+def weighted_layers(model, dummy) -> list[str]:
+    """The modules holding weights, in the order a forward pass runs them (each once)."""
+    order, weighted = _execution_order(model, dummy)
+    return list(dict.fromkeys(order[i] for i in weighted))
+
+
+def keep_weights_at(sim, layers: list[str], bitwidth: int) -> list[str]:
+    """Quantize the weights of `layers` at `bitwidth` instead of the preset's width, before
+    calibration; returns the layers changed (those that have a weight quantizer)."""
+    modules = dict(sim.model.named_modules())
+    missing = [name for name in layers if name not in modules]
+    if missing:  # found on another model object; keeping nothing would go unnoticed
+        raise RuntimeError(f"weighted layers {missing} are not in the QuantSim model")
+    kept = []
+    for name in layers:
+        quantizers = getattr(modules[name], "param_quantizers", None)
+        if quantizers is not None and "weight" in quantizers and quantizers["weight"] is not None:
+            quantizers["weight"].bitwidth = bitwidth
+            kept.append(name)
+    return kept
 
 
 def widen_output_tail(sim, tail: list[str], bitwidth: int) -> list[str]:

@@ -37,6 +37,7 @@ import numpy as np
 from lpcv_depth.backends.qnn import (EMULATION_NOTE, HTP_ARCHS, QDQ_OPS, SM8650, SOC_MODELS, Compiled,
                                      HtpRefusedError, HtpSession, HtpTarget, QnnBackend, compile_for_htp,
                                      compile_fp16, import_qnn, inspect_qdq_model, keep_context, run_killable)
+from lpcv_depth.backends.qdq_int4 import INT4_EMULATION_NOTE, int4_weight_count, with_int8_storage
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.gates import Gate, enforce_gates
 from lpcv_depth.manifest import MANIFEST_NAME, Manifest, config_as_dict, read_manifest, sha256_file, write_manifest
@@ -406,8 +407,9 @@ def _saved_outputs(ptq: Manifest, count: int) -> dict:
 
 def _compile(config: HtpCheckConfig, backend: QnnBackend, model: dict, context_onnx: Path, log: StageLog,
              warnings: list[str]) -> tuple[Compiled, Coverage]:
+    emulated = _emulated_model(config.qdq_onnx, backend, model, context_onnx.parent, log, warnings)
     with log.step("compile") as step:
-        compiled = compile_for_htp(config.qdq_onnx, backend, config.target, context_onnx, model["op_types"])
+        compiled = compile_for_htp(emulated, backend, config.target, context_onnx, model["op_types"])
         coverage = Coverage(**compiled.partition, refused=compiled.refused, no_fallback_error=compiled.error,
                             build_s=compiled.build_s)
         step.detail = (f"all {model['nodes']} nodes on the HTP" if coverage.full_htp else
@@ -423,6 +425,23 @@ def _compile(config: HtpCheckConfig, backend: QnnBackend, model: dict, context_o
             log.warn(f"  refused {row['op_type']} {row['name']!r}: {row['reason']}"
                      + (f"; cause: {row['cause']}" if "cause" in row else ""))
     return compiled, coverage
+
+
+def _emulated_model(qdq: Path, backend: QnnBackend, model: dict, scratch: Path, log: StageLog,
+                    warnings: list[str]) -> Path:
+    """The QDQ model the emulator compiles: as written, or with 4-bit weights held in INT8 storage,
+    which the emulator computes right (backends/qdq_int4.py); `model` records which."""
+    count = int4_weight_count(qdq)
+    model["int4_weights"] = count
+    if not count:
+        return qdq
+    with log.step("int4-storage") as step:
+        emulated = scratch / f"{qdq.stem}_int8_storage.onnx"
+        widened = with_int8_storage(qdq, emulated)
+        model["int4_weights_compiled_as"] = "int8 storage, 4-bit values"
+        step.detail = f"{count} 4-bit weights, {widened} tensors stored as INT8 for the emulator"
+    _warn(log, warnings, INT4_EMULATION_NOTE.format(count=count, version=backend.version))
+    return emulated
 
 
 def _warn(log: StageLog, warnings: list[str], message: str) -> None:

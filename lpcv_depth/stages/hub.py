@@ -170,7 +170,7 @@ class HubPlan:
 
     @cached_property
     def model_compile_options(self) -> str:
-        """What the model's spec adds to every compile (ModelSpec.hub_compile_options)."""
+        """What the model's spec adds to the compile of this artifact (ModelSpec.hub_options_for its preset)."""
         name = self.artifact.model_name
         if not self.compiles or name is None:
             return ""
@@ -179,7 +179,7 @@ class HubPlan:
         # A model given by factory reference is registered under no name: its export's --model finds it.
         for model in dict.fromkeys((name, exported_model(self.artifact.source_dir))):
             try:
-                return get_spec(model).hub_compile_options if model else ""
+                return get_spec(model).hub_options_for(self.artifact.preset) if model else ""
             except UnknownModelError:  # an .aimet folder named after an unregistered model
                 continue
         return ""
@@ -309,6 +309,10 @@ def _note_options(plan: HubPlan, log: StageLog) -> None:
     if config.quantize_io and not plan.quantize_io_applies:
         why = "a float model has no quantized I/O" if plan.compiles else "nothing is compiled"
         log.info(f"--quantize-io not applied to {artifact.label}: {why}")
+    if artifact.int4_weights_as_int8:
+        log.warn(f"{artifact.upload.name} holds the {artifact.int4_weights_as_int8} 4-bit weights of its model in INT8 "
+                 "storage (htp-check's emulator form): its profile measures 8-bit-weight kernels. For the 4-bit "
+                 "model on the phone, send the ptq folder (its .aimet encodings)")
     if plan.qairt_version is not None:
         log.info(f"context binary built with QNN {artifact.qnn_sdk_version}: its jobs run on --qairt_version "
                  f"{plan.qairt_version} (from the htp-check manifest)")

@@ -45,6 +45,9 @@ class HubArtifact:
     # htp-check context binary's companion EPContext model); None: ask AI Hub after the upload.
     io_onnx: Path | None = None
     qnn_sdk_version: str | None = None  # the QNN that built a local context binary (htp-check manifest)
+    preset: str | None = None  # the ptq preset an AIMET artifact was quantized with (its manifest)
+    # An htp-check binary of a 4-bit model holds those weights in INT8 storage (docs/htp-check.md, "4-bit weights").
+    int4_weights_as_int8: int = 0
 
     @property
     def compilable(self) -> bool:
@@ -112,14 +115,16 @@ def _ptq_artifact(folder: Path) -> HubArtifact:
     manifest = Manifest.read(folder, stage="ptq", flag="artifact")
     aimet = _single_aimet_dir(folder)
     _check_aimet_dir(aimet)
-    return HubArtifact("ptq", aimet, "int8", _ptq_label(manifest), aimet.stem, folder, _existing(folder / QDQ_ONNX))
+    return HubArtifact("ptq", aimet, "int8", _ptq_label(manifest), aimet.stem, folder, _existing(folder / QDQ_ONNX),
+                       preset=manifest.config.get("preset"))
 
 
 def _htp_check_artifact(folder: Path) -> HubArtifact:
     """The QNN context binary the local HTP check built, measured against the QDQ model it came from;
     its companion EPContext ONNX declares its I/O, and the manifest the QNN version that built it."""
     manifest = Manifest.read(folder, stage="htp-check", flag="artifact")
-    binary = manifest.results_as(HtpCheckResults).context_binary
+    results = manifest.results_as(HtpCheckResults)
+    binary = results.context_binary
     if binary is None or not (folder / binary.path).is_file():
         raise ConfigError(f"htp-check folder {folder} holds no QNN context binary",
                           hint=f"rerun {command_line('htp-check')} without --no-context-binary")
@@ -128,15 +133,17 @@ def _htp_check_artifact(folder: Path) -> HubArtifact:
     model_name = next((p.stem for p in ptq.glob("*.aimet")), None) if ptq.is_dir() else None
     return HubArtifact("qnn_context_binary", folder / binary.path, "int8", "htp-check", model_name, folder,
                        _existing(qdq), io_onnx=_existing(folder / binary.onnx) if binary.onnx else None,
-                       qnn_sdk_version=binary.qnn_sdk_version or None)
+                       qnn_sdk_version=binary.qnn_sdk_version or None,
+                       int4_weights_as_int8=results.model.get("int4_weights", 0))
 
 
 def _aimet_artifact(folder: Path) -> HubArtifact:
     _check_aimet_dir(folder)
     in_ptq = stage_of(folder.parent) == "ptq"
-    label = _ptq_label(Manifest.read(folder.parent, stage="ptq", flag="artifact")) if in_ptq else folder.stem
-    return HubArtifact("aimet", folder, "int8", label, folder.stem, folder.parent if in_ptq else None,
-                       _existing(folder.parent / QDQ_ONNX))
+    manifest = Manifest.read(folder.parent, stage="ptq", flag="artifact") if in_ptq else None
+    return HubArtifact("aimet", folder, "int8", _ptq_label(manifest) if manifest else folder.stem, folder.stem,
+                       folder.parent if in_ptq else None, _existing(folder.parent / QDQ_ONNX),
+                       preset=manifest.config.get("preset") if manifest else None)
 
 
 def exported_model(folder: Path | None) -> str | None:

@@ -43,13 +43,14 @@ from lpcv_depth.verify import OrtRunner, ParityThresholds, check_output_range, s
 from lpcv_depth.workspace import build_dir, in_workspace
 
 __all__ = ["PtqConfig", "PtqOutput", "Preset", "PRESETS", "run_ptq", "FloatStart", "prepare_float_model",
-           "build_quantsim", "rebuild_fp32_model", "check_torch_contract", "score_against_ground_truth", "GateError",
+           "build_quantsim", "kept_int8_weights", "rebuild_fp32_model", "check_torch_contract", "score_against_ground_truth", "GateError",
            "DEFINITION"]
 
 STAGE = "ptq"
 DEFAULT_FP32_MODEL = "depth_anything_v2_vits"
 DEFAULT_CALIB = Path("calibration_data")
 CALIBRATION_SCHEMES = ("min-max", "tf-enhanced", "percentile")
+INT8_WEIGHT_CHOICES = ("none", "first", "last", "first-last")
 FP32_ONNX = "model.onnx"
 QDQ_ONNX = "model_qdq.onnx"
 # fp32 ONNX, AIMET QuantSim and QDQ ONNX outputs on the held-out images, in the manifest's holdout_files order.
@@ -107,6 +108,10 @@ class PtqConfig:
     output_tail_bits: int = option(16, choices=(8, 16),
                                    help="bits of the activations from the input of the last conv to the output "
                                         "(min-max calibrated); 8 makes every activation int8")
+    # Measured on FastDepth: keeping them bought nothing there (docs/ptq.md, "4-bit weights").
+    int8_weights: str = option("none", choices=INT8_WEIGHT_CHOICES,
+                               help="4-bit presets: the weighted layers whose weights stay int8 (first: the conv "
+                                    "on the raw image; last: the layer that writes the depth map)")
     mixed_max_drop: float = option(1.0, help="mixed preset: keep a layer 16-bit if its 8-bit activations cost more "
                                              "SQNR than this, dB")
     mixed_images: int = option(2, help="mixed preset: held-out images the per-layer sensitivity is measured on")
@@ -152,6 +157,9 @@ class PtqConfig:
         if self.exporter not in EXPORTERS:
             raise ConfigError(f"exporter must be one of {EXPORTERS}, got {self.exporter!r}",
                               hint=choices_hint("exporter", EXPORTERS))
+        if self.int8_weights not in INT8_WEIGHT_CHOICES:
+            raise ConfigError(f"int8_weights must be one of {INT8_WEIGHT_CHOICES}, got {self.int8_weights!r}",
+                              hint=choices_hint("int8_weights", INT8_WEIGHT_CHOICES))
         if self.output_tail_bits not in (8, 16):
             raise ConfigError(f"output_tail_bits must be 8 or 16, got {self.output_tail_bits}",
                               hint=choices_hint("output_tail_bits", (8, 16)))
@@ -492,10 +500,12 @@ def build_quantsim(config: PtqConfig, model, dummy, tail: list[str], param_encod
 
     _, _, QuantizationSimModel = aimet_sim.import_aimet()
     preset = config.preset_spec
+    kept = kept_int8_weights(config, model, dummy)
     sim = QuantizationSimModel(model, dummy_input=dummy, quant_scheme=aimet_sim.quant_scheme(config.calibration_scheme),
                                default_output_bw=preset.activation_bw, default_param_bw=preset.param_bw,
                                config_file=os.fspath(aimet_sim.htp_v75_config_path()))
     widened = aimet_sim.widen_output_tail(sim, tail, config.output_tail_bits)
+    aimet_sim.keep_weights_at(sim, kept, 8)
     use_fast_histograms(sim)
     if config.calibration_scheme == "percentile":
         sim.set_percentile_value(config.percentile)
@@ -503,6 +513,17 @@ def build_quantsim(config: PtqConfig, model, dummy, tail: list[str], param_encod
         sim.load_encodings(os.fspath(param_encodings), strict=False, partial=True, requires_grad=False,
                            allow_overwrite=False)
     return sim, widened
+
+
+def kept_int8_weights(config: PtqConfig, model, dummy) -> list[str]:
+    """The weighted layers (module names) whose weights stay int8 in a 4-bit preset (--int8-weights)."""
+    from lpcv_depth.backends import aimet as aimet_sim
+
+    if config.preset_spec.param_bw >= 8 or config.int8_weights == "none":
+        return []
+    layers = aimet_sim.weighted_layers(model, dummy)
+    ends = {"first": layers[:1], "last": layers[-1:], "first-last": layers[:1] + layers[-1:]}[config.int8_weights]
+    return list(dict.fromkeys(ends))
 
 
 def _quantsim_step(config: PtqConfig, model, inputs: _Inputs, tail: list[str], techniques: dict, scratch: Path,
@@ -524,6 +545,10 @@ def _quantsim_step(config: PtqConfig, model, inputs: _Inputs, tail: list[str], t
         analyzers = aimet_sim.calibration_analyzers(sim)
         step.detail = (f"HTP V75 config, {config.calibration_scheme}, w{preset.param_bw}a{preset.activation_bw}; "
                        "activation ranges: " + ", ".join(f"{count} {label}" for label, count in analyzers.items()))
+        kept = kept_int8_weights(config, model, inputs.dummy)
+        if kept:
+            techniques["weights_kept_8bit"] = {"layers": kept, "rule": f"--int8-weights {config.int8_weights}"}
+            step.detail += f"; weights kept int8: {', '.join(kept)}"
         if widened:
             techniques["output_tail"] = {"bits": config.output_tail_bits, "quantizers": widened}
             step.detail += f"; output tail at {config.output_tail_bits} bits ({len(widened)} activations)"

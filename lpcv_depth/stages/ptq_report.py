@@ -105,6 +105,9 @@ def _preparation_lines(results: PtqResults) -> list[str]:
         lines.append(f"- Output tail at {tail['bits']} bits, min-max ({len(tail['quantizers'])} activations, from the "
                      f"input of the last conv to the output; `--output-tail-bits 8` for pure int8): "
                      + ", ".join(tail["quantizers"]))
+    if "weights_kept_8bit" in results.techniques:
+        kept = results.techniques["weights_kept_8bit"]
+        lines.append(f"- Weights kept int8 in this 4-bit preset ({kept['rule']}): " + ", ".join(kept["layers"]))
     if results.calibration_analyzers:
         lines.append("- Activation ranges: " + ", ".join(f"{count} {label}" for label, count in
                                                          results.calibration_analyzers.items())
