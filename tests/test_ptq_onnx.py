@@ -103,8 +103,11 @@ def test_the_aimet_onnx_int8_model_has_int32_biases_and_runs_fully_on_the_htp(ai
     import onnx
 
     qdq = onnx.load(str(aimet_onnx_fastdepth.qdq_onnx))
-    biases = [t for t in qdq.graph.initializer if t.name.endswith("bias") or ".bias" in t.name]
-    assert biases and all(t.data_type == onnx.TensorProto.INT32 for t in biases)
+    producers = {out: node for node in qdq.graph.node for out in node.output}
+    initializers = {tensor.name: tensor for tensor in qdq.graph.initializer}
+    biases = [producers[node.input[2]] for node in qdq.graph.node if node.op_type == "Conv" and len(node.input) > 2]
+    assert biases and all(node.op_type == "DequantizeLinear" for node in biases)
+    assert all(initializers[node.input[0]].data_type == onnx.TensorProto.INT32 for node in biases)
     pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn (the qnn extra, Linux x86_64) is not installed")
     from lpcv_depth.stages.htp_check import HtpCheckConfig, run_htp_check
 
