@@ -97,8 +97,7 @@ def build_quantsim(graph: OnnxGraph, *, param_bw: int, activation_bw: int, schem
     schemes = {"min-max": QuantScheme.min_max, "tf-enhanced": QuantScheme.post_training_tf_enhanced}
     with _quiet():
         return QuantizationSimModel(graph.model, param_type=f"int{param_bw}", activation_type=f"int{activation_bw}",
-                                    quant_scheme=schemes[scheme], config_file=HTP_V75, path=os.fspath(workdir),
-                                    session_options_kwargs={"intra_op_num_threads": os.cpu_count() or 1})
+                                    quant_scheme=schemes[scheme], config_file=HTP_V75, path=os.fspath(workdir))
 
 
 def _graph_links(sim):
