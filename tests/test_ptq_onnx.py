@@ -164,3 +164,19 @@ def test_aimet_onnx_quantizes_a_torchvision_network_exported_by_plain_torch_onnx
     assert result.results.int8_vs_fp32.fscore_vs_fp32 >= 90
     saved = np.load(result.out_dir / "holdout_outputs.npz")
     assert saved["int8_qdq"].shape == saved["fp32"].shape == (4, 1, 480, 640)
+
+
+@pytest.mark.slow
+def test_run_takes_the_aimet_onnx_route_end_to_end(bare_fastdepth_export, calib_subset, rgbd_dir, tmp_path):
+    """run --onnx ... --ptq-args "--backend aimet-onnx ...": export, ptq, htp-check (where the qnn extra is),
+    compare; about 90 s on a loaded 2-core host, hence slow."""
+    pytest.importorskip("aimet_onnx", reason="aimet-onnx (the quant extra) is not installed")
+    bare = Path(Manifest.read(bare_fastdepth_export, stage="export").inputs["onnx"]["path"])
+    out = tmp_path / "run"
+    argv = ["run", "--onnx", str(bare), "--wrap", "--mean", "0,0,0", "--std", "1,1,1", "--calib", str(calib_subset),
+            "--eval-data", str(rgbd_dir / "kinect_home"), "--hub", "off",
+            "--ptq-args=--holdout 4 --min-calib 8 --latency-runs 1 --backend aimet-onnx --no-cle --output-tail-bits 8",
+            "--out", str(out)]
+    assert cli.main(argv) == ExitCode.OK
+    assert Manifest.read(out / "ptq-w8a8", stage="ptq").results_as(PtqResults).backend == "aimet-onnx"
+    assert (out / "compare" / "compare.md").is_file()
