@@ -1,7 +1,7 @@
 """Which AIMET route ptq takes (`--backend`): a torch export is quantized from its torch model with
 aimet-torch; an export made from an ONNX file either through onnx2torch and the same aimet-torch path
 (route (b), `auto`) or with aimet-onnx on the ONNX graph itself (route (a)). Measured: docs/ptq.md,
-"Two routes for an ONNX file"."""
+"Two routes measured"."""
 
 from __future__ import annotations
 
