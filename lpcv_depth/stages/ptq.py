@@ -126,8 +126,8 @@ class PtqConfig:
     # give bit-identical outputs) in a third of the dynamo exporter's time (docs/ptq.md, "The exporter").
     exporter: str = inherit(ExportConfig, "exporter", help="TorchScript (legacy) or dynamo exporter of the AI Hub "
                                                            "and QDQ models")
-    # Which AIMET flavour quantizes an export made from an ONNX file (docs/ptq.md, "An export made from an ONNX file"); a torch
-    # export is always quantized from its torch model with aimet-torch.
+    # Which AIMET flavour quantizes an export made from an ONNX file (docs/ptq.md, "An export made from an
+    # ONNX file"); a torch export is always quantized from its torch model with aimet-torch.
     backend: str = option("auto", choices=BACKENDS,
                           help="an ONNX-file export: onnx2torch (then aimet-torch) or aimet-onnx; auto: onnx2torch")
     out: Path | None = option(None, help="output folder (default: <fp32>/../ptq-<preset>)")
