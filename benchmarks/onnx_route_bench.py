@@ -1,13 +1,18 @@
-"""The torch path against the ONNX-file path (export --onnx --wrap, then ptq through onnx2torch), on the
-same photos with the same ptq settings: for each registered model given, the model exported by the
-registry (torch path), and its backbone exported bare by plain torch.onnx.export and wrapped in ONNX
-(ONNX path). Prints, per path: export and ptq wall time, peak RSS, int8 SQNR vs fp32 (held-out
-images), fp32/int8 F-score on the RGB-D set, and the int8 model's HTP coverage (the htp-check
-stage's compile with CPU fallback disabled, numerics off; only where the qnn extra is installed).
+"""The torch path against the two routes of an ONNX-file export (issue #26), on the same photos: for each
+registered model given, the model exported by the registry (torch path), and its backbone exported bare
+by plain torch.onnx.export and wrapped in ONNX (export --onnx --wrap), quantized through onnx2torch and
+aimet-torch (`--backend onnx2torch`) and with aimet-onnx (`--backend aimet-onnx`, with the settings that
+route takes: `--no-cle --output-tail-bits 8`). Prints, per route: export and ptq wall time, ptq time
+without the ground-truth scoring, calibration time (ptq's compute-encodings step), peak RSS, int8 SQNR vs
+fp32 (held-out images), fp32/int8 F-score on the RGB-D set, and the int8 model's HTP coverage (the
+htp-check stage's compile with CPU fallback disabled, numerics off; only where the qnn extra is installed).
+
+The host is shared: the routes' ptq runs are interleaved (with `--repeats N`, N rounds, each in a rotated
+order), so a load that comes and goes hits every route alike; compare routes within one run.
 
     python benchmarks/onnx_route_bench.py                                  # FastDepth, real weights
     python benchmarks/onnx_route_bench.py --model depth_anything_v2_vits --weights None --num-calib 16
-    python benchmarks/onnx_route_bench.py --ptq-args "--holdout 4 --no-cle"   # the tests' fast settings
+    python benchmarks/onnx_route_bench.py --ptq-args "--holdout 4" --repeats 2
 """
 
 from __future__ import annotations
@@ -41,10 +46,17 @@ def bare_backbone(model_name: str, weights: str | None, path: Path) -> list[str]
             format_channels(model.spec.std), "--native-output", model.spec.native_output]
 
 
+ROUTES = {"torch": [], "onnx2torch": ["--backend", "onnx2torch"],
+          "aimet-onnx": ["--backend", "aimet-onnx", "--no-cle", "--output-tail-bits", "8"]}
+
+
 def ptq_figures(folder: Path) -> dict:
-    results = json.loads((folder / "manifest.json").read_text())["results"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    results, timings = manifest["results"], manifest["timings_s"]
     truth = results.get("ground_truth") or {}
-    return {"sqnr_vs_fp32_db": round(results["int8_vs_fp32"]["sqnr_db"], 2),
+    return {"backend": results.get("backend"), "calibration_s": timings.get("compute-encodings"),
+            "ground_truth_s": timings.get("ground-truth", 0.0),
+            "sqnr_vs_fp32_db": round(results["int8_vs_fp32"]["sqnr_db"], 2),
             "fscore_fp32": truth.get("fp32", {}).get("fscore@0.1"),
             "fscore_int8": truth.get("int8", {}).get("fscore@0.1")}
 
@@ -62,14 +74,32 @@ def htp_coverage(ptq_dir: Path) -> dict:
     return {"htp_full": coverage.full_htp, "htp_nodes": coverage.htp_nodes, "htp_cpu_nodes": coverage.cpu_nodes}
 
 
-def bench_path(label: str, export_args: list[str], ptq_args: list[str], out: Path) -> dict:
-    export_dir, ptq_dir = out / f"{label}-export", out / f"{label}-ptq"
-    export_s, export_rss = run_stage(["-m", "lpcv_depth.cli", "export", *export_args, "--out", str(export_dir),
-                                      "--check-images", str(CALIBRATION)])
-    ptq_s, ptq_rss = run_stage(["-m", "lpcv_depth.cli", "ptq", "--fp32", str(export_dir), "--out", str(ptq_dir),
-                                *ptq_args])
-    return {"path": label, "export_s": round(export_s, 1), "ptq_s": round(ptq_s, 1),
-            "peak_rss_gib": round(max(export_rss, ptq_rss), 2), **ptq_figures(ptq_dir), **htp_coverage(ptq_dir)}
+def export(label: str, export_args: list[str], out: Path) -> tuple[Path, float, float]:
+    folder = out / f"{label}-export"
+    seconds, rss = run_stage(["-m", "lpcv_depth.cli", "export", *export_args, "--out", str(folder),
+                              "--check-images", str(CALIBRATION)])
+    return folder, seconds, rss
+
+
+def ptq(route: str, export_dir: Path, ptq_args: list[str], out: Path, round_: int) -> dict:
+    ptq_dir = out / f"{route}-ptq-{round_}"
+    seconds, rss = run_stage(["-m", "lpcv_depth.cli", "ptq", "--fp32", str(export_dir), "--out", str(ptq_dir),
+                              *ptq_args, *ROUTES[route]])
+    figures = ptq_figures(ptq_dir)
+    return {"route": route, "round": round_, "ptq_s": round(seconds, 1),
+            "ptq_without_ground_truth_s": round(seconds - figures.pop("ground_truth_s"), 1),
+            "ptq_peak_rss_gib": round(rss, 2), **figures, "folder": str(ptq_dir)}
+
+
+def interleaved(exports: dict[str, Path], ptq_args: list[str], out: Path, repeats: int) -> list[dict]:
+    """Every route's ptq, `repeats` rounds, each round in an order rotated by one."""
+    routes, rows = list(ROUTES), []
+    for round_ in range(repeats):
+        order = routes[round_ % len(routes):] + routes[:round_ % len(routes)]
+        for route in order:
+            rows.append(ptq(route, exports["torch" if route == "torch" else "onnx"], ptq_args, out, round_))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-data", type=Path, default=RGBD)
     parser.add_argument("--num-calib", type=int, default=None, help="default: ptq's own")
     parser.add_argument("--ptq-args", default="", help="more ptq flags, the same for both paths")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of every route's ptq, interleaved")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     weights = None if args.weights.lower() == "none" else args.weights
@@ -90,8 +121,16 @@ def main(argv: list[str] | None = None) -> int:
         ptq_args += ["--num-calib", str(args.num_calib)]
     torch_export = ["--model", args.model, "--weights", "None" if weights is None else weights]
     onnx_export = bare_backbone(args.model, weights, out / f"{args.model}_bare.onnx")
-    rows = [bench_path("torch", torch_export, ptq_args, out), bench_path("onnx", onnx_export, ptq_args, out)]
-    print(json.dumps({"model": args.model, "weights": args.weights, "ptq_args": ptq_args, "paths": rows}, indent=1))
+    exports, export_rows = {}, []
+    for label, export_args in (("torch", torch_export), ("onnx", onnx_export)):
+        exports[label], seconds, rss = export(label, export_args, out)
+        export_rows.append({"export": label, "export_s": round(seconds, 1), "peak_rss_gib": round(rss, 2)})
+    rows = interleaved(exports, ptq_args, out, args.repeats)
+    for route in ROUTES:  # the HTP compile once per route (its int8 model is the same every round)
+        last = [row for row in rows if row["route"] == route][-1]
+        last.update(htp_coverage(Path(last["folder"])))
+    print(json.dumps({"model": args.model, "weights": args.weights, "ptq_args": ptq_args, "routes": ROUTES,
+                      "exports": export_rows, "ptq": rows}, indent=1))
     return 0
 
 

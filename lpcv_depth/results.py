@@ -89,7 +89,8 @@ class PtqResults:
     techniques: what each float/rounding technique did, by name (the model's own rewrite, e.g.
     {"layer_scale_fold": {"folded": 24}}, then bn_fold, cle, output_tail, weights_kept_8bit, seq_mse when they ran).
     ablation (AdaRound/SeqMSE against nearest rounding) and mixed_precision (the mixed preset's
-    per-layer sensitivity) are None when those did not run; ground_truth without --eval-data."""
+    per-layer sensitivity) are None when those did not run; ground_truth without --eval-data.
+    backend: which AIMET route quantized the model (ptq --backend, resolved)."""
 
     model: str
     preset: str
@@ -104,6 +105,8 @@ class PtqResults:
     ground_truth: GroundTruthPair | None = None
     ablation: dict | None = None
     mixed_precision: dict | None = None
+    # aimet-torch (a torch export), onnx2torch (an ONNX-file export through aimet-torch) or aimet-onnx.
+    backend: str = "aimet-torch"
 
 
 @dataclass(frozen=True)

@@ -301,6 +301,8 @@ def test_search_on_an_onnx_file_runs_its_one_size_and_rebuilds_from_the_file(fas
     assert trial.trial == "224x224-w8a8" and trial.status == "done" and trial.fscore_int8 is not None
     export = json.loads((out / "exports" / "224x224" / "export" / "manifest.json").read_text())
     assert export["inputs"]["onnx"]["sha256"] == sha256_file(fastdepth_bare) and export["config"]["wrap"] is True
+    searched = json.loads((out / "manifest.json").read_text())["inputs"]["onnx"]
+    assert searched["sha256"] == export["inputs"]["onnx"]["sha256"] and searched["path"] == str(fastdepth_bare.resolve())
 
     config = SearchConfig(onnx=fastdepth_bare, wrap=True, mean=(0.0,) * 3, std=(1.0,) * 3, calib=calib_subset,
                           eval_data=rgbd_dir / "kinect_home")
@@ -310,6 +312,26 @@ def test_search_on_an_onnx_file_runs_its_one_size_and_rebuilds_from_the_file(fas
     assert export_command[:2] == ["lpcv-depth", "export"]
     rebuilt = config_from_args(ExportConfig, cli.build_parser("export").parse_args(export_command[2:]))
     assert rebuilt.onnx == fastdepth_bare and rebuilt.wrap and rebuilt.input_size is None
+
+
+def test_the_search_manifest_records_the_onnx_files_sha256_and_its_external_data(fastdepth_bare, calib_subset,
+                                                                                 rgbd_dir, tmp_path):
+    """As export --onnx records it: what was searched is named by content, external data files included."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from lpcv_depth.stages.search import SearchConfig, _manifest_inputs
+
+    split = tmp_path / "split.onnx"
+    model = onnx.load(str(fastdepth_bare))
+    convert_model_to_external_data(model, location="split.onnx.data", size_threshold=0)
+    onnx.save(model, str(split))
+    for path, data in ((fastdepth_bare, {}), (split, {"split.onnx.data": sha256_file(tmp_path / "split.onnx.data")})):
+        config = SearchConfig(onnx=path, wrap=True, mean=(0.0,) * 3, std=(1.0,) * 3, calib=calib_subset,
+                              eval_data=rgbd_dir / "kinect_home")
+        record = _manifest_inputs(config)["onnx"]
+        assert record == {"path": str(path.resolve()), "sha256": sha256_file(path), "external_data": data}
+    assert "onnx" not in _manifest_inputs(SearchConfig(model="fastdepth", calib=calib_subset,
+                                                       eval_data=rgbd_dir / "kinect_home"))
 
 
 def test_search_refuses_input_size_with_an_onnx_file(fastdepth_bare, calib_subset, rgbd_dir, tmp_path, capsys):

@@ -329,45 +329,45 @@ def export_for_ai_hub(sim, dummy, folder: Path, name: str, opset: int, *, dynamo
     """ONNX + AIMET .encodings, the layout AI Hub takes for pre-quantized models: a `<name>.aimet`
     folder holding exactly one .onnx and one .encodings (weights kept inside the .onnx). `dynamo`
     picks torch's dynamo exporter over the TorchScript one."""
-    with _export_folder(folder.parent) as work:
+    with export_folder(folder.parent) as work:
         sim.onnx.export((dummy,), os.fspath(work / f"{name}.onnx"), input_names=["image"], output_names=["depth"],
                         opset_version=opset, dynamo=dynamo)
         if not (work / f"{name}.encodings").is_file():
             raise RuntimeError(f"AIMET did not write {name}.encodings")
-        _inline_external_data(work / f"{name}.onnx")
+        inline_external_data(work / f"{name}.onnx")
         folder.mkdir(parents=True, exist_ok=True)
-        return _keep(work / f"{name}.onnx", folder), _keep(work / f"{name}.encodings", folder)
+        return keep(work / f"{name}.onnx", folder), keep(work / f"{name}.encodings", folder)
 
 
 def export_qdq(sim, dummy, path: Path, opset: int, *, dynamo: bool) -> Path:
     """A QuantizeLinear/DequantizeLinear ONNX that ONNX Runtime runs on the host (`dynamo`: as above)."""
     from aimet_torch.onnx import export as aimet_onnx_export
 
-    with _export_folder(path.parent) as work:
+    with export_folder(path.parent) as work:
         # prequantize_constants stores weights as int8 + DequantizeLinear: a quarter of the float size.
         aimet_onnx_export(sim.model, (dummy,), os.fspath(work / path.name), input_names=["image"],
                           output_names=["depth"], opset_version=opset, dynamo=dynamo, prequantize_constants=True)
-        _inline_external_data(work / path.name)
-        return _keep(work / path.name, path.parent)
+        inline_external_data(work / path.name)
+        return keep(work / path.name, path.parent)
 
 
 @contextmanager
-def _export_folder(parent: Path) -> Iterator[Path]:
+def export_folder(parent: Path) -> Iterator[Path]:
     """A folder of its own for one export: the dynamo exporter also leaves files nothing references
     (a `<model>.onnx.data`, one file per lifted tensor of a ViT), which must not sit beside the
-    artifacts looking like part of them. Only what `_keep` moves out survives."""
+    artifacts looking like part of them. Only what `keep` moves out survives."""
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=parent) as work:
         yield Path(work)
 
 
-def _keep(path: Path, folder: Path) -> Path:
+def keep(path: Path, folder: Path) -> Path:
     target = folder / path.name
     os.replace(path, target)
     return target
 
 
-def _inline_external_data(path: Path) -> None:
+def inline_external_data(path: Path) -> None:
     """Fold the exporter's external weight files back into the .onnx (models here are far below
     protobuf's 2 GB), so each artifact is one self-contained file."""
     import onnx

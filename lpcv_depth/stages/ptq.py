@@ -38,6 +38,7 @@ from lpcv_depth.schema import SchemaError, from_json
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import EXPORTERS, ExportConfig, tracer_warnings_silenced
+from lpcv_depth.stages.ptq_backend import BACKENDS, backend_for, check_backend_option
 from lpcv_depth.stages.ptq_verify import Int8Checks, ptq_gates, score_against_ground_truth, verify_int8
 from lpcv_depth.verify import OrtRunner, ParityThresholds, check_output_range, sqnr_db
 from lpcv_depth.workspace import build_dir, in_workspace
@@ -133,6 +134,10 @@ class PtqConfig:
     # give bit-identical outputs) in a third of the dynamo exporter's time (docs/ptq.md, "The exporter").
     exporter: str = inherit(ExportConfig, "exporter", help="TorchScript (legacy) or dynamo exporter of the AI Hub "
                                                            "and QDQ models")
+    # Which AIMET flavour quantizes an export made from an ONNX file (docs/ptq.md, "An export made from an
+    # ONNX file"); a torch export is always quantized from its torch model with aimet-torch.
+    backend: str = option("auto", choices=BACKENDS,
+                          help="an ONNX-file export: onnx2torch (then aimet-torch) or aimet-onnx; auto: onnx2torch")
     out: Path | None = option(None, help="output folder (default: <fp32>/../ptq-<preset>)")
 
     def __post_init__(self):
@@ -176,6 +181,7 @@ class PtqConfig:
             raise ConfigError(f"--eval-data folder not found: {self.eval_data}",
                               hint="pass an RGB-D set (rgb/ + depth/) or a folder of sets")
         self.sim_parity  # validates the thresholds
+        check_backend_option(self)
 
     @property
     def preset_spec(self) -> Preset:
@@ -198,10 +204,10 @@ class PtqConfig:
     def opset(self) -> int:
         # 16-bit QuantizeLinear and int4 DequantizeLinear need opset 21. 8-bit uses 18, the dynamo exporter's
         # own opset: converted down to 17, ReduceMin's axes become an attribute and AIMET's masked-softmax
-        # pattern check fails.
+        # pattern check fails; aimet-onnx's QDQ export crashes there too.
         preset = self.preset_spec
         wide = preset.activation_bw > 8 or preset.mixed or self.output_tail_bits > 8 or preset.param_bw < 8
-        return 21 if wide else 18
+        return 21 if wide or self.backend == "aimet-onnx" else 18
 
     @property
     def destination(self) -> Path:
@@ -268,6 +274,7 @@ class FloatStart:
     preparation: Any
     tail: list[str]
     techniques: dict
+    backend: str
 
 
 @dataclass(frozen=True)
@@ -283,7 +290,12 @@ def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqOutput:
     from lpcv_depth.backends.aimet_fast import fast_quantize_dequantize
 
     log = log or StageLog(STAGE)
-    start = prepare_float_model(config, log)
+    export = _read_export(config, log)
+    if backend_for(config, export[0]) == "aimet-onnx":
+        from lpcv_depth.stages.ptq_onnx import run_ptq_aimet_onnx
+
+        return run_ptq_aimet_onnx(config, export, log)
+    start = prepare_float_model(config, log, export)
     inputs, fp32, tail, techniques = start.inputs, start.fp32, start.tail, start.techniques
     with StagingDir(config.destination, stage=STAGE, inputs=[config.fp32_dir, config.calib_dir, config.eval_data],
                     scratch=True) as staging, fast_quantize_dequantize():
@@ -300,13 +312,26 @@ def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqOutput:
                              preparation=asdict(start.preparation), qdq_vs_aimet_sim=checks.qdq_vs_aimet_sim,
                              int8_vs_fp32=checks.fidelity, sizes_bytes=_sizes(fp32, artifacts),
                              host_latency_ms=checks.latency, ground_truth=checks.ground_truth, ablation=ablation,
-                             mixed_precision=mixed)
-        report_files = _report(config, staging.path, results, fp32, checks, log)
-        holdout_outputs = _save_holdout_outputs(staging.path, fp32, sim_holdout, checks)
-        manifest_path = write_manifest(
-            staging.path, stage=STAGE, config=config.as_dict(), inputs=_manifest_inputs(start.export, fp32, inputs),
-            outputs=[artifacts.aimet_onnx, artifacts.encodings, artifacts.qdq, holdout_outputs, *report_files],
-            timings=log.timings, results=results)
+                             mixed_precision=mixed, backend=start.backend)
+        manifest_path = write_outputs(config, staging.path, start.export, fp32, inputs, artifacts, sim_holdout,
+                                      checks, results, log)
+    return finish(config, artifacts, manifest_path, results, log)
+
+
+def write_outputs(config: PtqConfig, folder: Path, export: Manifest, fp32: _Fp32, inputs: _Inputs,
+                  artifacts: _Artifacts, sim_holdout: np.ndarray, checks: Int8Checks, results: PtqResults,
+                  log: StageLog) -> Path:
+    """The report, the held-out outputs and the manifest, last (whichever AIMET route made the artifacts)."""
+    report_files = _report(config, folder, results, fp32, checks, log)
+    holdout_outputs = _save_holdout_outputs(folder, fp32, sim_holdout, checks)
+    return write_manifest(folder, stage=STAGE, config=config.as_dict(), inputs=_manifest_inputs(export, fp32, inputs),
+                          outputs=[artifacts.aimet_onnx, artifacts.encodings, artifacts.qdq, holdout_outputs,
+                                   *report_files], timings=log.timings, results=results)
+
+
+def finish(config: PtqConfig, artifacts: _Artifacts, manifest_path: Path, results: PtqResults,
+           log: StageLog) -> PtqOutput:
+    """The finished folder's PtqOutput, once it is in place; then the gates (exit 3)."""
     out = config.destination
     result = PtqOutput(out, out / QDQ_ONNX, out / artifacts.aimet_dir.name, out / manifest_path.name, results,
                        read_manifest(out))
@@ -315,20 +340,23 @@ def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqOutput:
     return result
 
 
-def prepare_float_model(config: PtqConfig, log: StageLog) -> FloatStart:
-    """run_ptq's steps up to the QuantSim: the export checked against its manifest, the calibration and
-    held-out images, the fp32 references, and the float techniques applied to the torch model."""
+def prepare_float_model(config: PtqConfig, log: StageLog,
+                        export: tuple[Manifest, ExportResults] | None = None) -> FloatStart:
+    """run_ptq's steps up to the QuantSim: the export checked against its manifest (unless `export`
+    already is), the calibration and held-out images, the fp32 references, and the float techniques
+    applied to the torch model."""
     from lpcv_depth.backends import aimet as aimet_sim
 
     aimet_sim.import_aimet()  # before any work: a missing install fails with the command that fixes it
     keep_freed_memory()
-    export, export_results = _read_export(config, log)
+    export, export_results = export or _read_export(config, log)
     inputs = _calibration_data(config, log)
     fp32 = _fp32_model(config, export, export_results, inputs, log)
     techniques: dict = {}
     model, preparation = _float_techniques(config, fp32.model, inputs.dummy, techniques, log)
     return FloatStart(export=export, inputs=inputs, fp32=fp32, model=model, preparation=preparation,
-                      tail=_output_tail(config, model, inputs.dummy), techniques=techniques)
+                      tail=_output_tail(config, model, inputs.dummy), techniques=techniques,
+                      backend=backend_for(config, export))
 
 
 # --- inputs -------------------------------------------------------------------------------------

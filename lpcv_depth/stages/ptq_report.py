@@ -44,7 +44,7 @@ def _plain(value):
 def markdown(config, results: PtqResults) -> str:
     techniques = ", ".join(f"{name}={'on' if getattr(config, name) else 'off'}" for name in TECHNIQUE_FLAGS)
     sections = [f"# PTQ report: {config.preset} ({config.preset_spec.description})\n",
-                f"Calibration: {config.calibration_scheme}; techniques: {techniques}\n",
+                f"Calibration: {config.calibration_scheme}; techniques: {techniques}; AIMET route: {results.backend}\n",
                 _fidelity_section(results)]
     if results.ground_truth is not None:
         sections.append(_ground_truth_section(results))
@@ -78,6 +78,10 @@ def _technique_lines(results: PtqResults) -> list[str]:
     lines = []
     if techniques.get("layer_scale_fold", {}).get("folded"):
         lines.append(f"- LayerScale fold: {techniques['layer_scale_fold']['folded']} folded into Linear layers (exact).")
+    if "onnx_graph" in techniques:
+        graph = techniques["onnx_graph"]
+        lines.append(f"- ONNX graph: opset {graph['source_opset']} converted to {graph['opset']}, "
+                     f"{graph['duplicated_initializers']} shared initializers duplicated (int32 biases need their own).")
     if "bn_fold" in techniques:
         lines.append(f"- BN fold: {techniques['bn_fold']['folded_pairs']} BatchNorm layers folded.")
     if "cle" in techniques:
@@ -102,8 +106,9 @@ def _preparation_lines(results: PtqResults) -> list[str]:
                      f"- Model preparation FAILED ({preparation['error']}): functional ops stay float.")
     if "output_tail" in results.techniques:
         tail = results.techniques["output_tail"]
-        lines.append(f"- Output tail at {tail['bits']} bits, min-max ({len(tail['quantizers'])} activations, from the "
-                     f"input of the last conv to the output; `--output-tail-bits 8` for pure int8): "
+        start = tail.get("from", "the input of the last conv")
+        lines.append(f"- Output tail at {tail['bits']} bits, min-max ({len(tail['quantizers'])} activations, from "
+                     f"{start} to the output; `--output-tail-bits 8` for pure int8): "
                      + ", ".join(tail["quantizers"]))
     if "weights_kept_8bit" in results.techniques:
         kept = results.techniques["weights_kept_8bit"]

@@ -659,8 +659,15 @@ def _manifest_inputs(config: SearchConfig) -> dict:
     from lpcv_depth.manifest import sha256_of_files
 
     calib = in_workspace(config.calib)
-    return {"calib": {"path": os.fspath(calib), "sha256": sha256_of_files(list_images(calib), calib)},
-            "eval_data": {"path": os.fspath(in_workspace(config.eval_data))}}
+    inputs = {"calib": {"path": os.fspath(calib), "sha256": sha256_of_files(list_images(calib), calib)},
+              "eval_data": {"path": os.fspath(in_workspace(config.eval_data))}}
+    if config.onnx is not None:  # as export --onnx records it: the file searched, and its external data
+        from lpcv_depth.stages.export_onnx import source_hashes
+
+        hashes = source_hashes(Path(config.onnx))
+        inputs["onnx"] = {"path": os.fspath(Path(config.onnx).resolve()), "sha256": hashes.pop(Path(config.onnx).name),
+                          "external_data": hashes}
+    return inputs
 
 
 def rebuild_commands(config: SearchConfig, trial: Trial) -> list[str]:
