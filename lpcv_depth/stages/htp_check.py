@@ -48,7 +48,7 @@ from lpcv_depth.stage import (StageDefinition, StageLog, StagingDir, command_lin
                               remove_stale_partials)
 from lpcv_depth.stages.evaluate import EvaluateConfig, evaluate_within
 from lpcv_depth.stages.htp_report import op_summary
-from lpcv_depth.stages.ptq import HOLDOUT_OUTPUTS, QDQ_ONNX
+from lpcv_depth.stages.int8_outputs import HOLDOUT_OUTPUTS, QDQ_ONNX
 from lpcv_depth.verify import ParityThresholds, output_fidelity, recorded_sha256
 from lpcv_depth.workspace import in_workspace
 
