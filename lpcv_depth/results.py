@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-__all__ = ["Metrics", "ExportResults", "Fidelity", "GroundTruthPair", "HostLatency", "PtqSizes", "PtqResults", "QatEpoch", "QatTraining", "QatResults", "int8_results_type", "Coverage",
+__all__ = ["Metrics", "ExportResults", "Fidelity", "GroundTruthPair", "HostLatency", "PtqSizes", "PtqResults", "QatEpoch", "QatTraining", "QatResults", "INT8_STAGES", "int8_results_type", "Coverage",
            "ContextBinary", "OutputComparison", "EmulationTime", "Fp16Baseline", "HtpGroundTruth", "HtpCheckResults", "HubInput", "HubJobRecord", "HubShare", "HubContract", "HubCompile",
            "HubProfile", "HubHostFidelity", "HubGroundTruth", "HubInference", "HubResults", "EvaluateGroup", "SkippedFrame", "MetricTime", "EvaluateResults", "CompareColumn", "CompareFidelity", "ComparePanel", "CompareResults",
            "SearchTrial", "SearchResults"]
@@ -147,6 +147,11 @@ class QatResults(PtqResults):
     ptq_ground_truth: GroundTruthPair | None = None
     training: QatTraining | None = None
     partial: bool = False
+
+
+# The stages whose folder holds an int8 model (QDQ ONNX + <model>.aimet/): htp-check, hub, compare and
+# run take either.
+INT8_STAGES = ("ptq", "qat")
 
 
 def int8_results_type(stage: str) -> type:

@@ -14,16 +14,13 @@ from typing import Any
 import numpy as np
 
 from lpcv_depth.manifest import MANIFEST_NAME, Manifest
-from lpcv_depth.results import PtqSizes
+from lpcv_depth.results import INT8_STAGES, PtqSizes
 from lpcv_depth.stage import StageLog
 from lpcv_depth.stages.export import tracer_warnings_silenced
 
 __all__ = ["INT8_STAGES", "FP32_ONNX", "QDQ_ONNX", "HOLDOUT_OUTPUTS", "Artifacts", "export_artifacts", "sizes",
            "save_holdout_outputs", "manifest_inputs", "calibrate", "Progress"]
 
-# The stages whose folder holds an int8 model (QDQ ONNX + <model>.aimet/): htp-check, hub, compare,
-# run and search take either.
-INT8_STAGES = ("ptq", "qat")
 FP32_ONNX = "model.onnx"
 QDQ_ONNX = "model_qdq.onnx"
 # fp32 ONNX, AIMET QuantSim and QDQ ONNX outputs on the held-out images, in the manifest's holdout_files order.

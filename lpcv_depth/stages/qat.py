@@ -57,6 +57,8 @@ class QatConfig:
                                          f"build/{DEFAULT_FP32_MODEL}/ptq-w8a8 of the workspace)")
     train_images: Path | None = option(None, help="folder of extra unlabeled photos to train on, besides the ptq "
                                                   "run's calibration photos")
+    num_train: int | None = option(None, help="train on at most the first N photos (the calibration photos first, "
+                                              "then --train-images; default: all)")
     epochs: int = option(5, help="at most N passes over the training photos")
     lr: float = option(1e-5, help="Adam learning rate of the weights (and of the ranges unless frozen)")
     batch_size: int = option(2, help="photos per training step")
@@ -80,6 +82,8 @@ class QatConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}",
                                   hint=f"pass {flag_name(name)} 1 or more")
+        if self.num_train is not None and self.num_train < 1:
+            raise ConfigError(f"num_train must be >= 1, got {self.num_train}", hint="leave --num-train out to use all")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}", hint="pass --lr 1e-5 (the default) or another "
                                                                       "positive rate")
@@ -186,9 +190,11 @@ def _training_set(config: QatConfig, start: FloatStart, log: StageLog) -> _Train
     answers, computed once: the photos are not augmented)."""
     with log.step("teacher") as step:
         extra = list_images(config.train_images) if config.train_images is not None else []
-        images = np.stack([load_contract_image(path) for path in (*start.inputs.split.calibration, *extra)])
+        calibration = list(start.inputs.split.calibration)[:config.num_train]
+        extra = extra[:max(0, config.num_train - len(calibration))] if config.num_train is not None else extra
+        images = np.stack([load_contract_image(path) for path in (*calibration, *extra)])
         targets = start.fp32.runner.run(images)
-        step.detail = (f"fp32 outputs on {len(images)} training photos ({len(start.inputs.split.calibration)} "
+        step.detail = (f"fp32 outputs on {len(images)} training photos ({len(calibration)} "
                        f"calibration + {len(extra)} from --train-images)")
     return _TrainSet(images, targets, extra)
 
@@ -227,12 +233,12 @@ def _training_record(config: QatConfig, training: Training, train: _TrainSet, de
                        peak_rss_mb=training.peak_rss_mb)
 
 
-def _inputs_record(ptq: PtqFolder, start: FloatStart, train: _TrainSet, reproduced: float) -> dict:
+def _inputs_record(ptq: PtqFolder, start: FloatStart, train: _TrainSet, reproduced: dict) -> dict:
     fp32 = start.fp32
     record = manifest_inputs(start.export, fp32.onnx, fp32.onnx_sha256, fp32.weights, start.inputs.split)
     record["ptq_manifest"] = {"path": os.fspath(ptq.folder / MANIFEST_NAME),
                               "sha256": sha256_file(ptq.folder / MANIFEST_NAME),
-                              "rebuilt_sim_vs_saved_sqnr_db": reproduced if np.isfinite(reproduced) else None}
+                              "rebuilt_sim_vs_saved": reproduced}
     if train.extra:
         root = Path(os.path.commonpath([p.parent for p in train.extra]))
         record["train_images"] = {"root": os.fspath(root), "count": len(train.extra),

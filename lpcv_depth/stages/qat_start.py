@@ -84,8 +84,9 @@ def check_same_images(ptq: PtqFolder, start: FloatStart) -> None:
                 hint=f"restore the photos, or rerun {command_line('ptq')} on them and qat on its output")
 
 
-def rebuild_quantsim(ptq: PtqFolder, start: FloatStart, scratch: Path, log: StageLog) -> tuple[Any, float]:
-    """(ptq's QuantSim, rebuilt; the SQNR of its held-out outputs against those ptq saved)."""
+def rebuild_quantsim(ptq: PtqFolder, start: FloatStart, scratch: Path, log: StageLog) -> tuple[Any, dict]:
+    """(ptq's QuantSim, rebuilt; how its held-out outputs compare with those ptq saved: SQNR, None
+    when identical, and the largest absolute difference)."""
     from lpcv_depth.backends import aimet as aimet_sim
 
     aimet_dir = next(ptq.folder.glob("*.aimet"))
@@ -110,7 +111,8 @@ def rebuild_quantsim(ptq: PtqFolder, start: FloatStart, scratch: Path, log: Stag
             f"the QuantSim rebuilt from {ptq.folder} does not reproduce its held-out outputs (SQNR {reproduced:.1f} "
             f"dB < {REPRODUCED_MIN_SQNR_DB:.0f} dB): it was written by another lpcv-depth or aimet-torch version",
             hint=f"rerun {command_line('ptq')} with this version, then qat on its output")
-    return sim, reproduced
+    identical = not np.isfinite(reproduced)
+    return sim, {"sqnr_db": None if identical else reproduced, "max_abs_diff": float(np.abs(saved - rebuilt).max())}
 
 
 def _load_weights(model, onnx_path: Path) -> int:
