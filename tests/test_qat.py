@@ -100,7 +100,10 @@ def test_bad_options_exit_2_with_a_fix(fastdepth_w8a8, tmp_path, capsys):
     empty.mkdir()
     (empty / "notes.txt").write_text("no photos here")
     assert "holds no JPG/PNG images" in _fails_with_fix(["qat", "--ptq", ptq, "--train-images", str(empty)], capsys)
-    assert "invalid choice: 'tpu'" in _fails_with_fix(["qat", "--ptq", ptq, "--device", "tpu"], capsys)
+    with pytest.raises(SystemExit) as exited:  # argparse refuses a value outside the choices
+        main(["qat", "--ptq", ptq, "--device", "tpu"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "invalid choice: 'tpu'" in err and "fix:" in err
     with pytest.raises(ConfigError, match="unknown device 'tpu'"):
         QatConfig(ptq=fastdepth_w8a8.out_dir, device="tpu")
     assert not (tmp_path / "out").exists()
@@ -248,3 +251,22 @@ def test_docs_flag_table_matches_the_config():
     rows = [line.split("|") for line in text.splitlines() if line.startswith("| `--")]
     flags = {flag for row in rows for flag in re.findall(r"--[a-z0-9-]+", row[1]) if not flag.startswith("--no-")}
     assert {flag_name(field.name) for field, _ in cli_fields(QatConfig)} | {"--workspace"} == flags
+
+
+def test_run_chains_qat_between_ptq_and_the_int8_stages(calib_subset, tmp_path):
+    from lpcv_depth.runner import check_steps
+    from lpcv_depth.stages.pipeline import RunConfig, plan_steps
+
+    root = tmp_path / "run"
+    base = dict(model="fastdepth", weights="None", calib=calib_subset, out=root)
+    steps = {step.name: step for step in plan_steps(RunConfig(**base, qat=True, qat_args="--epochs 2"), root)}
+    check_steps(steps.values())
+    assert steps["qat"].config.ptq == steps["ptq"].folder and steps["qat"].config.epochs == 2
+    assert steps["htp-check"].config.ptq == steps["compare"].config.int8 == steps["qat"].folder
+    assert steps["hub"].config.artifact == steps["qat"].folder and steps["hub"].folder.name == "hub-qat-w8a8"
+    without = {step.name: step for step in plan_steps(RunConfig(**base), root)}
+    assert "qat" not in without and without["compare"].config.int8 == without["ptq"].folder
+    with pytest.raises(ConfigError, match="--qat-args given without --qat"):
+        RunConfig(**base, qat_args="--epochs 2")
+    with pytest.raises(ConfigError, match="wires itself"):
+        check_steps(plan_steps(RunConfig(**base, qat=True, qat_args="--ptq elsewhere"), root))

@@ -118,8 +118,9 @@ def run_pipeline(config: RunConfig, log: StageLog | None = None) -> RunOutput:
     create_output_root(root, command=STAGE, marker=STATE_NAME, model=config.model)
     outcomes, redo = [], False
     planned = {step.stage: step for step in plan}
-    for index, stage in enumerate(PIPELINE_STAGES, 1):
-        prefix = f"[{index}/{len(PIPELINE_STAGES)}] {stage}"
+    stages = [stage for stage in PIPELINE_STAGES if stage != "qat" or config.qat]
+    for index, stage in enumerate(stages, 1):
+        prefix = f"[{index}/{len(stages)}] {stage}"
         if stage in skipped:
             outcomes.append(StageOutcome(stage, "skipped", None, reason=skipped[stage]))
             log.info(f"{prefix} skipped: {skipped[stage]}")
@@ -147,7 +148,7 @@ def run_pipeline(config: RunConfig, log: StageLog | None = None) -> RunOutput:
 
 def _skipped_stages(config: RunConfig) -> dict[str, str]:
     """The stages this run leaves out, and why: decided before anything runs."""
-    skipped = {} if config.qat else {"qat": "no --qat"}
+    skipped = {}
     for stage, mode in (("htp-check", config.htp_check), ("hub", config.hub)):
         wanted, reason = backend_wanted(stage, mode)
         if not wanted:
@@ -169,7 +170,7 @@ def plan_steps(config: RunConfig, root: Path, skipped: dict[str, str] | None = N
     steps = [export, ptq]
     chained = {"export": export.folder, "ptq": ptq.folder}
     int8, int8_stage = ptq, "ptq"
-    if "qat" not in skipped:
+    if c.qat:
         int8 = Step("qat", "qat", root / f"qat-{c.preset}", {"ptq": ptq.folder}, c.qat_args, {"ptq": ptq.folder})
         int8_stage = "qat"
         steps.append(int8)
