@@ -108,17 +108,20 @@ class PtqResults:
 
 @dataclass(frozen=True)
 class QatEpoch:
-    """One QAT epoch: its mean training loss and the AIMET sim's held-out SQNR vs fp32 after it."""
+    """One QAT epoch: its mean training loss and the AIMET sim's held-out SQNR vs fp32 after it,
+    scale-aligned (what early stopping compares: the scorer ignores a per-image scale) and plain."""
 
     epoch: int
     loss: float
     holdout_sqnr_db: float
+    holdout_sqnr_db_plain: float
     seconds: float
 
 
 @dataclass(frozen=True)
 class QatTraining:
-    """How the qat stage fine-tuned: epoch 0 is the ptq start (no training), `best_epoch` the one kept."""
+    """How the qat stage fine-tuned: epoch 0 is the ptq start (no training), `best_epoch` the one kept;
+    the held-out SQNRs are scale-aligned (QatEpoch)."""
 
     loss: str
     epochs_planned: int

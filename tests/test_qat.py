@@ -193,8 +193,8 @@ def test_an_interrupt_keeps_the_best_checkpoint_so_far(monkeypatch):
     if best.holdout_sqnr_db > training.start_sqnr_db:
         assert training.best_epoch == best.epoch
     # The sim holds the kept checkpoint: its held-out SQNR is the best one recorded.
-    assert qat_train._holdout_sqnr(sim.model, holdout, reference, "cpu") == pytest.approx(training.best_sqnr_db,
-                                                                                         abs=1e-4)
+    assert qat_train._holdout_sqnr(sim.model, holdout, reference, "cpu")[0] == pytest.approx(training.best_sqnr_db,
+                                                                                            abs=1e-4)
 
 
 def test_early_stopping_keeps_the_best_epoch(monkeypatch):
@@ -202,7 +202,7 @@ def test_early_stopping_keeps_the_best_epoch(monkeypatch):
 
     images, targets, holdout, reference = _tiny_data()
     scores = iter([10.0, 12.0, 11.0, 11.5, 13.0])
-    monkeypatch.setattr(qat_train, "_holdout_sqnr", lambda *_: next(scores))
+    monkeypatch.setattr(qat_train, "_holdout_sqnr", lambda *_: (next(scores), 0.0))
     settings = qat_train.TrainSettings(epochs=4, lr=1e-3, batch_size=3, patience=2, loss="si-log-grad",
                                        learn_encodings=False, device="cpu", seed=0)
     training = qat_train.fine_tune(_Tiny(), images, targets, holdout, reference, settings, lambda *_: None)

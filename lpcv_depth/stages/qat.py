@@ -206,13 +206,15 @@ def _train_step(config: QatConfig, sim, start: FloatStart, train: _TrainSet, dev
 
     def on_epoch(epoch, best: float) -> None:
         log.info(f"epoch {epoch.epoch}/{config.epochs}: loss {epoch.loss:.4g}, held-out SQNR "
-                 f"{epoch.holdout_sqnr_db:.2f} dB (best {best:.2f} dB), {epoch.seconds:.0f}s")
+                 f"{epoch.holdout_sqnr_db:.2f} dB scale-aligned (best {best:.2f} dB; plain "
+                 f"{epoch.holdout_sqnr_db_plain:.2f} dB), {epoch.seconds:.0f}s")
 
     with log.step("train") as step:
         training = fine_tune(sim, train.images, train.targets, start.inputs.holdout_batches, start.fp32.holdout,
                              settings, on_epoch)
-        step.detail = (f"{len(training.history)} epoch(s) on {device}; held-out SQNR {training.start_sqnr_db:.2f} "
-                       f"-> {training.best_sqnr_db:.2f} dB (epoch {training.best_epoch} kept)")
+        step.detail = (f"{len(training.history)} epoch(s) on {device}; held-out SQNR (scale-aligned) "
+                       f"{training.start_sqnr_db:.2f} -> {training.best_sqnr_db:.2f} dB (epoch {training.best_epoch} "
+                       "kept)")
         if training.interrupted:
             step.detail += "; INTERRUPTED"
     return training
@@ -265,7 +267,8 @@ def _training_section(results: QatResults) -> str:
     if results.ptq_ground_truth is not None and results.ground_truth is not None:
         rows.append(("F-score drop vs ground truth", f"{results.ptq_ground_truth.fscore_drop:.2f}",
                      f"{results.ground_truth.fscore_drop:.2f}"))
-    epochs = [(str(e.epoch), f"{e.loss:.4g}", f"{e.holdout_sqnr_db:.2f}", f"{e.seconds:.0f}") for e in training.history]
+    epochs = [(str(e.epoch), f"{e.loss:.4g}", f"{e.holdout_sqnr_db:.2f}", f"{e.holdout_sqnr_db_plain:.2f}",
+               f"{e.seconds:.0f}") for e in training.history]
     state = ("PARTIAL: interrupted; the best checkpoint of the epochs done" if results.partial
              else "stopped early (no gain for --patience epochs)" if training.stopped_early else "all epochs run")
     return ("## QAT: ptq start vs fine-tuned (ONNX Runtime, held-out images)\n\n"
@@ -273,7 +276,8 @@ def _training_section(results: QatResults) -> str:
             + f"\n{training.loss} loss, lr {training.lr:g}, batch {training.batch_size}, {training.train_images} "
               f"photos, ranges {'learned' if training.learned_encodings else 'frozen'}, on {training.device}; "
               f"{state}; epoch {training.best_epoch} kept (0 = the ptq start).\n\n"
-            + markdown_table(["epoch", "loss", "held-out SQNR (AIMET sim), dB", "seconds"], epochs, align="rrrr"))
+            + markdown_table(["epoch", "loss", "held-out SQNR, scale-aligned, dB", "plain, dB", "seconds"], epochs,
+                             align="rrrrr"))
 
 
 def _interrupted(config: QatConfig) -> str:

@@ -1,6 +1,7 @@
 """qat's training: the QuantSim (student) fine-tuned towards the fp32 model's outputs (teacher) with a
 scale-invariant loss, one pass over the photos per epoch, early stopping on the held-out SQNR vs
-fp32, and the best checkpoint kept. Ctrl+C ends training and keeps the best checkpoint so far."""
+fp32 after a per-image scale fit (the scorer median-scales; plain SQNR also counts the scale, which
+the per-image max normalisation moves with single pixels: docs/qat.md), and the best checkpoint kept. Ctrl+C ends training and keeps the best checkpoint so far."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 from lpcv_depth.errors import Terminated
 from lpcv_depth.results import QatEpoch
 from lpcv_depth.stages.int8_outputs import Progress
-from lpcv_depth.verify import sqnr_db
+from lpcv_depth.verify import scale_aligned_sqnr_db, sqnr_db
 
 __all__ = ["LOSSES", "TrainSettings", "Training", "fine_tune", "qat_loss", "scale_invariant_log_loss",
            "gradient_matching_loss", "trainable_parameters"]
@@ -105,7 +106,7 @@ def fine_tune(sim, images: np.ndarray, targets: np.ndarray, holdout_batches: lis
     model.eval()  # no dropout, no BatchNorm statistics (BN is folded): the sim as it will be deployed
     optimizer = torch.optim.Adam(trainable_parameters(model, settings.learn_encodings), lr=settings.lr)
     rng = np.random.default_rng(settings.seed)
-    start = best = _holdout_sqnr(model, holdout_batches, holdout_reference, settings.device)
+    start = best = _holdout_sqnr(model, holdout_batches, holdout_reference, settings.device)[0]
     best_state, best_epoch, history, waited, interrupted = _snapshot(model), 0, [], 0, False
     try:
         for epoch in range(1, settings.epochs + 1):
@@ -114,9 +115,9 @@ def fine_tune(sim, images: np.ndarray, targets: np.ndarray, holdout_batches: lis
             batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
             with Progress(len(batches), f"{STAGE}: epoch {epoch}/{settings.epochs}") as tick:
                 loss = _one_epoch(model, optimizer, images, targets, batches, settings, tick)
-                sqnr = _holdout_sqnr(model, holdout_batches, holdout_reference, settings.device)
+                sqnr, plain = _holdout_sqnr(model, holdout_batches, holdout_reference, settings.device)
                 tick.show(loss=f"{loss:.4g}", holdout_sqnr=f"{sqnr:.2f} dB")
-            history.append(QatEpoch(epoch=epoch, loss=loss, holdout_sqnr_db=sqnr,
+            history.append(QatEpoch(epoch=epoch, loss=loss, holdout_sqnr_db=sqnr, holdout_sqnr_db_plain=plain,
                                     seconds=round(time.perf_counter() - began, 3)))
             if sqnr > best:
                 best, best_state, best_epoch, waited = sqnr, _snapshot(model), epoch, 0
@@ -153,12 +154,14 @@ def _one_epoch(model, optimizer, images, targets, batches, settings: TrainSettin
     return float(np.mean(losses))
 
 
-def _holdout_sqnr(model, batches, reference: np.ndarray, device: str) -> float:
+def _holdout_sqnr(model, batches, reference: np.ndarray, device: str) -> tuple[float, float]:
+    """(scale-aligned, plain) SQNR of the model's held-out outputs against fp32's."""
     import torch
 
     with torch.no_grad():
         outputs = np.concatenate([model(batch.to(device)).cpu().numpy() for batch in batches])
-    return sqnr_db(reference[:len(outputs)], outputs)
+    reference = reference[:len(outputs)]
+    return scale_aligned_sqnr_db(reference, outputs), sqnr_db(reference, outputs)
 
 
 def _snapshot(model) -> dict[str, Any]:
