@@ -52,8 +52,8 @@ def _qat(ptq_dir: Path, out: Path, qat_args: list[str]) -> dict:
                "epochs_done": training["epochs_done"], "best_epoch": training["best_epoch"],
                "train_images": training["train_images"],
                "seconds_per_epoch": [round(e["seconds"], 1) for e in training["history"]],
-               "holdout_sim_sqnr_db": {"ptq": round(training["start_holdout_sqnr_db"], 2),
-                                       "qat": round(training["best_holdout_sqnr_db"], 2)},
+               "holdout_sim_sqnr_db_scale_aligned": {"ptq": round(training["start_holdout_sqnr_db"], 2),
+                                                     "qat": round(training["best_holdout_sqnr_db"], 2)},
                "int8_vs_fp32": {key: {"ptq": round(results["ptq_int8_vs_fp32"][key], 2),
                                       "qat": round(results["int8_vs_fp32"][key], 2)}
                                 for key in ("sqnr_db", "sqnr_db_scale_aligned", "fscore_vs_fp32")}}
