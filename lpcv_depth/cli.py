@@ -31,6 +31,7 @@ STAGE_MODULES = {
     "export": "lpcv_depth.stages.export",
     "evaluate": "lpcv_depth.stages.evaluate",
     "ptq": "lpcv_depth.stages.ptq",
+    "qat": "lpcv_depth.stages.qat",
     "htp-check": "lpcv_depth.stages.htp_check",
     "hub": "lpcv_depth.stages.hub",
     "compare": "lpcv_depth.stages.compare",

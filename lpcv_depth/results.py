@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-__all__ = ["Metrics", "ExportResults", "Fidelity", "GroundTruthPair", "HostLatency", "PtqSizes", "PtqResults", "Coverage",
+__all__ = ["Metrics", "ExportResults", "Fidelity", "GroundTruthPair", "HostLatency", "PtqSizes", "PtqResults", "QatEpoch", "QatTraining", "QatResults", "INT8_STAGES", "int8_results_type", "Coverage",
            "ContextBinary", "OutputComparison", "EmulationTime", "Fp16Baseline", "HtpGroundTruth", "HtpCheckResults", "HubInput", "HubJobRecord", "HubShare", "HubContract", "HubCompile",
            "HubProfile", "HubHostFidelity", "HubGroundTruth", "HubInference", "HubResults", "EvaluateGroup", "SkippedFrame", "MetricTime", "EvaluateResults", "CompareColumn", "CompareFidelity", "ComparePanel", "CompareResults",
            "SearchTrial", "SearchResults", "PredictSource", "PredictVideo", "PredictResults"]
@@ -107,6 +107,62 @@ class PtqResults:
     mixed_precision: dict | None = None
     # aimet-torch (a torch export), onnx2torch (an ONNX-file export through aimet-torch) or aimet-onnx.
     backend: str = "aimet-torch"
+
+
+@dataclass(frozen=True)
+class QatEpoch:
+    """One QAT epoch: its mean training loss and the AIMET sim's held-out SQNR vs fp32 after it,
+    scale-aligned (what early stopping compares: the scorer ignores a per-image scale) and plain."""
+
+    epoch: int
+    loss: float
+    holdout_sqnr_db: float
+    holdout_sqnr_db_plain: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class QatTraining:
+    """How the qat stage fine-tuned: epoch 0 is the ptq start (no training), `best_epoch` the one kept;
+    the held-out SQNRs are scale-aligned (QatEpoch)."""
+
+    loss: str
+    epochs_planned: int
+    epochs_done: int
+    best_epoch: int
+    stopped_early: bool
+    learned_encodings: bool
+    device: str
+    train_images: int
+    lr: float
+    batch_size: int
+    start_holdout_sqnr_db: float
+    best_holdout_sqnr_db: float
+    history: list[QatEpoch]
+    peak_rss_mb: float | None = None
+
+
+@dataclass(frozen=True)
+class QatResults(PtqResults):
+    """What the qat stage measured: ptq's results for the fine-tuned model (the same checks, so every
+    stage that reads a ptq folder reads a qat folder), plus `ptq_int8_vs_fp32` (the ptq folder's own
+    figures, the start), `training`, and `partial` (True when Ctrl+C stopped training: the folder
+    holds the best checkpoint of the epochs done)."""
+
+    ptq_int8_vs_fp32: Fidelity | None = None
+    ptq_ground_truth: GroundTruthPair | None = None
+    training: QatTraining | None = None
+    partial: bool = False
+
+
+# The stages whose folder holds an int8 model (QDQ ONNX + <model>.aimet/): htp-check, hub, compare and
+# run take either.
+INT8_STAGES = ("ptq", "qat")
+
+
+def int8_results_type(stage: str) -> type:
+    """The results type of an int8 stage's folder (ptq or qat): QatResults is a PtqResults."""
+    return QatResults if stage == "qat" else PtqResults
 
 
 @dataclass(frozen=True)
@@ -584,7 +640,7 @@ def schema_markdown() -> str:
              "version and output hashes checked) and its results with `.results_as(Type)`. A missing number "
              "is `null`. This page is generated from `lpcv_depth/results.py` "
              "(`python -m lpcv_depth.results > docs/results.md`); a test keeps them equal.", ""]
-    stage_of = {"ExportResults": "export", "EvaluateResults": "evaluate", "PtqResults": "ptq",
+    stage_of = {"ExportResults": "export", "EvaluateResults": "evaluate", "PtqResults": "ptq", "QatResults": "qat",
                 "HtpCheckResults": "htp-check", "HubResults": "hub", "CompareResults": "compare",
                 "SearchResults": "search", "PredictResults": "predict"}
     module = sys.modules[__name__]

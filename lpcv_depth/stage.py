@@ -256,6 +256,7 @@ class StageDefinition:
 
 # The repo's scripts, one per stage: hints printed by a script name the scripts.
 STAGE_SCRIPTS = {"export": "export/to_onnx.py", "evaluate": "evaluation/score.py", "ptq": "quantize/ptq.py",
+                 "qat": "quantize/qat.py",
                  "htp-check": "quantize/htp_check.py", "hub": "export/aihub.py", "compare": "evaluation/compare.py",
                  "search": "quantize/search.py"}
 _hint_style = {"scripts": False}

@@ -51,7 +51,7 @@ STAGE_VALUES = {
                "input_name": "x", "output_name": "y", "onnx": REPO_ROOT / "my_net.onnx"},
     "run": {"model": "fastdepth", "weights": "default", "input_size": (224, 224), "calib": None, "eval_data": None,
             "out": None, "ptq_args": "--holdout 4 --no-cle", "export_args": "--opset 18",
-            "htp_check_args": "--no-fp16-baseline", "hub_args": "--no-profile", "preset": "w8a16",
+            "htp_check_args": "--no-fp16-baseline", "hub_args": "--no-profile", "qat": True, "qat_args": "--epochs 2", "preset": "w8a16",
             "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "input_name": "x", "output_name": "y",
             "onnx": REPO_ROOT / "my_net.onnx"},
     "search": {"model": "fastdepth", "weights": "default", "input_size": ((224, 224), (192, 256)), "calib": None,
@@ -95,7 +95,7 @@ def test_every_flag_round_trips_to_its_config_field(stage, tmp_path, calibration
         assert field.name in config.as_dict()
 
 
-@pytest.mark.parametrize("stage", ["evaluate", "ptq", "htp-check", "hub", "compare"])
+@pytest.mark.parametrize("stage", ["evaluate", "ptq", "qat", "htp-check", "hub", "compare"])
 def test_every_flag_round_trips_without_touching_the_disk(stage, tmp_path):
     """The stages whose configs check their input folders at construction: every option is given a
     non-default value, written as a command line, parsed back, and must come back unchanged."""

@@ -143,6 +143,14 @@ def test_compare_and_the_hub_take_the_aimet_onnx_folder(aimet_onnx_fastdepth, ba
 
 # --- a network the project did not write ----------------------------------------------------------------
 
+def test_qat_refuses_an_aimet_onnx_folder_naming_the_route_it_can_fine_tune(aimet_onnx_fastdepth, tmp_path, capsys):
+    out = tmp_path / "qat"
+    assert cli.main(["qat", "--ptq", str(aimet_onnx_fastdepth.out_dir), "--out", str(out)]) == ExitCode.ERROR
+    err = capsys.readouterr().err
+    assert "quantized with aimet-onnx" in err and "fix:" in err and "--backend onnx2torch" in err
+    assert not out.exists()
+
+
 def test_aimet_onnx_quantizes_a_torchvision_network_exported_by_plain_torch_onnx_export(calib_subset, tmp_path):
     """ResNet-18's trunk with a 1-channel head, random weights, exported by plain torch.onnx.export (opset 11,
     dynamic axes), wrapped by export --onnx, then ptq with aimet-onnx: a graph this project never shaped."""

@@ -27,8 +27,8 @@ from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.manifest import MANIFEST_NAME, Manifest, config_as_dict, read_manifest, sha256_file, write_manifest
 from lpcv_depth.options import option
 from lpcv_depth.report import cell
-from lpcv_depth.results import (CompareColumn, CompareFidelity, CompareResults, ExportResults,
-                                HtpCheckResults, HubResults, PtqResults)
+from lpcv_depth.results import (INT8_STAGES, CompareColumn, CompareFidelity, CompareResults, ExportResults,
+                                HtpCheckResults, HubResults, PtqResults, int8_results_type)
 from lpcv_depth.schema import to_json
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
 from lpcv_depth.stages.compare_report import HTP_NOTE, chart_panels, write_report
@@ -49,7 +49,7 @@ HTP_CHECK_FOLDER = "htp-check"
 @dataclass(frozen=True)
 class CompareConfig:
     fp32: Path = option(help="export stage folder (fp32 model.onnx)")
-    int8: Path = option(help="ptq stage folder (int8 model_qdq.onnx)")
+    int8: Path = option(help="ptq or qat stage folder (int8 model_qdq.onnx)")
     fp32_hub: Path | None = option(None, help="hub stage folder of the fp32 model (default: found beside --fp32)")
     int8_hub: Path | None = option(None, help="hub stage folder of the int8 model (default: found beside --int8)")
     htp_check: Path | None = option(None, help="htp-check stage folder of the int8 model (default: <int8>/htp-check "
@@ -145,7 +145,7 @@ def run_compare(config: CompareConfig, log: StageLog | None = None) -> CompareOu
 def read_inputs(config: CompareConfig, verify: bool = True) -> CompareInputs:
     """Every input folder through its manifest and typed results; refuses folders of different models."""
     export = _read(config.fp32, "export", "--fp32", ExportResults, verify)
-    ptq = _read(config.int8, "ptq", "--int8", PtqResults, verify)
+    ptq = _read(config.int8, INT8_STAGES, "--int8", None, verify)
     ptq_fp32_matches = _check_pair(config, export, ptq)
     hubs = {precision: _hub_run(config, precision, ptq.results.model, verify) for precision in PRECISIONS}
     htp = None
@@ -157,9 +157,10 @@ def read_inputs(config: CompareConfig, verify: bool = True) -> CompareInputs:
     return CompareInputs(export, ptq, hubs, htp, ptq_fp32_matches, htp_fp32_matches)
 
 
-def _read(folder: Path, stage: str, flag: str, results_type: type, verify: bool) -> StageRun:
+def _read(folder: Path, stage: str | tuple[str, ...], flag: str, results_type: type | None, verify: bool) -> StageRun:
+    """`results_type` None: an int8 folder, typed by the stage that wrote it (ptq or qat)."""
     manifest = Manifest.read(folder, stage=stage, flag=flag, verify=verify)
-    return StageRun(Path(folder), manifest, manifest.results_as(results_type))
+    return StageRun(Path(folder), manifest, manifest.results_as(results_type or int8_results_type(manifest.stage)))
 
 
 def _export_model_name(export: StageRun) -> str:

@@ -44,12 +44,12 @@ from lpcv_depth.manifest import MANIFEST_NAME, Manifest, config_as_dict, read_ma
 from lpcv_depth.options import inherit, option
 from lpcv_depth.pins import pinned_version
 from lpcv_depth.results import (ContextBinary, Coverage, EmulationTime, EvaluateResults, Fp16Baseline,
-                                HtpCheckResults, HtpGroundTruth, OutputComparison, PtqResults)
+                                HtpCheckResults, HtpGroundTruth, OutputComparison, int8_results_type)
 from lpcv_depth.stage import (StageDefinition, StageLog, StagingDir, command_line, display_path,
                               remove_stale_partials)
 from lpcv_depth.stages.evaluate import EvaluateConfig, evaluate_within
 from lpcv_depth.stages.htp_report import op_summary
-from lpcv_depth.stages.ptq import HOLDOUT_OUTPUTS, QDQ_ONNX
+from lpcv_depth.stages.int8_outputs import HOLDOUT_OUTPUTS, INT8_STAGES, QDQ_ONNX
 from lpcv_depth.verify import ParityThresholds, output_fidelity, recorded_sha256
 from lpcv_depth.workspace import in_workspace
 
@@ -82,7 +82,7 @@ class InputChangedError(LpcvError):
 class HtpCheckConfig:
     """What to check (a ptq folder or a QDQ .onnx), for which HTP, on which images; validated here."""
 
-    ptq: Path = option(help="ptq stage output folder, or a QDQ .onnx file")
+    ptq: Path = option(help="ptq (or qat) stage output folder, or a QDQ .onnx file")
     soc_model: str = option(SM8650, help=f"QNN SoC id (default {SM8650}: SM8650, Snapdragon 8 Gen 3, Galaxy S24)")
     htp_arch: str = option("75", choices=HTP_ARCHS, help="HTP architecture (default 75: 8 Gen 3)")
     images: Path | None = option(None, help="photos for the numerics (default: the ptq stage's held-out images, "
@@ -296,7 +296,7 @@ def _check_ptq_input(config: HtpCheckConfig) -> Manifest | None:
         if not (ptq / MANIFEST_NAME).is_file():
             raise ConfigError(f"--ptq {ptq} is not a ptq stage output (no ptq {MANIFEST_NAME})",
                               hint=f"pass the folder {command_line('ptq')} wrote, or a QDQ .onnx file")
-        manifest = Manifest.read(ptq, stage="ptq", flag="--ptq", verify=False)
+        manifest = Manifest.read(ptq, stage=INT8_STAGES, flag="--ptq", verify=False)
         if not (ptq / QDQ_ONNX).is_file():
             raise ConfigError(f"{ptq} has no {QDQ_ONNX}", hint=f"rerun {command_line('ptq')}")
         manifest.verify_outputs()
@@ -320,7 +320,7 @@ def _load_inputs(config: HtpCheckConfig, log: StageLog) -> _Inputs:
 
     with log.step("inputs") as step:
         ptq = _check_ptq_input(config)
-        ptq_results = ptq.results_as(PtqResults) if ptq is not None else None
+        ptq_results = ptq.results_as(int8_results_type(ptq.stage)) if ptq is not None else None
         fp32_onnx = Path(config.fp32) if config.fp32 else _ptq_fp32_model(ptq)
         root, files, source = _image_files(config, ptq)
         count = min(len(files), config.max_frames or len(files))

@@ -39,7 +39,7 @@ from lpcv_depth.errors import ConfigError, LpcvError, OutputDirError, UnknownMod
 from lpcv_depth.manifest import (MANIFEST_NAME, Manifest, read_manifest, sha256_file, sha256_of_files,
                                  write_manifest)
 from lpcv_depth.options import config_from_args, inherit, option
-from lpcv_depth.results import HubCompile, HubInference, HubProfile, HubResults, HubShare
+from lpcv_depth.results import INT8_STAGES, HubCompile, HubInference, HubProfile, HubResults, HubShare
 from lpcv_depth.schema import to_json
 from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path, refuse_inputs
 from lpcv_depth.stages.evaluate import EvaluateConfig
@@ -513,7 +513,9 @@ def next_command(results: list[HubOutput]) -> str:
         ptq = display_path(Path(sources["export"]).parent / "ptq-w8a8")
         return command_line(STAGE, ptq) + "  (the int8 model from the ptq stage, same flags)"
     if "ptq" in sources:
-        fp32 = Manifest.read(sources["ptq"], stage="ptq", verify=False).config.get("fp32")
+        int8 = Manifest.read(sources["ptq"], stage=INT8_STAGES, verify=False)
+        export_manifest = (int8.inputs.get("export_manifest") or {}).get("path")  # qat records its export there
+        fp32 = int8.config.get("fp32") or (Path(export_manifest).parent if export_manifest else None)
         return command_line("compare", "--fp32", display_path(fp32) if fp32 else "build/<model>/export",
                             "--int8", display_path(sources["ptq"]))
     return command_line("evaluate", "--predictions", display_path(results[-1].out_dir / "device_outputs"),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lpcv_depth.errors import ConfigError
 from lpcv_depth.manifest import MANIFEST_NAME, Manifest, read_manifest
-from lpcv_depth.results import HtpCheckResults, HubInput
+from lpcv_depth.results import INT8_STAGES, HtpCheckResults, HubInput
 from lpcv_depth.stage import command_line
 
 __all__ = ["HubArtifact", "resolve_artifact", "exported_model", "stage_of", "ARTIFACT_HINT", "EXPORT_ONNX",
@@ -24,7 +24,7 @@ __all__ = ["HubArtifact", "resolve_artifact", "exported_model", "stage_of", "ART
 
 EXPORT_ONNX = "model.onnx"
 QDQ_ONNX = "model_qdq.onnx"
-ARTIFACT_HINT = ("pass build/<model>/export, build/<model>/ptq-<preset>, an htp-check folder, an .onnx, an .aimet "
+ARTIFACT_HINT = ("pass build/<model>/export, build/<model>/ptq-<preset> (or qat-<preset>), an htp-check folder, an .onnx, an .aimet "
                  "folder or a .bin")
 # What AI Hub takes in an .aimet folder (qai_hub.client._get_model_dir_type; a .bin excludes encodings).
 AIMET_SUFFIXES = (".onnx", ".encodings", ".data")
@@ -100,7 +100,8 @@ def _check_aimet_dir(folder: Path) -> None:
 
 
 def _ptq_label(manifest: Manifest) -> str:
-    return f"ptq-{manifest.config.get('preset', 'int8')}"
+    """ptq-w8a8, qat-w8a8: the stage and its preset (a qat folder's preset is its ptq start's)."""
+    return f"{manifest.stage}-{manifest.config.get('preset') or manifest.results.get('preset', 'int8')}"
 
 
 def _export_artifact(folder: Path) -> HubArtifact:
@@ -112,7 +113,7 @@ def _export_artifact(folder: Path) -> HubArtifact:
 
 
 def _ptq_artifact(folder: Path) -> HubArtifact:
-    manifest = Manifest.read(folder, stage="ptq", flag="artifact")
+    manifest = Manifest.read(folder, stage=INT8_STAGES, flag="artifact")
     aimet = _single_aimet_dir(folder)
     _check_aimet_dir(aimet)
     return HubArtifact("ptq", aimet, "int8", _ptq_label(manifest), aimet.stem, folder, _existing(folder / QDQ_ONNX),
@@ -139,8 +140,8 @@ def _htp_check_artifact(folder: Path) -> HubArtifact:
 
 def _aimet_artifact(folder: Path) -> HubArtifact:
     _check_aimet_dir(folder)
-    in_ptq = stage_of(folder.parent) == "ptq"
-    manifest = Manifest.read(folder.parent, stage="ptq", flag="artifact") if in_ptq else None
+    in_ptq = stage_of(folder.parent) in INT8_STAGES
+    manifest = Manifest.read(folder.parent, stage=INT8_STAGES, flag="artifact") if in_ptq else None
     return HubArtifact("aimet", folder, "int8", _ptq_label(manifest) if manifest else folder.stem, folder.stem,
                        folder.parent if in_ptq else None, _existing(folder.parent / QDQ_ONNX),
                        preset=manifest.config.get("preset") if manifest else None)
@@ -155,7 +156,7 @@ def exported_model(folder: Path | None) -> str | None:
         stage = manifest.get("stage")
         if stage == "export":
             return manifest.get("config", {}).get("model")
-        if stage == "ptq":
+        if stage in INT8_STAGES:
             upstream = (manifest.get("inputs", {}).get("export_manifest") or {}).get("path")
             folder = Path(upstream).parent if upstream else None
         elif stage == "htp-check" and manifest.get("config", {}).get("ptq"):
@@ -168,7 +169,7 @@ def exported_model(folder: Path | None) -> str | None:
 
 def _folder_artifact(path: Path) -> HubArtifact:
     stage = stage_of(path)
-    readers = {"export": _export_artifact, "ptq": _ptq_artifact, "htp-check": _htp_check_artifact}
+    readers = {"export": _export_artifact, "ptq": _ptq_artifact, "qat": _ptq_artifact, "htp-check": _htp_check_artifact}
     if stage in readers:
         return readers[stage](path)
     if path.suffix == ".aimet":
@@ -181,7 +182,7 @@ def _model_in(folder: Path, stage: str | None) -> str | None:
     """The registered model an export or ptq folder holds (for a bare .onnx taken from one)."""
     if stage == "export":
         return Manifest.read(folder, stage="export", flag="artifact", verify=False).config.get("model")
-    if stage == "ptq":
+    if stage in INT8_STAGES:
         return next((p.stem for p in folder.glob("*.aimet")), None)
     return None
 
@@ -189,10 +190,10 @@ def _model_in(folder: Path, stage: str | None) -> str | None:
 def _file_artifact(path: Path) -> HubArtifact:
     if path.suffix == ".onnx":
         stage = stage_of(path.parent)
-        quantized = path.name == QDQ_ONNX or stage == "ptq"
+        quantized = path.name == QDQ_ONNX or stage in INT8_STAGES
         precision = "int8" if quantized else "fp32" if stage == "export" else "unknown"
         label = "export" if stage == "export" and path.name == EXPORT_ONNX else path.stem
-        source = path.parent if stage in ("export", "ptq") else None
+        source = path.parent if stage in ("export", *INT8_STAGES) else None
         return HubArtifact("onnx", path, precision, label, _model_in(path.parent, stage), source, path, io_onnx=path)
     if path.suffix == ".bin":
         if stage_of(path.parent) == "htp-check":  # the htp-check's binary, given as a file: its manifest still counts

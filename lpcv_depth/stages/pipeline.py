@@ -1,12 +1,14 @@
-"""The whole pipeline in one command: export -> ptq -> htp-check -> hub -> compare.
+"""The whole pipeline in one command: export -> ptq [-> qat] -> htp-check -> hub -> compare.
 
     lpcv-depth run --model fastdepth --weights default
     lpcv-depth run --model depth_anything_v2_vits --eval-data ../shared/data/rgbd --preset w8a16
     lpcv-depth run --model fastdepth --weights default --ptq-args "--holdout 4 --no-cle" --force ptq
     lpcv-depth run --onnx my_net.onnx --wrap --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
+    lpcv-depth run --model fastdepth --weights default --qat --qat-args "--epochs 3"
 
 htp-check runs where the qnn extra is installed, hub where an AI Hub token is configured (both
-can be forced on or off). A stage whose output is up to date (same config, same inputs, outputs
+can be forced on or off); with --qat, the ptq model is fine-tuned and the later stages take the qat
+folder. A stage whose output is up to date (same config, same inputs, outputs
 intact) is skipped; `--force STAGE` redoes it and everything after it. Any stage option can be
 passed on with --<stage>-args "...". Writes under OUT (default build/<model>/), with
 `pipeline.json` recording what each stage was run from.
@@ -22,8 +24,10 @@ from lpcv_depth.files import write_text_atomically
 from lpcv_depth.manifest import Manifest, config_as_dict
 from lpcv_depth.options import inherit, option
 from lpcv_depth.report import markdown_table
+from lpcv_depth.results import INT8_STAGES, int8_results_type
 from lpcv_depth.runner import (AUTO_ON_OFF, PassedOnArgs, Step, backend_wanted, check_input_folders, check_stage_args,
-                               command_inputs, check_steps, check_output_root, create_output_root, run_step)
+                               command_inputs, check_steps, check_output_root, create_output_root, parse_stage_args,
+                               run_step, stage_args_option)
 from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import ExportConfig, OnnxFileOptions
@@ -33,7 +37,7 @@ from lpcv_depth.workspace import build_dir, in_workspace
 __all__ = ["RunConfig", "RunOutput", "StageOutcome", "run_pipeline", "plan_steps", "PIPELINE_STAGES"]
 
 STAGE = "run"
-PIPELINE_STAGES = ("export", "ptq", "htp-check", "hub", "compare")
+PIPELINE_STAGES = ("export", "ptq", "qat", "htp-check", "hub", "compare")
 STATE_NAME = "pipeline.json"
 
 
@@ -51,6 +55,9 @@ class RunConfig(PassedOnArgs, OnnxFileOptions):
                             help="run the local HTP check: auto = where the qnn extra is installed")
     hub: str = option("auto", choices=AUTO_ON_OFF, help="run on AI Hub: auto = where an API token is configured")
     max_frames: int | None = option(None, help="at most N frames for the HTP emulation and the phone")
+    qat: bool = option(False, help="fine-tune the int8 model with the qat stage; htp-check, hub and compare then take "
+                                   "the qat folder")
+    qat_args: str = stage_args_option("qat")
     force: tuple[str, ...] = option((), choices=(*PIPELINE_STAGES, "all"), repeatable=True,
                                     help="redo STAGE (and what follows) even if up to date; repeatable")
     out: Path | None = option(None, help="output folder (default: build/<model>)")
@@ -64,6 +71,9 @@ class RunConfig(PassedOnArgs, OnnxFileOptions):
             raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}",
                               hint="leave --max-frames out to use every frame")
         check_stage_args(self)
+        parse_stage_args("qat", self.qat_args)
+        if self.qat_args and not self.qat:
+            raise ConfigError("--qat-args given without --qat", hint="add --qat, or leave --qat-args out")
 
     @property
     def destination(self) -> Path:
@@ -108,8 +118,9 @@ def run_pipeline(config: RunConfig, log: StageLog | None = None) -> RunOutput:
     create_output_root(root, command=STAGE, marker=STATE_NAME, model=config.model)
     outcomes, redo = [], False
     planned = {step.stage: step for step in plan}
-    for index, stage in enumerate(PIPELINE_STAGES, 1):
-        prefix = f"[{index}/{len(PIPELINE_STAGES)}] {stage}"
+    stages = [stage for stage in PIPELINE_STAGES if stage != "qat" or config.qat]
+    for index, stage in enumerate(stages, 1):
+        prefix = f"[{index}/{len(stages)}] {stage}"
         if stage in skipped:
             outcomes.append(StageOutcome(stage, "skipped", None, reason=skipped[stage]))
             log.info(f"{prefix} skipped: {skipped[stage]}")
@@ -158,20 +169,26 @@ def plan_steps(config: RunConfig, root: Path, skipped: dict[str, str] | None = N
         "median": c.median}, c.ptq_args, {"export": export.folder})
     steps = [export, ptq]
     chained = {"export": export.folder, "ptq": ptq.folder}
+    int8, int8_stage = ptq, "ptq"
+    if c.qat:
+        int8 = Step("qat", "qat", root / f"qat-{c.preset}", {"ptq": ptq.folder}, c.qat_args, {"ptq": ptq.folder})
+        int8_stage = "qat"
+        steps.append(int8)
+        chained["qat"] = int8.folder
     if "htp-check" not in skipped:
-        htp = Step("htp-check", "htp-check", ptq.folder / "htp-check", {
-            "ptq": ptq.folder, "eval_data": eval_data, "median": c.median, "max_frames": c.max_frames},
-            c.htp_check_args, {"ptq": ptq.folder})
+        htp = Step("htp-check", "htp-check", int8.folder / "htp-check", {
+            "ptq": int8.folder, "eval_data": eval_data, "median": c.median, "max_frames": c.max_frames},
+            c.htp_check_args, {int8_stage: int8.folder})
         steps.append(htp)
         chained["htp-check"] = htp.folder
     if "hub" not in skipped:
-        hub = Step("hub", "hub", root / f"hub-ptq-{c.preset}", {
-            "artifact": ptq.folder, "eval_data": eval_data, "median": c.median, "max_frames": c.max_frames},
-            c.hub_args, {"ptq": ptq.folder})
+        hub = Step("hub", "hub", root / f"hub-{int8_stage}-{c.preset}", {
+            "artifact": int8.folder, "eval_data": eval_data, "median": c.median, "max_frames": c.max_frames},
+            c.hub_args, {int8_stage: int8.folder})
         steps.append(hub)
         chained["hub"] = hub.folder
     steps.append(Step("compare", "compare", root / "compare", {
-        "fp32": export.folder, "int8": ptq.folder, "htp_check": chained.get("htp-check"),
+        "fp32": export.folder, "int8": int8.folder, "htp_check": chained.get("htp-check"),
         "int8_hub": chained.get("hub")}, "", chained))
     return steps
 
@@ -195,8 +212,8 @@ def _headline(outcome: StageOutcome) -> str:
     if outcome.stage == "export":
         figures = manifest.results_as(r.ExportResults)
         return f"{figures.params / 1e6:.1f}M params, {figures.macs / 1e9:.2f} GMACs"
-    if outcome.stage == "ptq":
-        ptq = manifest.results_as(r.PtqResults)
+    if outcome.stage in INT8_STAGES:
+        ptq = manifest.results_as(int8_results_type(outcome.stage))
         text = (f"int8 vs fp32 SQNR {ptq.int8_vs_fp32.sqnr_db:.1f} dB "
                 f"({ptq.int8_vs_fp32.sqnr_db_scale_aligned:.1f} scale-aligned)")
         if ptq.ground_truth is not None:
@@ -214,7 +231,7 @@ def _headline(outcome: StageOutcome) -> str:
 
 
 def _next_hint(result: RunOutput) -> str | None:
-    ptq = next((o.folder for o in result.outcomes if o.stage == "ptq" and o.folder), None)
+    ptq = next((o.folder for o in reversed(result.outcomes) if o.stage in INT8_STAGES and o.folder), None)
     hub = next((o for o in result.outcomes if o.stage == "hub"), None)
     if ptq is not None and hub is not None and hub.status == "skipped":
         return command_line("hub", display_path(ptq)) + "   (on a Galaxy S24, after qai-hub configure)"

@@ -18,7 +18,6 @@ Every option, and the measurements behind the defaults: docs/ptq.md.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +32,13 @@ from lpcv_depth.host import keep_freed_memory
 from lpcv_depth.manifest import (MANIFEST_NAME, ArtifactMismatchError, Manifest, config_as_dict, read_manifest,
                                  sha256_file, write_manifest)
 from lpcv_depth.options import choices_hint, flag_name, inherit, option
-from lpcv_depth.results import ExportResults, PtqResults, PtqSizes
+from lpcv_depth.results import ExportResults, PtqResults
 from lpcv_depth.schema import SchemaError, from_json
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
-from lpcv_depth.stages.export import EXPORTERS, ExportConfig, tracer_warnings_silenced
+from lpcv_depth.stages.export import EXPORTERS, ExportConfig
+from lpcv_depth.stages.int8_outputs import (FP32_ONNX, QDQ_ONNX, Artifacts, Progress, calibrate, export_artifacts,
+                                            manifest_inputs, save_holdout_outputs, sizes)
 from lpcv_depth.stages.ptq_backend import BACKENDS, backend_for, check_backend_option
 from lpcv_depth.stages.ptq_verify import Int8Checks, ptq_gates, score_against_ground_truth, verify_int8
 from lpcv_depth.verify import OrtRunner, ParityThresholds, check_output_range, sqnr_db
@@ -52,10 +53,6 @@ DEFAULT_FP32_MODEL = "depth_anything_v2_vits"
 DEFAULT_CALIB = Path("calibration_data")
 CALIBRATION_SCHEMES = ("min-max", "tf-enhanced", "percentile")
 INT8_WEIGHT_CHOICES = ("none", "first", "last", "first-last")
-FP32_ONNX = "model.onnx"
-QDQ_ONNX = "model_qdq.onnx"
-# fp32 ONNX, AIMET QuantSim and QDQ ONNX outputs on the held-out images, in the manifest's holdout_files order.
-HOLDOUT_OUTPUTS = "holdout_outputs.npz"
 GATE_HINT = ("the artifacts and report were written; try --preset mixed or w8a16, more calibration images, "
              "--calibration-scheme, --adaround or --seq-mse")
 
@@ -277,14 +274,6 @@ class FloatStart:
     backend: str
 
 
-@dataclass(frozen=True)
-class _Artifacts:
-    aimet_dir: Path
-    aimet_onnx: Path
-    encodings: Path
-    qdq: Path
-
-
 def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqOutput:
     """Calibrate, export both int8 artifacts, verify them against fp32 on held-out images, report."""
     from lpcv_depth.backends.aimet_fast import fast_quantize_dequantize
@@ -305,12 +294,13 @@ def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqOutput:
         ablation = _rounding_ablation(config, start.model, sim, inputs, fp32, tail, log)
         mixed = _sensitivity(config, sim, sim_source, inputs, log)
         sim_holdout = _aimet_sim_outputs(sim, inputs, fp32, log)
-        artifacts = _export_artifacts(config, sim, inputs.dummy, staging.path, fp32.name, log)
+        artifacts = export_artifacts(sim, inputs.dummy, staging.path, fp32.name, opset=config.opset,
+                                     exporter=config.exporter, log=log)
         checks = verify_int8(config, fp32, artifacts.qdq, sim_holdout, inputs.holdout, log)
         results = PtqResults(model=fp32.name, preset=config.preset, techniques=techniques,
                              fp32_contract=fp32.contract, calibration_analyzers=analyzers,
                              preparation=asdict(start.preparation), qdq_vs_aimet_sim=checks.qdq_vs_aimet_sim,
-                             int8_vs_fp32=checks.fidelity, sizes_bytes=_sizes(fp32, artifacts),
+                             int8_vs_fp32=checks.fidelity, sizes_bytes=sizes(fp32.onnx, artifacts),
                              host_latency_ms=checks.latency, ground_truth=checks.ground_truth, ablation=ablation,
                              mixed_precision=mixed, backend=start.backend)
         manifest_path = write_outputs(config, staging.path, start.export, fp32, inputs, artifacts, sim_holdout,
@@ -319,17 +309,18 @@ def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqOutput:
 
 
 def write_outputs(config: PtqConfig, folder: Path, export: Manifest, fp32: _Fp32, inputs: _Inputs,
-                  artifacts: _Artifacts, sim_holdout: np.ndarray, checks: Int8Checks, results: PtqResults,
+                  artifacts: Artifacts, sim_holdout: np.ndarray, checks: Int8Checks, results: PtqResults,
                   log: StageLog) -> Path:
     """The report, the held-out outputs and the manifest, last (whichever AIMET route made the artifacts)."""
     report_files = _report(config, folder, results, fp32, checks, log)
-    holdout_outputs = _save_holdout_outputs(folder, fp32, sim_holdout, checks)
-    return write_manifest(folder, stage=STAGE, config=config.as_dict(), inputs=_manifest_inputs(export, fp32, inputs),
+    holdout_outputs = save_holdout_outputs(folder, fp32.holdout, sim_holdout, checks.int8_holdout)
+    record = manifest_inputs(export, fp32.onnx, fp32.onnx_sha256, fp32.weights, inputs.split)
+    return write_manifest(folder, stage=STAGE, config=config.as_dict(), inputs=record,
                           outputs=[artifacts.aimet_onnx, artifacts.encodings, artifacts.qdq, holdout_outputs,
                                    *report_files], timings=log.timings, results=results)
 
 
-def finish(config: PtqConfig, artifacts: _Artifacts, manifest_path: Path, results: PtqResults,
+def finish(config: PtqConfig, artifacts: Artifacts, manifest_path: Path, results: PtqResults,
            log: StageLog) -> PtqOutput:
     """The finished folder's PtqOutput, once it is in place; then the gates (exit 3)."""
     out = config.destination
@@ -596,17 +587,9 @@ def _seq_mse_step(config: PtqConfig, sim, inputs: _Inputs, techniques: dict, log
         raise RuntimeError("SeqMSE optimized no layer: aimet-torch changed how it selects layers")
 
 
-def _calibrate(sim, batches) -> None:
-    from lpcv_depth.backends import aimet as aimet_sim
-    from lpcv_depth.backends.aimet_fast import calibration_without_output_copies
-
-    with _progress(len(batches), "calibrating") as tick, calibration_without_output_copies(sim):
-        sim.compute_encodings(lambda m: aimet_sim.run_forward(m, batches, tick))
-
-
 def _calibrate_step(sim, inputs: _Inputs, log: StageLog) -> None:
     with log.step("compute-encodings") as step:
-        _calibrate(sim, inputs.calibration_batches)
+        calibrate(sim, inputs.calibration_batches, STAGE)
         step.detail = f"{len(inputs.calibration_batches)} images"
 
 
@@ -620,7 +603,7 @@ def _rounding_ablation(config: PtqConfig, float_model, sim, inputs: _Inputs, fp3
         return None
     with log.step("rounding-ablation") as step:
         nearest, _ = build_quantsim(config, float_model, inputs.dummy, tail)
-        _calibrate(nearest, inputs.calibration_batches)
+        calibrate(nearest, inputs.calibration_batches, STAGE)
         without = sqnr_db(fp32.holdout, aimet_sim.run_forward(nearest.model, inputs.holdout_batches))
         with_ = sqnr_db(fp32.holdout, aimet_sim.run_forward(sim.model, inputs.holdout_batches))
         step.detail = f"AIMET sim SQNR {with_:.2f} dB with {applied}, {without:.2f} dB with nearest rounding"
@@ -640,7 +623,7 @@ def _sensitivity(config: PtqConfig, sim, reference_model, inputs: _Inputs, log: 
     images = torch.from_numpy(inputs.sensitivity)
     with log.step("sensitivity") as step:
         quantizers = aimet_sim.activation_quantizers(sim, max_bitwidth=8)
-        with _progress(len(quantizers), "per-layer sensitivity") as tick:
+        with Progress(len(quantizers), f"{STAGE}: per-layer sensitivity") as tick:
             reference = aimet_sim.run_forward(reference_model, [images])
             sensitivity = aimet_sim.promote_sensitive_layers(sim, [images], reference,
                                                              max_drop_db=config.mixed_max_drop, progress=tick)
@@ -659,26 +642,7 @@ def _aimet_sim_outputs(sim, inputs: _Inputs, fp32: _Fp32, log: StageLog) -> np.n
     return outputs
 
 
-def _export_artifacts(config: PtqConfig, sim, dummy, folder: Path, name: str, log: StageLog) -> _Artifacts:
-    from lpcv_depth.backends import aimet as aimet_sim
-
-    dynamo = config.exporter == "dynamo"
-    with log.step("export-aimet") as step, tracer_warnings_silenced():
-        aimet_dir = folder / f"{name}.aimet"
-        aimet_onnx, encodings = aimet_sim.export_for_ai_hub(sim, dummy, aimet_dir, name, config.opset, dynamo=dynamo)
-        step.artifact = aimet_dir
-    with log.step("export-qdq") as step, tracer_warnings_silenced():
-        qdq = aimet_sim.export_qdq(sim, dummy, folder / QDQ_ONNX, config.opset, dynamo=dynamo)
-        step.artifact = qdq
-    return _Artifacts(aimet_dir=aimet_dir, aimet_onnx=aimet_onnx, encodings=encodings, qdq=qdq)
-
-
 # --- outputs --------------------------------------------------------------------------------------
-
-def _sizes(fp32: _Fp32, artifacts: _Artifacts) -> PtqSizes:
-    return PtqSizes(fp32_onnx=fp32.onnx.stat().st_size, qdq_onnx=artifacts.qdq.stat().st_size,
-                    aimet_onnx=artifacts.aimet_onnx.stat().st_size, aimet_encodings=artifacts.encodings.stat().st_size)
-
 
 def _report(config: PtqConfig, folder: Path, results: PtqResults, fp32: _Fp32, checks: Int8Checks,
             log: StageLog) -> list[Path]:
@@ -688,36 +652,6 @@ def _report(config: PtqConfig, folder: Path, results: PtqResults, fp32: _Fp32, c
         files = write_report(folder, config, results, fp32.holdout, checks.int8_holdout)
         step.artifact = folder / "report.md"
     return files
-
-
-def _save_holdout_outputs(folder: Path, fp32: _Fp32, sim_holdout: np.ndarray, checks: Int8Checks) -> Path:
-    """Later checks (the local HTP check) compare against the same held-out outputs instead of
-    rebuilding AIMET's simulation; the image files are listed in the manifest's calibration split."""
-    path = folder / HOLDOUT_OUTPUTS
-    np.savez_compressed(path, fp32=fp32.holdout, aimet_sim=sim_holdout, int8_qdq=checks.int8_holdout)
-    return path
-
-
-def _manifest_inputs(export: Manifest, fp32: _Fp32, inputs: _Inputs) -> dict:
-    return {"fp32_onnx": {"path": os.fspath(fp32.onnx), "sha256": fp32.onnx_sha256},
-            "export_manifest": {"path": os.fspath(Path(export.folder) / MANIFEST_NAME)},
-            "weights": fp32.weights, "calibration": inputs.split.describe()}
-
-
-class _progress:
-    """A tqdm bar on stderr for the long loops (calibration, sensitivity)."""
-
-    def __init__(self, total: int, what: str):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=f"{STAGE}: {what}", unit="it", leave=False, file=sys.stderr)
-
-    def __enter__(self):
-        return lambda: self.bar.update(1)
-
-    def __exit__(self, *exc):
-        self.bar.close()
-        return False
 
 
 def _next_hint(result: PtqOutput) -> str:

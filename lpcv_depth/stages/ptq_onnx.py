@@ -16,8 +16,8 @@ from lpcv_depth.host import keep_freed_memory
 from lpcv_depth.manifest import Manifest
 from lpcv_depth.results import ExportResults, PtqResults
 from lpcv_depth.stage import StageLog, StagingDir
-from lpcv_depth.stages.ptq import (FP32_ONNX, QDQ_ONNX, STAGE, PtqConfig, PtqOutput, _Artifacts, _calibration_data,
-                                   _Fp32, _Inputs, _progress, _sizes, finish, write_outputs)
+from lpcv_depth.stages.int8_outputs import FP32_ONNX, QDQ_ONNX, Artifacts, Progress, sizes
+from lpcv_depth.stages.ptq import STAGE, PtqConfig, PtqOutput, _calibration_data, _Fp32, _Inputs, finish, write_outputs
 from lpcv_depth.stages.ptq_verify import verify_int8
 from lpcv_depth.verify import OrtRunner, check_output_range, sqnr_db
 
@@ -46,7 +46,7 @@ def run_ptq_aimet_onnx(config: PtqConfig, export: tuple[Manifest, ExportResults]
         results = PtqResults(model=fp32.name, preset=config.preset, techniques=techniques,
                              fp32_contract=fp32.contract, calibration_analyzers=analyzers, preparation={},
                              qdq_vs_aimet_sim=checks.qdq_vs_aimet_sim, int8_vs_fp32=checks.fidelity,
-                             sizes_bytes=_sizes(fp32, artifacts), host_latency_ms=checks.latency,
+                             sizes_bytes=sizes(fp32.onnx, artifacts), host_latency_ms=checks.latency,
                              ground_truth=checks.ground_truth, backend=BACKEND)
         manifest_path = write_outputs(config, staging.path, manifest, fp32, inputs, artifacts, sim_holdout, checks,
                                       results, log)
@@ -104,7 +104,7 @@ def _calibrate_step(sim, inputs: _Inputs, log: StageLog) -> None:
     from lpcv_depth.backends import aimet_onnx
 
     batches = [batch.numpy() for batch in inputs.calibration_batches]
-    with log.step("compute-encodings") as step, _progress(len(batches), "calibrating") as tick:
+    with log.step("compute-encodings") as step, Progress(len(batches), f"{STAGE}: calibrating") as tick:
         aimet_onnx.calibrate(sim, batches, tick)
         step.detail = f"{len(batches)} images through ONNX Runtime"
 
@@ -118,7 +118,7 @@ def _sim_outputs(sim, inputs: _Inputs, fp32: _Fp32, log: StageLog) -> np.ndarray
     return outputs
 
 
-def _export_artifacts(sim, folder: Path, name: str, log: StageLog) -> _Artifacts:
+def _export_artifacts(sim, folder: Path, name: str, log: StageLog) -> Artifacts:
     from lpcv_depth.backends import aimet_onnx
 
     with log.step("export-aimet") as step:
@@ -128,4 +128,4 @@ def _export_artifacts(sim, folder: Path, name: str, log: StageLog) -> _Artifacts
     with log.step("export-qdq") as step:
         qdq = aimet_onnx.export_qdq(sim, folder / QDQ_ONNX)
         step.artifact = qdq
-    return _Artifacts(aimet_dir=aimet_dir, aimet_onnx=aimet_path, encodings=encodings, qdq=qdq)
+    return Artifacts(aimet_dir=aimet_dir, aimet_onnx=aimet_path, encodings=encodings, qdq=qdq)

@@ -21,12 +21,15 @@ TECHNIQUE_FLAGS = ("bn_fold", "cle", "adaround", "seq_mse")
 MAX_LISTED_LAYERS = 20
 
 
-def write_report(folder: Path, config, results: PtqResults, fp32: np.ndarray, int8: np.ndarray) -> list[Path]:
+def write_report(folder: Path, config, results: PtqResults, fp32: np.ndarray, int8: np.ndarray, *,
+                 record: dict | None = None, title: str = "PTQ report", sections: tuple[str, ...] = ()) -> list[Path]:
+    """`config` is the ptq config the int8 model was calibrated with; qat passes its own config as
+    `record` (report.json's "config") and its training as extra `sections` after the fidelity table."""
     json_path = folder / "report.json"
-    json_path.write_text(json.dumps({"config": config.as_dict(), **to_json(results)}, indent=2,
-                                    allow_nan=False) + "\n")
+    json_path.write_text(json.dumps({"config": record if record is not None else config.as_dict(),
+                                     **to_json(results)}, indent=2, allow_nan=False) + "\n")
     md_path = folder / "report.md"
-    md_path.write_text(markdown(config, results))
+    md_path.write_text(markdown(config, results, title, sections))
     png_path = folder / "report.png"
     _figure(png_path, fp32, int8)
     return [json_path, md_path, png_path]
@@ -41,11 +44,11 @@ def _plain(value):
     raise TypeError(type(value).__name__)
 
 
-def markdown(config, results: PtqResults) -> str:
+def markdown(config, results: PtqResults, title: str = "PTQ report", extra: tuple[str, ...] = ()) -> str:
     techniques = ", ".join(f"{name}={'on' if getattr(config, name) else 'off'}" for name in TECHNIQUE_FLAGS)
-    sections = [f"# PTQ report: {config.preset} ({config.preset_spec.description})\n",
+    sections = [f"# {title}: {config.preset} ({config.preset_spec.description})\n",
                 f"Calibration: {config.calibration_scheme}; techniques: {techniques}; AIMET route: {results.backend}\n",
-                _fidelity_section(results)]
+                _fidelity_section(results), *extra]
     if results.ground_truth is not None:
         sections.append(_ground_truth_section(results))
     sections += ["## What each technique bought\n", "\n".join(_technique_lines(results)) + "\n",

@@ -1,0 +1,278 @@
+"""QAT end to end on the real FastDepth from the shared w8a8 ptq folder (conftest): the rebuilt
+QuantSim, a short fine-tune that must beat its ptq start, the same artifacts and checks as ptq, the
+stages that take its folder, and the refusals. A few photos and one epoch keep the default suite quick."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aimet_torch", reason="aimet-torch (the quant extra) is not installed")
+
+from lpcv_depth.cli import main  # noqa: E402
+from lpcv_depth.errors import ConfigError  # noqa: E402
+from lpcv_depth.manifest import ArtifactMismatchError, Manifest, read_manifest, sha256_file  # noqa: E402
+from lpcv_depth.results import QatResults  # noqa: E402
+from lpcv_depth.stages.qat import QatConfig, run_qat  # noqa: E402
+
+# One epoch over 4 photos (2 steps): seconds of training, enough to exercise every step of the stage.
+SHORT_RUN = dict(epochs=1, num_train=4, batch_size=2, lr=1e-4)
+
+
+@pytest.fixture(scope="module")
+def qat_run(fastdepth_w8a8, tmp_path_factory):
+    return run_qat(QatConfig(ptq=fastdepth_w8a8.out_dir, out=tmp_path_factory.mktemp("qat") / "qat-w8a8",
+                             **SHORT_RUN))
+
+
+def test_qat_keeps_its_best_checkpoint_and_does_no_harm(qat_run):
+    """FastDepth w8a8 is already within noise of fp32 (docs/qat.md): an epoch that does not beat the
+    ptq start on the scale-aligned held-out SQNR is not kept, so the exported model is never worse."""
+    results = qat_run.results
+    training = results.training
+    assert training.epochs_done == 1 and not results.partial and not training.stopped_early
+    epoch = training.history[0]
+    if epoch.holdout_sqnr_db > training.start_holdout_sqnr_db:
+        assert training.best_epoch == 1 and training.best_holdout_sqnr_db == epoch.holdout_sqnr_db
+    else:
+        assert training.best_epoch == 0 and training.best_holdout_sqnr_db == training.start_holdout_sqnr_db
+    # The exported QDQ model (ONNX Runtime) against fp32, as ptq measures it: the kept sim's figure, within
+    # the QDQ-vs-sim parity (ptq's own start is ptq_int8_vs_fp32).
+    assert results.int8_vs_fp32.sqnr_db_scale_aligned > results.ptq_int8_vs_fp32.sqnr_db_scale_aligned - 1.0
+    assert results.ground_truth is not None and results.ptq_ground_truth is not None  # ptq's --eval-data
+
+
+def test_the_rebuilt_quantsim_is_the_ptq_one(qat_run, fastdepth_w8a8):
+    inputs = qat_run.manifest["inputs"]
+    reproduced = inputs["ptq_manifest"]["rebuilt_sim_vs_saved"]
+    assert reproduced["max_abs_diff"] < 1e-3 and (reproduced["sqnr_db"] is None or reproduced["sqnr_db"] >= 60)
+    assert inputs["ptq_manifest"]["sha256"] == sha256_file(fastdepth_w8a8.out_dir / "manifest.json")
+    assert inputs["fp32_onnx"] == fastdepth_w8a8.manifest["inputs"]["fp32_onnx"]
+    assert inputs["calibration"] == fastdepth_w8a8.manifest["inputs"]["calibration"]
+
+
+def test_it_writes_what_ptq_writes(qat_run, fastdepth_w8a8):
+    out = qat_run.out_dir
+    manifest = Manifest.read(out, stage="qat")
+    results = manifest.results_as(QatResults)
+    assert results.preset == "w8a8" and results.model == "fastdepth"
+    ptq_files = {o["path"] for o in fastdepth_w8a8.manifest["outputs"]}
+    assert {o.path for o in manifest.outputs} == ptq_files
+    saved = np.load(out / "holdout_outputs.npz")
+    assert set(saved.files) == {"fp32", "aimet_sim", "int8_qdq"}
+    report = (out / "report.md").read_text()
+    assert "# QAT report: w8a8" in report and "| epoch | loss |" in report
+    assert json.loads((out / "report.json").read_text())["config"]["ptq"] == str(fastdepth_w8a8.out_dir)
+
+
+def test_htp_check_and_evaluate_take_the_qat_folder(qat_run, rgbd_dir, tmp_path):
+    pytest.importorskip("onnxruntime_qnn", reason="the qnn extra is not installed")
+    from lpcv_depth.stages.evaluate import EvaluateConfig, run_evaluate
+    from lpcv_depth.stages.htp_check import HtpCheckConfig, run_htp_check
+
+    htp = run_htp_check(HtpCheckConfig(ptq=qat_run.out_dir, max_frames=1, fp16_baseline=False,
+                                       out=tmp_path / "htp"))
+    assert htp.results.coverage.full_htp
+    scored = run_evaluate(EvaluateConfig(data=rgbd_dir / "kinect_home", onnx=qat_run.qdq_onnx, out=tmp_path / "eval",
+                                         num_vis=0, threads=1))
+    assert scored.results.overall.scored == qat_run.results.ground_truth.frames
+
+
+def test_hub_and_compare_read_a_qat_folder(qat_run, fastdepth_export):
+    from lpcv_depth.stages.compare import CompareConfig, read_inputs
+    from lpcv_depth.stages.hub_artifacts import resolve_artifact
+
+    artifact = resolve_artifact(qat_run.out_dir)
+    assert artifact.kind == "ptq" and artifact.label == "qat-w8a8" and artifact.upload.suffix == ".aimet"
+    inputs = read_inputs(CompareConfig(fp32=fastdepth_export, int8=qat_run.out_dir))
+    assert isinstance(inputs.ptq.results, QatResults) and inputs.ptq_fp32_matches
+
+
+def _fails_with_fix(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "fix:" in err
+    return err
+
+
+def test_bad_options_exit_2_with_a_fix(fastdepth_w8a8, tmp_path, capsys):
+    ptq = str(fastdepth_w8a8.out_dir)
+    assert "epochs must be >= 1" in _fails_with_fix(["qat", "--ptq", ptq, "--epochs", "0"], capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no photos here")
+    assert "holds no JPG/PNG images" in _fails_with_fix(["qat", "--ptq", ptq, "--train-images", str(empty)], capsys)
+    with pytest.raises(SystemExit) as exited:  # argparse refuses a value outside the choices
+        main(["qat", "--ptq", ptq, "--device", "tpu"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "invalid choice: 'tpu'" in err and "fix:" in err
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        QatConfig(ptq=fastdepth_w8a8.out_dir, device="tpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_without_a_gpu_is_refused_and_auto_picks_what_there_is(fastdepth_w8a8, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _fails_with_fix(["qat", "--ptq", str(fastdepth_w8a8.out_dir), "--device", "cuda"], capsys)
+    assert "torch sees no CUDA GPU" in err and "--device cpu" in err
+    from lpcv_depth.device import resolve_device
+
+    assert resolve_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda" and resolve_device("cuda") == "cuda" and resolve_device("cpu") == "cpu"
+
+
+def test_a_ptq_folder_whose_export_changed_is_refused(fastdepth_w8a8, tmp_path, capsys):
+    """The export is redone (another model.onnx, its manifest consistent) after ptq quantized the old one."""
+    ptq_manifest = read_manifest(fastdepth_w8a8.out_dir)
+    export = Path(ptq_manifest["config"]["fp32"])
+    new_export, ptq = tmp_path / "export", tmp_path / "ptq-w8a8"
+    shutil.copytree(export, new_export)
+    shutil.copytree(fastdepth_w8a8.out_dir, ptq)
+    onnx_path = new_export / "model.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")  # another file, recorded as the export's own
+    export_manifest = read_manifest(new_export)
+    for output in export_manifest["outputs"]:
+        if output["path"] == "model.onnx":
+            output.update(bytes=onnx_path.stat().st_size, sha256=sha256_file(onnx_path))
+    (new_export / "manifest.json").write_text(json.dumps(export_manifest))
+    ptq_manifest["config"]["fp32"] = str(new_export)
+    (ptq / "manifest.json").write_text(json.dumps(ptq_manifest))
+    with pytest.raises(ArtifactMismatchError, match="changed since"):
+        run_qat(QatConfig(ptq=ptq, out=tmp_path / "qat"))
+    err = _fails_with_fix(["qat", "--ptq", str(ptq), "--out", str(tmp_path / "qat")], capsys)
+    assert "sha256 differs" in err
+    assert not (tmp_path / "qat").exists()
+
+
+def test_not_a_ptq_folder_is_refused(fastdepth_export, tmp_path, capsys):
+    err = _fails_with_fix(["qat", "--ptq", str(fastdepth_export), "--out", str(tmp_path / "qat")], capsys)
+    assert "holds a 'export' stage output, not ptq" in err
+
+
+class _Tiny:
+    """A stand-in QuantSim: `model` is what fine_tune trains (two convs, one weight each)."""
+
+    def __init__(self):
+        import torch
+
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                         torch.nn.Conv2d(4, 1, 3, padding=1), torch.nn.Sigmoid())
+
+
+def _tiny_data():
+    import torch
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (6, 3, 16, 16)).astype(np.float32)
+    targets = (0.2 + 0.6 * images.mean(1, keepdims=True)).astype(np.float32)
+    holdout = [torch.from_numpy(images[i:i + 1]) for i in range(2)]
+    return images, targets, holdout, targets[:2]
+
+
+def test_an_interrupt_keeps_the_best_checkpoint_so_far(monkeypatch):
+    from lpcv_depth.stages import qat_train
+
+    images, targets, holdout, reference = _tiny_data()
+    settings = qat_train.TrainSettings(epochs=5, lr=1e-2, batch_size=2, patience=5, loss="si-log",
+                                       learn_encodings=True, device="cpu", seed=0)
+    real_epoch, calls = qat_train._one_epoch, []
+
+    def epoch_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(qat_train, "_one_epoch", epoch_then_ctrl_c)
+    sim = _Tiny()
+    training = qat_train.fine_tune(sim, images, targets, holdout, reference, settings, lambda *_: None)
+    assert training.interrupted and len(training.history) == 2
+    best = max(training.history, key=lambda e: e.holdout_sqnr_db)
+    if best.holdout_sqnr_db > training.start_sqnr_db:
+        assert training.best_epoch == best.epoch
+    # The sim holds the kept checkpoint: its held-out SQNR is the best one recorded.
+    assert qat_train._holdout_sqnr(sim.model, holdout, reference, "cpu")[0] == pytest.approx(training.best_sqnr_db,
+                                                                                            abs=1e-4)
+
+
+def test_early_stopping_keeps_the_best_epoch(monkeypatch):
+    from lpcv_depth.stages import qat_train
+
+    images, targets, holdout, reference = _tiny_data()
+    scores = iter([10.0, 12.0, 11.0, 11.5, 13.0])
+    monkeypatch.setattr(qat_train, "_holdout_sqnr", lambda *_: (next(scores), 0.0))
+    settings = qat_train.TrainSettings(epochs=4, lr=1e-3, batch_size=3, patience=2, loss="si-log-grad",
+                                       learn_encodings=False, device="cpu", seed=0)
+    training = qat_train.fine_tune(_Tiny(), images, targets, holdout, reference, settings, lambda *_: None)
+    assert [e.epoch for e in training.history] == [1, 2, 3]
+    assert training.best_epoch == 1 and training.best_sqnr_db == 12.0 and training.stopped_early
+
+
+def test_losses_are_scale_invariant():
+    import torch
+
+    from lpcv_depth.stages.qat_train import LOSSES, qat_loss
+
+    rng = np.random.default_rng(1)
+    teacher = torch.from_numpy(rng.uniform(0.1, 1, (2, 1, 32, 32)).astype(np.float32))
+    student = torch.from_numpy(rng.uniform(0.1, 1, (2, 1, 32, 32)).astype(np.float32))
+    for loss in LOSSES:
+        assert float(qat_loss(loss, teacher * 0.5, teacher)) == pytest.approx(0.0, abs=1e-6)
+        assert float(qat_loss(loss, student, teacher)) > 0.01
+        assert float(qat_loss(loss, student * 0.7, teacher)) == pytest.approx(float(qat_loss(loss, student, teacher)),
+                                                                            rel=1e-4)
+
+
+@pytest.mark.slow  # a second rebuild and export; the interrupt itself is covered by the test above
+def test_ctrl_c_during_training_writes_a_partial_output(fastdepth_w8a8, tmp_path, monkeypatch, capsys):
+    from lpcv_depth.stages import qat_train
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qat_train, "_one_epoch", ctrl_c)
+    out = tmp_path / "qat"
+    assert main(["qat", "--ptq", str(fastdepth_w8a8.out_dir), "--out", str(out), "--num-train", "2"]) == 130
+    assert "marked partial" in capsys.readouterr().err
+    manifest = Manifest.read(out, stage="qat")
+    results = manifest.results_as(QatResults)
+    assert results.partial and results.training.epochs_done == 0 and results.training.best_epoch == 0
+
+
+def test_docs_flag_table_matches_the_config():
+    import re
+
+    from lpcv_depth.options import cli_fields, flag_name
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "qat.md").read_text()
+    text = page.split("## Options", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| `--")]
+    flags = {flag for row in rows for flag in re.findall(r"--[a-z0-9-]+", row[1]) if not flag.startswith("--no-")}
+    assert {flag_name(field.name) for field, _ in cli_fields(QatConfig)} | {"--workspace"} == flags
+
+
+def test_run_chains_qat_between_ptq_and_the_int8_stages(calib_subset, tmp_path):
+    from lpcv_depth.runner import check_steps
+    from lpcv_depth.stages.pipeline import RunConfig, plan_steps
+
+    root = tmp_path / "run"
+    base = dict(model="fastdepth", weights="None", calib=calib_subset, out=root)
+    steps = {step.name: step for step in plan_steps(RunConfig(**base, qat=True, qat_args="--epochs 2"), root)}
+    check_steps(steps.values())
+    assert steps["qat"].config.ptq == steps["ptq"].folder and steps["qat"].config.epochs == 2
+    assert steps["htp-check"].config.ptq == steps["compare"].config.int8 == steps["qat"].folder
+    assert steps["hub"].config.artifact == steps["qat"].folder and steps["hub"].folder.name == "hub-qat-w8a8"
+    without = {step.name: step for step in plan_steps(RunConfig(**base), root)}
+    assert "qat" not in without and without["compare"].config.int8 == without["ptq"].folder
+    with pytest.raises(ConfigError, match="--qat-args given without --qat"):
+        RunConfig(**base, qat_args="--epochs 2")
+    with pytest.raises(ConfigError, match="wires itself"):
+        check_steps(plan_steps(RunConfig(**base, qat=True, qat_args="--ptq elsewhere"), root))
