@@ -276,3 +276,21 @@ def test_run_chains_qat_between_ptq_and_the_int8_stages(calib_subset, tmp_path):
         RunConfig(**base, qat_args="--epochs 2")
     with pytest.raises(ConfigError, match="wires itself"):
         check_steps(plan_steps(RunConfig(**base, qat=True, qat_args="--ptq elsewhere"), root))
+
+
+def test_a_4bit_rebuild_must_differ_from_ptq_far_less_than_ptq_differs_from_fp32():
+    from types import SimpleNamespace
+
+    from lpcv_depth.stages.ptq import PtqConfig
+    from lpcv_depth.stages.qat_start import REPRODUCED_4BIT_MARGIN_DB, REPRODUCED_MIN_SQNR_DB, _reproduction_floor
+    from lpcv_depth.verify import sqnr_db
+
+    rng = np.random.default_rng(0)
+    fp32 = rng.random((2, 1, 8, 8)).astype(np.float32)
+    saved = fp32 + rng.normal(0, 0.1, fp32.shape).astype(np.float32)  # a ptq sim well away from fp32
+    w8a8, w4a8 = (SimpleNamespace(config=PtqConfig(preset=preset)) for preset in ("w8a8", "w4a8"))
+    assert _reproduction_floor(w8a8, fp32, saved) == REPRODUCED_MIN_SQNR_DB
+    floor = _reproduction_floor(w4a8, fp32, saved)
+    assert floor == pytest.approx(sqnr_db(fp32, saved) + REPRODUCED_4BIT_MARGIN_DB)
+    assert floor < REPRODUCED_MIN_SQNR_DB
+    assert _reproduction_floor(w4a8, fp32, fp32 + 1e-6) == REPRODUCED_MIN_SQNR_DB  # never above the 8-bit floor

@@ -29,9 +29,12 @@ from lpcv_depth.verify import sqnr_db
 __all__ = ["PtqFolder", "read_ptq_folder", "check_same_images", "rebuild_quantsim", "REPRODUCED_MIN_SQNR_DB"]
 
 STAGE = "qat"
-# The rebuilt sim against the outputs ptq saved: the same encodings give the same numbers bit for bit
-# on one machine; this floor leaves room for another CPU's float summation order.
+# The rebuilt sim against the outputs ptq saved: with 8-bit weights the same encodings give the same
+# numbers bit for bit on one machine; this floor leaves room for another CPU's float summation order.
 REPRODUCED_MIN_SQNR_DB = 60.0
+# With 4-bit weights the rebuild is close but not bit-exact (docs/qat.md, "4-bit weights"): it must
+# then differ from ptq's sim far less than ptq's sim differs from fp32.
+REPRODUCED_4BIT_MARGIN_DB = 20.0
 # Fields of ptq's manifest config that it derives rather than takes as options.
 _DERIVED = ("destination", "preset_spec", "opset")
 
@@ -113,13 +116,20 @@ def rebuild_quantsim(ptq: PtqFolder, start: FloatStart, scratch: Path, log: Stag
         rebuilt = aimet_sim.run_forward(sim.model, start.inputs.holdout_batches[:len(saved)])
         reproduced = sqnr_db(saved, rebuilt)
         step.detail = f"held-out outputs vs ptq's saved ones: SQNR {reproduced:.1f} dB"
-    if reproduced < REPRODUCED_MIN_SQNR_DB:
+    floor = _reproduction_floor(ptq, np.load(ptq.folder / HOLDOUT_OUTPUTS)["fp32"], saved)
+    if reproduced < floor:
         raise ArtifactMismatchError(
             f"the QuantSim rebuilt from {ptq.folder} does not reproduce its held-out outputs (SQNR {reproduced:.1f} "
-            f"dB < {REPRODUCED_MIN_SQNR_DB:.0f} dB): it was written by another lpcv-depth or aimet-torch version",
+            f"dB < {floor:.1f} dB): it was written by another lpcv-depth or aimet-torch version",
             hint=f"rerun {command_line('ptq')} with this version, then qat on its output")
     identical = not np.isfinite(reproduced)
     return sim, {"sqnr_db": None if identical else reproduced, "max_abs_diff": float(np.abs(saved - rebuilt).max())}
+
+
+def _reproduction_floor(ptq: PtqFolder, fp32: np.ndarray, saved: np.ndarray) -> float:
+    if ptq.config.preset_spec.param_bw >= 8:
+        return REPRODUCED_MIN_SQNR_DB
+    return min(REPRODUCED_MIN_SQNR_DB, sqnr_db(fp32[:len(saved)], saved) + REPRODUCED_4BIT_MARGIN_DB)
 
 
 def _load_weights(model, onnx_path: Path) -> int:
