@@ -2,7 +2,7 @@
 
     python benchmarks/qat_bench.py fastdepth                  # real weights, w8a8: F-score drop vs fp32, PTQ vs PTQ+QAT
     python benchmarks/qat_bench.py fastdepth --losses si-log,si-log-grad   # the loss choice (docs/qat.md)
-    python benchmarks/qat_bench.py fastdepth --preset w4a8    # once ptq has the 4-bit presets
+    python benchmarks/qat_bench.py fastdepth --preset w4a8    # 4-bit weights: a start with a real drop
     python benchmarks/qat_bench.py vits --num-calib 16 --epochs 1   # DA-V2 ViT-S, random weights: held-out SQNR
 
 FastDepth is scored against ground truth on the shared RGB-D sets that do not overlap the training
