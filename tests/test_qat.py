@@ -320,3 +320,11 @@ def test_a_rebuild_from_read_back_encodings_must_differ_from_ptq_far_less_than_p
         assert floor == pytest.approx(sqnr_db(fp32, saved) + REPRODUCED_LOADED_MARGIN_DB)
         assert floor < REPRODUCED_MIN_SQNR_DB
         assert _reproduction_floor(ptq, fp32, fp32 + 1e-6) == REPRODUCED_MIN_SQNR_DB  # never above the exact floor
+
+
+def test_predict_takes_a_qat_folder_as_it_takes_a_ptq_folder(qat_run, calib_subset, tmp_path):
+    photo = sorted(calib_subset.glob("*.jpg"))[0]
+    out = tmp_path / "predict"
+    assert main(["predict", str(photo), "--ptq", str(qat_run.out_dir), "--save-npy", "--out", str(out)]) == 0
+    [saved] = list((out / "npy").rglob("*.npy"))
+    assert np.load(saved).shape == (1, 1, 480, 640)

@@ -19,7 +19,7 @@ from lpcv_depth.stage import StageLog
 from lpcv_depth.stages.export import tracer_warnings_silenced
 
 __all__ = ["INT8_STAGES", "FP32_ONNX", "QDQ_ONNX", "HOLDOUT_OUTPUTS", "Artifacts", "export_artifacts", "sizes",
-           "save_holdout_outputs", "manifest_inputs", "calibrate", "Progress"]
+           "save_holdout_outputs", "manifest_inputs", "calibrate", "aimet_sim_outputs", "Progress"]
 
 FP32_ONNX = "model.onnx"
 QDQ_ONNX = "model_qdq.onnx"
@@ -77,6 +77,17 @@ def calibrate(sim, batches, stage: str) -> None:
 
     with Progress(len(batches), f"{stage}: calibrating") as tick, calibration_without_output_copies(sim):
         sim.compute_encodings(lambda m: aimet_sim.run_forward(m, batches, tick))
+
+
+def aimet_sim_outputs(sim, holdout_batches: list, fp32_holdout: np.ndarray, log: StageLog) -> np.ndarray:
+    """The AIMET sim's outputs on the held-out images (the `aimet-sim` step), its SQNR vs fp32 on the step line."""
+    from lpcv_depth.backends import aimet as aimet_sim
+    from lpcv_depth.verify import sqnr_db
+
+    with log.step("aimet-sim") as step:
+        outputs = aimet_sim.run_forward(sim.model, holdout_batches)
+        step.detail = f"SQNR vs fp32 {sqnr_db(fp32_holdout, outputs):.1f} dB on held-out images"
+    return outputs
 
 
 class Progress:

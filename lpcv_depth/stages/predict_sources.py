@@ -87,12 +87,12 @@ def _onnx_identity(path: Path) -> dict:
 
 
 def _ptq_folder(folder: Path, flag: str) -> tuple[Manifest, Path]:
-    """A ptq stage output, its outputs' hashes checked, and its QDQ model."""
-    from lpcv_depth.stages.ptq import QDQ_ONNX
+    """A ptq (or qat) stage output, its outputs' hashes checked, and its QDQ model."""
+    from lpcv_depth.stages.int8_outputs import INT8_STAGES, QDQ_ONNX
 
     if not folder.is_dir():
         raise ConfigError(f"{flag} {folder} is not a folder", hint=f"pass the folder {command_line('ptq')} wrote")
-    manifest = Manifest.read(folder, stage="ptq", flag=flag)
+    manifest = Manifest.read(folder, stage=INT8_STAGES, flag=flag)
     qdq = folder / QDQ_ONNX
     if not qdq.is_file():
         raise ConfigError(f"{folder} has no {QDQ_ONNX}", hint=f"rerun {command_line('ptq')}")

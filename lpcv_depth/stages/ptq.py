@@ -37,8 +37,8 @@ from lpcv_depth.schema import SchemaError, from_json
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import EXPORTERS, ExportConfig
-from lpcv_depth.stages.int8_outputs import (FP32_ONNX, QDQ_ONNX, Artifacts, Progress, calibrate, export_artifacts,
-                                            manifest_inputs, save_holdout_outputs, sizes)
+from lpcv_depth.stages.int8_outputs import (FP32_ONNX, QDQ_ONNX, Artifacts, Progress, aimet_sim_outputs, calibrate,
+                                            export_artifacts, manifest_inputs, save_holdout_outputs, sizes)
 from lpcv_depth.stages.ptq_backend import BACKENDS, backend_for, check_backend_option
 from lpcv_depth.stages.ptq_verify import Int8Checks, ptq_gates, score_against_ground_truth, verify_int8
 from lpcv_depth.verify import OrtRunner, ParityThresholds, check_output_range, sqnr_db
@@ -293,7 +293,7 @@ def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqOutput:
         _calibrate_step(sim, inputs, log)
         ablation = _rounding_ablation(config, start.model, sim, inputs, fp32, tail, log)
         mixed = _sensitivity(config, sim, sim_source, inputs, log)
-        sim_holdout = _aimet_sim_outputs(sim, inputs, fp32, log)
+        sim_holdout = aimet_sim_outputs(sim, inputs.holdout_batches, fp32.holdout, log)
         artifacts = export_artifacts(sim, inputs.dummy, staging.path, fp32.name, opset=config.opset,
                                      exporter=config.exporter, log=log)
         checks = verify_int8(config, fp32, artifacts.qdq, sim_holdout, inputs.holdout, log)
@@ -631,15 +631,6 @@ def _sensitivity(config: PtqConfig, sim, reference_model, inputs: _Inputs, log: 
     return {"baseline_all_16bit_sqnr_db": sensitivity.baseline_sqnr_db, "max_drop_db": sensitivity.threshold_db,
             "activation_quantizers": len(quantizers), "kept_16bit": sensitivity.promoted,
             "per_layer_8bit_sqnr_db": sensitivity.per_layer_sqnr_db}
-
-
-def _aimet_sim_outputs(sim, inputs: _Inputs, fp32: _Fp32, log: StageLog) -> np.ndarray:
-    from lpcv_depth.backends import aimet as aimet_sim
-
-    with log.step("aimet-sim") as step:
-        outputs = aimet_sim.run_forward(sim.model, inputs.holdout_batches)
-        step.detail = f"SQNR vs fp32 {sqnr_db(fp32.holdout, outputs):.1f} dB on held-out images"
-    return outputs
 
 
 # --- outputs --------------------------------------------------------------------------------------

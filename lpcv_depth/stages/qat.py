@@ -35,13 +35,12 @@ from lpcv_depth.options import choices_hint, flag_name, inherit, option
 from lpcv_depth.report import markdown_table
 from lpcv_depth.results import QatResults, QatTraining
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
-from lpcv_depth.stages.int8_outputs import (QDQ_ONNX, export_artifacts, manifest_inputs, save_holdout_outputs,
-                                            sizes)
+from lpcv_depth.stages.int8_outputs import (QDQ_ONNX, aimet_sim_outputs, export_artifacts, manifest_inputs,
+                                            save_holdout_outputs, sizes)
 from lpcv_depth.stages.ptq import DEFAULT_FP32_MODEL, FloatStart, PtqConfig, prepare_float_model
 from lpcv_depth.stages.ptq_verify import ptq_gates, verify_int8
 from lpcv_depth.stages.qat_start import PtqFolder, check_same_images, read_ptq_folder, rebuild_quantsim
 from lpcv_depth.stages.qat_train import LOSSES, TrainSettings, Training, fine_tune
-from lpcv_depth.verify import sqnr_db
 from lpcv_depth.workspace import build_dir
 
 __all__ = ["QatConfig", "QatOutput", "run_qat", "DEFINITION"]
@@ -155,9 +154,7 @@ def run_qat(config: QatConfig, log: StageLog | None = None) -> QatOutput:
                             checks_config.eval_data]) as staging, fast_quantize_dequantize():
         sim, reproduced = rebuild_quantsim(ptq, start, staging.scratch, log)
         training = _train_step(config, sim, start, train, device, log)
-        with log.step("aimet-sim") as step:
-            sim_holdout = _sim_outputs(sim, start)
-            step.detail = f"SQNR vs fp32 {sqnr_db(start.fp32.holdout, sim_holdout):.1f} dB on held-out images"
+        sim_holdout = aimet_sim_outputs(sim, start.inputs.holdout_batches, start.fp32.holdout, log)
         artifacts = export_artifacts(sim, start.inputs.dummy, staging.path, start.fp32.name, opset=ptq.config.opset,
                                      exporter=ptq.config.exporter, log=log)
         checks = verify_int8(checks_config, start.fp32, artifacts.qdq, sim_holdout, start.inputs.holdout, log)
@@ -190,9 +187,9 @@ def _training_set(config: QatConfig, start: FloatStart, log: StageLog) -> _Train
     answers, computed once: the photos are not augmented)."""
     with log.step("teacher") as step:
         extra = list_images(config.train_images) if config.train_images is not None else []
-        calibration = list(start.inputs.split.calibration)[:config.num_train]
+        calibration = np.concatenate([batch.numpy() for batch in start.inputs.calibration_batches[:config.num_train]])
         extra = extra[:max(0, config.num_train - len(calibration))] if config.num_train is not None else extra
-        images = np.stack([load_contract_image(path) for path in (*calibration, *extra)])
+        images = np.concatenate([calibration, *(load_contract_image(path)[None] for path in extra)])
         targets = start.fp32.runner.run(images)
         step.detail = (f"fp32 outputs on {len(images)} training photos ({len(calibration)} "
                        f"calibration + {len(extra)} from --train-images)")
@@ -218,12 +215,6 @@ def _train_step(config: QatConfig, sim, start: FloatStart, train: _TrainSet, dev
         if training.interrupted:
             step.detail += "; INTERRUPTED"
     return training
-
-
-def _sim_outputs(sim, start: FloatStart) -> np.ndarray:
-    from lpcv_depth.backends import aimet as aimet_sim
-
-    return aimet_sim.run_forward(sim.model, start.inputs.holdout_batches)
 
 
 def _training_record(config: QatConfig, training: Training, train: _TrainSet, device: str) -> QatTraining:
