@@ -140,6 +140,11 @@ class QatTraining:
     best_holdout_sqnr_db: float
     history: list[QatEpoch]
     peak_rss_mb: float | None = None
+    lr_schedule: str = "constant"
+    augment: str = "none"
+    photos: int | None = None  # before augmentation (train_images counts the mirrored copies too)
+    ground_truth_frames: int = 0  # --train-data frames, trained on with their measured depth
+    ground_truth_weight: float = 0.0
 
 
 @dataclass(frozen=True)

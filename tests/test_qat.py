@@ -4,6 +4,7 @@ stages that take its folder, and the refusals. A few photos and one epoch keep t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -328,3 +329,85 @@ def test_predict_takes_a_qat_folder_as_it_takes_a_ptq_folder(qat_run, calib_subs
     assert main(["predict", str(photo), "--ptq", str(qat_run.out_dir), "--save-npy", "--out", str(out)]) == 0
     [saved] = list((out / "npy").rglob("*.npy"))
     assert np.load(saved).shape == (1, 1, 480, 640)
+
+
+def test_the_ground_truth_term_is_scale_invariant_and_reads_only_valid_pixels():
+    import torch
+
+    from lpcv_depth.stages.qat_train import ground_truth_loss
+
+    rng = np.random.default_rng(2)
+    student = torch.from_numpy(rng.uniform(0.1, 1, (2, 1, 16, 16)).astype(np.float32))
+    depth = torch.from_numpy(rng.uniform(0.5, 4, (2, 1, 16, 16)).astype(np.float32))
+    assert float(ground_truth_loss(depth * 0.2, depth)) == pytest.approx(0.0, abs=1e-6)
+    assert float(ground_truth_loss(student, depth)) > 0.01
+    holes = depth.clone()
+    holes[..., :8] = 0  # no ground truth there: what the student says there must not count
+    changed = student.clone()
+    changed[..., :8] = torch.from_numpy(rng.uniform(0.1, 1, (2, 1, 16, 8)).astype(np.float32))
+    assert float(ground_truth_loss(changed, holes)) == pytest.approx(float(ground_truth_loss(student, holes)), rel=1e-5)
+    # An unlabeled photo in the batch (all zeros) adds nothing: the loss is the labelled one's alone.
+    unlabeled = torch.cat([depth[:1], torch.zeros_like(depth[1:])])
+    assert float(ground_truth_loss(student, unlabeled)) == pytest.approx(float(ground_truth_loss(student[:1], depth[:1])),
+                                                                         rel=1e-5)
+    assert float(ground_truth_loss(student, torch.zeros_like(depth))) == 0.0
+
+
+def test_flip_appends_each_photo_and_its_depth_mirrored():
+    from lpcv_depth.stages.qat_train import augmented
+
+    images = np.arange(2 * 3 * 2 * 4, dtype=np.float32).reshape(2, 3, 2, 4)
+    depth = np.arange(2 * 1 * 2 * 4, dtype=np.float32).reshape(2, 1, 2, 4)
+    assert augmented(images, depth, "none")[0] is images
+    flipped, flipped_depth = augmented(images, depth, "flip")
+    assert flipped.shape == (4, 3, 2, 4) and flipped_depth.shape == (4, 1, 2, 4)
+    np.testing.assert_array_equal(flipped[:2], images)
+    np.testing.assert_array_equal(flipped[2:, :, :, 0], images[:, :, :, 3])
+    np.testing.assert_array_equal(flipped_depth[2:, :, :, 0], depth[:, :, :, 3])
+    assert augmented(images, None, "flip")[1] is None
+
+
+def test_the_cosine_schedule_runs_from_the_rate_down_to_zero():
+    import torch
+
+    from lpcv_depth.stages import qat_train
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=1e-3)
+    settings = qat_train.TrainSettings(epochs=2, lr=1e-3, batch_size=2, patience=2, loss="si-log",
+                                       learn_encodings=True, device="cpu", seed=0, lr_schedule="cosine")
+    scheduler = qat_train._lr_scheduler(optimizer, settings, steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(1e-3) and rates[5] == pytest.approx(5e-4)
+    assert all(a > b for a, b in zip(rates, rates[1:])) and optimizer.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
+    constant = dataclasses.replace(settings, lr_schedule="constant")
+    assert qat_train._lr_scheduler(optimizer, constant, steps=10) is None
+
+
+def test_train_data_adds_its_frames_with_their_depth(fastdepth_w8a8, rgbd_dir, tmp_path):
+    """tum_desk's 2 frames join ptq's 16 photos; ptq scores kinect_home, which training must not touch."""
+    out = tmp_path / "qat"
+    result = run_qat(QatConfig(ptq=fastdepth_w8a8.out_dir, out=out, train_data=rgbd_dir / "tum_desk", augment="none",
+                               epochs=1, batch_size=6, lr=1e-5))
+    training = result.results.training
+    assert training.ground_truth_frames == 2 and training.ground_truth_weight == 1.0
+    assert training.photos == training.train_images == 16 + 2 and training.augment == "none"
+    record = result.manifest["inputs"]["train_data"]
+    assert record["count"] == 5 and len(record["sha256"]) == 64  # 2 RGB + 2 depth + meta.json
+    assert "2 with measured depth" in (out / "report.md").read_text()
+
+
+def test_train_data_that_eval_data_scores_is_refused(fastdepth_w8a8, rgbd_dir, tmp_path, capsys):
+    out = tmp_path / "qat"
+    err = _fails_with_fix(["qat", "--ptq", str(fastdepth_w8a8.out_dir), "--train-data", str(rgbd_dir),
+                           "--out", str(out)], capsys)
+    assert "frames trained on" in err and "kinect_home/" in err
+    assert not out.exists()
+    assert "--train-data folder not found" in _fails_with_fix(
+        ["qat", "--ptq", str(fastdepth_w8a8.out_dir), "--train-data", str(tmp_path / "none")], capsys)
+    assert "ground_truth_weight must be >= 0" in _fails_with_fix(
+        ["qat", "--ptq", str(fastdepth_w8a8.out_dir), "--ground-truth-weight", "-1"], capsys)

@@ -33,6 +33,7 @@ from lpcv_depth.images import list_images, load_contract_image
 from lpcv_depth.manifest import MANIFEST_NAME, config_as_dict, read_manifest, sha256_file, sha256_of_files, write_manifest
 from lpcv_depth.options import choices_hint, flag_name, inherit, option
 from lpcv_depth.report import markdown_table
+from lpcv_depth.rgbd import Frame, dataset_files, load_rgbd_dataset
 from lpcv_depth.results import QatResults, QatTraining
 from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line, display_path
 from lpcv_depth.stages.int8_outputs import (QDQ_ONNX, aimet_sim_outputs, export_artifacts, manifest_inputs,
@@ -40,7 +41,7 @@ from lpcv_depth.stages.int8_outputs import (QDQ_ONNX, aimet_sim_outputs, export_
 from lpcv_depth.stages.ptq import DEFAULT_FP32_MODEL, FloatStart, PtqConfig, prepare_float_model
 from lpcv_depth.stages.ptq_verify import ptq_gates, verify_int8
 from lpcv_depth.stages.qat_start import PtqFolder, check_same_images, read_ptq_folder, rebuild_quantsim
-from lpcv_depth.stages.qat_train import LOSSES, TrainSettings, Training, fine_tune
+from lpcv_depth.stages.qat_train import AUGMENTATIONS, LOSSES, LR_SCHEDULES, TrainSettings, Training, augmented, fine_tune
 from lpcv_depth.workspace import build_dir
 
 __all__ = ["QatConfig", "QatOutput", "run_qat", "DEFINITION"]
@@ -56,10 +57,19 @@ class QatConfig:
                                          f"build/{DEFAULT_FP32_MODEL}/ptq-w8a8 of the workspace)")
     train_images: Path | None = option(None, help="folder of extra unlabeled photos to train on, besides the ptq "
                                                   "run's calibration photos")
+    train_data: Path | None = option(None, help="RGB-D set(s) (rgb/ + depth/) to train on as well: their photos join "
+                                                "the teacher's, and their measured depth adds a scale-invariant "
+                                                "ground-truth term (weighted by --ground-truth-weight)")
+    ground_truth_weight: float = option(1.0, help="weight of the --train-data ground-truth term beside the teacher's")
     num_train: int | None = option(None, help="train on at most the first N photos (the calibration photos first, "
-                                              "then --train-images; default: all)")
+                                              "then --train-images, then --train-data; default: all)")
+    augment: str = option("flip", choices=AUGMENTATIONS,
+                          help="flip: each photo is also trained on mirrored left-right (the teacher answers the "
+                               "mirrored photo too); none: as taken")
     epochs: int = option(5, help="at most N passes over the training photos")
     lr: float = option(1e-5, help="Adam learning rate of the weights (and of the ranges unless frozen)")
+    lr_schedule: str = option("cosine", choices=LR_SCHEDULES,
+                              help="cosine: from --lr down to 0 over the planned epochs; constant: --lr throughout")
     batch_size: int = option(2, help="photos per training step")
     patience: int = option(2, help="stop after N epochs without a better held-out SQNR")
     # Chosen by measurement (docs/qat.md, "The loss").
@@ -86,8 +96,16 @@ class QatConfig:
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}", hint="pass --lr 1e-5 (the default) or another "
                                                                       "positive rate")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"unknown loss {self.loss!r}", hint=choices_hint("loss", LOSSES))
+        for name, known in (("loss", LOSSES), ("lr_schedule", LR_SCHEDULES), ("augment", AUGMENTATIONS)):
+            if getattr(self, name) not in known:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}", hint=choices_hint(name, known))
+        if not self.ground_truth_weight >= 0:
+            raise ConfigError(f"ground_truth_weight must be >= 0, got {self.ground_truth_weight}",
+                              hint="pass --ground-truth-weight 1 (the default), or 0 to use --train-data's photos "
+                                   "without their depth")
+        if self.train_data is not None and not Path(self.train_data).is_dir():
+            raise ConfigError(f"--train-data folder not found: {self.train_data}",
+                              hint="pass an RGB-D set (rgb/ + depth/) or a folder of sets, or leave --train-data out")
         resolve_device(self.device)
         if self.train_images is not None:
             if not Path(self.train_images).is_dir():
@@ -133,9 +151,12 @@ class QatOutput:
 
 @dataclass(frozen=True)
 class _TrainSet:
-    images: np.ndarray
+    images: np.ndarray  # after augmentation
     targets: np.ndarray
+    depth: np.ndarray | None  # measured depth per image (0 = none), with --train-data
     extra: list[Path]
+    frames: list[Frame]
+    photos: int  # before augmentation
 
 
 def run_qat(config: QatConfig, log: StageLog | None = None) -> QatOutput:
@@ -147,11 +168,11 @@ def run_qat(config: QatConfig, log: StageLog | None = None) -> QatOutput:
     ptq = read_ptq_folder(config.ptq_dir, log)
     start = prepare_float_model(ptq.config, log)
     check_same_images(ptq, start)
-    train = _training_set(config, start, log)
     checks_config = dataclasses.replace(ptq.config, eval_data=config.eval_data or ptq.config.eval_data)
+    train = _training_set(config, start, checks_config.eval_data, log)
     with StagingDir(config.destination, stage=STAGE, scratch=True,
                     inputs=[ptq.folder, ptq.config.fp32_dir, ptq.config.calib_dir, config.train_images,
-                            checks_config.eval_data]) as staging, fast_quantize_dequantize():
+                            config.train_data, checks_config.eval_data]) as staging, fast_quantize_dequantize():
         sim, reproduced = rebuild_quantsim(ptq, start, staging.scratch, log)
         training = _train_step(config, sim, start, train, device, log)
         sim_holdout = aimet_sim_outputs(sim, start.inputs.holdout_batches, start.fp32.holdout, log)
@@ -182,24 +203,70 @@ def run_qat(config: QatConfig, log: StageLog | None = None) -> QatOutput:
     return output
 
 
-def _training_set(config: QatConfig, start: FloatStart, log: StageLog) -> _TrainSet:
-    """The calibration photos plus --train-images, and the fp32 ONNX's outputs on them (the teacher's
-    answers, computed once: the photos are not augmented)."""
+def _training_set(config: QatConfig, start: FloatStart, eval_data: Path | None, log: StageLog) -> _TrainSet:
+    """The calibration photos, --train-images and --train-data's photos (with their depth), augmented,
+    and the fp32 ONNX's outputs on them (the teacher's answers, computed once)."""
+    frames = _train_frames(config.train_data, eval_data) if config.train_data is not None else []
     with log.step("teacher") as step:
+        calibration = np.concatenate([batch.numpy() for batch in start.inputs.calibration_batches])
         extra = list_images(config.train_images) if config.train_images is not None else []
-        calibration = np.concatenate([batch.numpy() for batch in start.inputs.calibration_batches[:config.num_train]])
-        extra = extra[:max(0, config.num_train - len(calibration))] if config.num_train is not None else extra
-        images = np.concatenate([calibration, *(load_contract_image(path)[None] for path in extra)])
+        calibration, extra, frames = _first(config.num_train, calibration, extra, frames)
+        photos = [calibration, *(load_contract_image(path)[None] for path in extra)]
+        depth = None
+        if frames:
+            labelled = [_frame_with_depth(frame) for frame in frames]
+            photos += [image[None] for image, _ in labelled]
+            depth = np.zeros((sum(map(len, photos)), 1, *calibration.shape[2:]), np.float32)
+            depth[len(depth) - len(frames):] = np.stack([truth for _, truth in labelled])[:, None]
+        count = sum(map(len, photos))
+        images, depth = augmented(np.concatenate(photos), depth, config.augment)
         targets = start.fp32.runner.run(images)
-        step.detail = (f"fp32 outputs on {len(images)} training photos ({len(calibration)} "
-                       f"calibration + {len(extra)} from --train-images)")
-    return _TrainSet(images, targets, extra)
+        step.detail = (f"fp32 outputs on {len(images)} training images: {len(calibration)} calibration photos + "
+                       f"{len(extra)} from --train-images + {len(frames)} RGB-D frames from --train-data"
+                       + (", each also mirrored" if len(images) > count else ""))
+    return _TrainSet(images, targets, depth, extra, frames, photos=count)
+
+
+def _first(limit: int | None, *groups):
+    """The groups cut to at most `limit` items in all, the earlier groups first."""
+    if limit is None:
+        return groups
+    kept = []
+    for group in groups:
+        kept.append(group[:max(0, limit)])
+        limit -= len(kept[-1])
+    return kept
+
+
+def _train_frames(train_data: Path, eval_data: Path | None) -> list[Frame]:
+    """--train-data's frames; none of them may be a frame the F-score against ground truth is measured on."""
+    frames = load_rgbd_dataset(train_data)
+    if eval_data is not None:
+        scored = {frame.rgb_path.resolve() for frame in load_rgbd_dataset(eval_data) if frame.rgb_path is not None}
+        shared = [frame.name for frame in frames if frame.rgb_path is not None and frame.rgb_path.resolve() in scored]
+        if shared:
+            raise ConfigError(f"--train-data {train_data} holds {len(shared)} frame(s) that --eval-data {eval_data} "
+                              f"scores (e.g. {shared[0]}): the F-score against ground truth would be measured on "
+                              "frames trained on",
+                              hint="train on other RGB-D sets than those --eval-data scores, or pass --eval-data "
+                                   "with sets kept out of training")
+    return frames
+
+
+def _frame_with_depth(frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+    """A --train-data frame's photo and its measured depth in metres where the ground truth is valid, else 0."""
+    from lpcv_depth.track3_metric import evaluation_masks
+
+    truth = frame.load_ground_truth()
+    valid, _ = evaluation_masks(truth.depth, truth.conf)
+    return frame.load_image(), np.where(valid, truth.depth, 0).astype(np.float32)
 
 
 def _train_step(config: QatConfig, sim, start: FloatStart, train: _TrainSet, device: str, log: StageLog) -> Training:
     settings = TrainSettings(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
                              patience=config.patience, loss=config.loss, learn_encodings=not config.freeze_encodings,
-                             device=device, seed=config.seed)
+                             device=device, seed=config.seed, lr_schedule=config.lr_schedule,
+                             ground_truth_weight=config.ground_truth_weight if train.frames else 0.0)
 
     def on_epoch(epoch, best: float) -> None:
         log.info(f"epoch {epoch.epoch}/{config.epochs}: loss {epoch.loss:.4g}, held-out SQNR "
@@ -208,7 +275,7 @@ def _train_step(config: QatConfig, sim, start: FloatStart, train: _TrainSet, dev
 
     with log.step("train") as step:
         training = fine_tune(sim, train.images, train.targets, start.inputs.holdout_batches, start.fp32.holdout,
-                             settings, on_epoch)
+                             settings, on_epoch, depth=train.depth)
         step.detail = (f"{len(training.history)} epoch(s) on {device}; held-out SQNR (scale-aligned) "
                        f"{training.start_sqnr_db:.2f} -> {training.best_sqnr_db:.2f} dB (epoch {training.best_epoch} "
                        "kept)")
@@ -223,7 +290,9 @@ def _training_record(config: QatConfig, training: Training, train: _TrainSet, de
                        learned_encodings=not config.freeze_encodings, device=device, train_images=len(train.images),
                        lr=config.lr, batch_size=config.batch_size, start_holdout_sqnr_db=training.start_sqnr_db,
                        best_holdout_sqnr_db=training.best_sqnr_db, history=training.history,
-                       peak_rss_mb=training.peak_rss_mb)
+                       peak_rss_mb=training.peak_rss_mb, lr_schedule=config.lr_schedule, augment=config.augment,
+                       photos=train.photos, ground_truth_frames=len(train.frames),
+                       ground_truth_weight=config.ground_truth_weight if train.frames else 0.0)
 
 
 def _inputs_record(ptq: PtqFolder, start: FloatStart, train: _TrainSet, reproduced: dict) -> dict:
@@ -232,10 +301,10 @@ def _inputs_record(ptq: PtqFolder, start: FloatStart, train: _TrainSet, reproduc
     record["ptq_manifest"] = {"path": os.fspath(ptq.folder / MANIFEST_NAME),
                               "sha256": sha256_file(ptq.folder / MANIFEST_NAME),
                               "rebuilt_sim_vs_saved": reproduced}
-    if train.extra:
-        root = Path(os.path.commonpath([p.parent for p in train.extra]))
-        record["train_images"] = {"root": os.fspath(root), "count": len(train.extra),
-                                  "sha256": sha256_of_files(train.extra, root)}
+    for name, files in (("train_images", train.extra), ("train_data", dataset_files(train.frames))):
+        if files:
+            root = Path(os.path.commonpath([p.parent for p in files]))
+            record[name] = {"root": os.fspath(root), "count": len(files), "sha256": sha256_of_files(files, root)}
     return record
 
 
@@ -264,11 +333,19 @@ def _training_section(results: QatResults) -> str:
              else "stopped early (no gain for --patience epochs)" if training.stopped_early else "all epochs run")
     return ("## QAT: ptq start vs fine-tuned (ONNX Runtime, held-out images)\n\n"
             + markdown_table(["metric", "ptq", "qat"], rows, align="lrr")
-            + f"\n{training.loss} loss, lr {training.lr:g}, batch {training.batch_size}, {training.train_images} "
-              f"photos, ranges {'learned' if training.learned_encodings else 'frozen'}, on {training.device}; "
+            + f"\n{training.loss} loss, lr {training.lr:g} ({training.lr_schedule}), batch {training.batch_size}, "
+              f"{_photos_text(training)}, ranges {'learned' if training.learned_encodings else 'frozen'}, on {training.device}; "
               f"{state}; epoch {training.best_epoch} kept (0 = the ptq start).\n\n"
             + markdown_table(["epoch", "loss", "held-out SQNR, scale-aligned, dB", "plain, dB", "seconds"], epochs,
                              align="rrrrr"))
+
+
+def _photos_text(training: QatTraining) -> str:
+    text = f"{training.photos or training.train_images} photos"
+    if training.ground_truth_frames:
+        text += (f" ({training.ground_truth_frames} with measured depth, ground-truth weight "
+                 f"{training.ground_truth_weight:g})")
+    return text + (", each also mirrored" if training.augment == "flip" else "")
 
 
 def _interrupted(config: QatConfig) -> str:

@@ -19,11 +19,13 @@ from lpcv_depth.results import QatEpoch
 from lpcv_depth.stages.int8_outputs import Progress
 from lpcv_depth.verify import scale_aligned_sqnr_db, sqnr_db
 
-__all__ = ["LOSSES", "TrainSettings", "Training", "fine_tune", "qat_loss", "scale_invariant_log_loss",
-           "gradient_matching_loss", "trainable_parameters"]
+__all__ = ["LOSSES", "LR_SCHEDULES", "AUGMENTATIONS", "augmented", "TrainSettings", "Training", "fine_tune", "qat_loss", "scale_invariant_log_loss",
+           "gradient_matching_loss", "ground_truth_loss", "trainable_parameters"]
 
 STAGE = "qat"
 LOSSES = ("si-log", "si-log-grad")
+LR_SCHEDULES = ("constant", "cosine")
+AUGMENTATIONS = ("none", "flip")
 # The contract's output is depth scaled into [0, 1] per image; the log needs a floor.
 _LOG_FLOOR = 1e-3
 GRADIENT_WEIGHT = 0.5
@@ -40,6 +42,9 @@ class TrainSettings:
     learn_encodings: bool
     device: str
     seed: int
+    lr_schedule: str = "constant"
+    # Weight of the ground-truth term on the photos that carry depth (--train-data); 0 = teacher only.
+    ground_truth_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,22 @@ def gradient_matching_loss(student, teacher):
     return total / GRADIENT_SCALES
 
 
+def ground_truth_loss(student, depth):
+    """The scale-invariant log loss against measured depth, on its valid pixels only (depth > 0); images
+    without a valid pixel (the unlabeled photos of a mixed batch) add nothing."""
+    import torch
+
+    valid = (depth > 0).flatten(1).to(student.dtype)
+    d = (torch.log(student.clamp_min(_LOG_FLOOR)) - torch.log(depth.clamp_min(_LOG_FLOOR))).flatten(1) * valid
+    count = valid.sum(1)
+    labelled = count > 0
+    if not bool(labelled.any()):
+        return student.new_zeros(())
+    count = count[labelled]
+    mean = d[labelled].sum(1) / count
+    return (d[labelled].pow(2).sum(1) / count - mean.pow(2)).mean()
+
+
 def qat_loss(name: str, student, teacher):
     loss = scale_invariant_log_loss(student, teacher)
     if name == "si-log-grad":
@@ -97,14 +118,27 @@ def trainable_parameters(model, learn_encodings: bool) -> list:
     return chosen
 
 
+def augmented(images: np.ndarray, depth: np.ndarray | None, how: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The training photos (and their measured depth) as `how` augments them: flip appends each one
+    mirrored left-right, which the scorer's fixed K treats as just another view of a scene."""
+    if how == "none":
+        return images, depth
+    mirror = np.ascontiguousarray(images[..., ::-1])
+    return (np.concatenate([images, mirror]),
+            None if depth is None else np.concatenate([depth, np.ascontiguousarray(depth[..., ::-1])]))
+
+
 def fine_tune(sim, images: np.ndarray, targets: np.ndarray, holdout_batches: list, holdout_reference: np.ndarray,
-              settings: TrainSettings, on_epoch: Callable[[QatEpoch, float], None]) -> Training:
-    """Train sim.model in place; on return it holds the checkpoint with the best held-out SQNR."""
+              settings: TrainSettings, on_epoch: Callable[[QatEpoch, float], None],
+              depth: np.ndarray | None = None) -> Training:
+    """Train sim.model in place; on return it holds the checkpoint with the best held-out SQNR. `depth`:
+    measured depth per training image (0 = none), for the ground-truth term."""
     import torch
 
     model = sim.model.to(settings.device)
     model.eval()  # no dropout, no BatchNorm statistics (BN is folded): the sim as it will be deployed
     optimizer = torch.optim.Adam(trainable_parameters(model, settings.learn_encodings), lr=settings.lr)
+    scheduler = _lr_scheduler(optimizer, settings, steps=settings.epochs * -(-len(images) // settings.batch_size))
     rng = np.random.default_rng(settings.seed)
     start = best = _holdout_sqnr(model, holdout_batches, holdout_reference, settings.device)[0]
     best_state, best_epoch, history, waited, interrupted = _snapshot(model), 0, [], 0, False
@@ -114,7 +148,7 @@ def fine_tune(sim, images: np.ndarray, targets: np.ndarray, holdout_batches: lis
             order = rng.permutation(len(images))
             batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
             with Progress(len(batches), f"{STAGE}: epoch {epoch}/{settings.epochs}") as tick:
-                loss = _one_epoch(model, optimizer, images, targets, batches, settings, tick)
+                loss = _one_epoch(model, optimizer, scheduler, (images, targets, depth), batches, settings, tick)
                 sqnr, plain = _holdout_sqnr(model, holdout_batches, holdout_reference, settings.device)
                 tick.show(loss=f"{loss:.4g}", holdout_sqnr=f"{sqnr:.2f} dB")
             history.append(QatEpoch(epoch=epoch, loss=loss, holdout_sqnr_db=sqnr, holdout_sqnr_db_plain=plain,
@@ -137,17 +171,35 @@ def fine_tune(sim, images: np.ndarray, targets: np.ndarray, holdout_batches: lis
                     stopped_early=stopped, interrupted=interrupted, peak_rss_mb=_peak_rss_mb())
 
 
-def _one_epoch(model, optimizer, images, targets, batches, settings: TrainSettings, tick: Progress) -> float:
+def _lr_scheduler(optimizer, settings: TrainSettings, steps: int):
+    """constant, or cosine: from --lr down to 0 over every step the planned epochs take."""
+    import math
+
     import torch
 
+    if settings.lr_schedule == "constant":
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
+def _one_epoch(model, optimizer, scheduler, data: tuple, batches, settings: TrainSettings, tick: Progress) -> float:
+    import torch
+
+    images, targets, depth = data
     losses = []
     for batch in batches:
         x = torch.from_numpy(images[batch]).to(settings.device)
         y = torch.from_numpy(targets[batch]).to(settings.device)
-        loss = qat_loss(settings.loss, model(x), y)
+        student = model(x)
+        loss = qat_loss(settings.loss, student, y)
+        if depth is not None and settings.ground_truth_weight > 0:
+            measured = torch.from_numpy(depth[batch]).to(settings.device)
+            loss = loss + settings.ground_truth_weight * ground_truth_loss(student, measured)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         losses.append(float(loss.detach()))
         tick()
         tick.show(loss=f"{np.mean(losses):.4g}")
