@@ -9,13 +9,14 @@
 Each trial is what a user would run by hand: export at its input size (shared by every trial of that
 size), PTQ with its preset, the evaluate stage's F-score against ground truth (fp32 and int8), NPU
 coverage from the local HTP compile with CPU fallback disabled (where the qnn extra is installed;
---htp-frames N also scores the HTP-emulated int8 model), and an S24 profile on AI Hub where a token is
-configured. With --qat, the qat stage fine-tunes each trial's ptq model, and the trial's evaluation,
-htp-check and hub take the qat folder. Trials run as Ray tasks (a local Ray by default; --ray-address
-none: a plain loop); finished work is reused by content, so a rerun only does what changed. --onnx
-FILE searches the file's model at its one size. Writes under OUT (default build/<model>/search; --onnx: build/<file stem>/search):
-results.json and results.csv (updated as each trial ends), pareto.png, report.md (the best fully-NPU
-trial within --budget-ms, and the commands that rebuild it).
+--htp-frames N also scores the HTP-emulated int8 model), and an S24 profile on AI Hub where a token
+is configured. With --qat, the qat stage fine-tunes each trial's ptq model, and the trial's
+evaluation, htp-check and hub take the qat folder. Trials run as Ray tasks (a local Ray by default;
+--ray-address none: a plain loop); finished work is reused by content, so a rerun only does what
+changed. --onnx FILE searches the file's model at its one size. Writes under OUT (default
+build/<model>/search; --onnx: build/<file stem>/search): results.json and results.csv (updated as
+each trial ends), pareto.png, report.md (the best fully-NPU trial within --budget-ms, and the
+commands that rebuild it).
 Every option: docs/search.md.
 """
 
