@@ -126,6 +126,7 @@ def _results(out: Path) -> SearchResults:
 
 @pytest.mark.slow
 def test_a_search_with_qat_scores_the_qat_model(searched_with_qat):
+    from lpcv_depth.device import resolve_device
     from lpcv_depth.manifest import Manifest
     from lpcv_depth.results import EvaluateResults, QatResults
 
@@ -137,6 +138,7 @@ def test_a_search_with_qat_scores_the_qat_model(searched_with_qat):
     assert row.qat_dir == str(trial / "qat") and row.ptq_dir == str(trial / "ptq")
     qat = Manifest.read(trial / "qat", stage="qat").results_as(QatResults)
     assert qat.training.epochs_done == 1 and qat.ptq_int8_vs_fp32 is not None
+    assert qat.training.device == resolve_device("auto")  # --device auto in a trial: the GPU where there is one
     assert row.sqnr_db == qat.int8_vs_fp32.sqnr_db and row.ptq_sqnr_db == qat.ptq_int8_vs_fp32.sqnr_db
     evaluated = Manifest.read(trial / "eval-int8", stage="evaluate")
     assert evaluated.config["onnx"] == str(trial / "qat" / "model_qdq.onnx")
