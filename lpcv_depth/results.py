@@ -530,7 +530,9 @@ class CompareResults:
 class SearchTrial:
     """One row of the search's results table (results.json / results.csv); None wherever that figure
     was not measured. `status`: done, failed or pending; `worker`: the Ray node and process (or
-    "this process") of the trial's last run; the *_dir fields are the trial's stage folders."""
+    "this process") of the trial's last run; the *_dir fields are the trial's stage folders.
+    `int8_stage`: the stage whose model the int8 figures (F-score, SQNR, HTP, S24) are of: ptq, or qat
+    with --qat, whose ptq start keeps its SQNR in `ptq_sqnr_db`."""
 
     trial: str
     input_size: str
@@ -550,6 +552,8 @@ class SearchTrial:
     fscore_drop: float | None = None
     abs_rel_int8: float | None = None
     sqnr_db: float | None = None
+    int8_stage: str = "ptq"
+    ptq_sqnr_db: float | None = None
     htp_full: bool | None = None
     htp_cpu_nodes: int | None = None
     htp_fscore_int8: float | None = None
@@ -563,6 +567,7 @@ class SearchTrial:
     hub_error: str | None = None
     export_dir: str | None = None
     ptq_dir: str | None = None
+    qat_dir: str | None = None
     eval_dir: str | None = None
     htp_check_dir: str | None = None
     hub_dir: str | None = None

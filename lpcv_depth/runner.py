@@ -31,7 +31,8 @@ from lpcv_depth.stage import StageLog, refuse_inputs
 from lpcv_depth.workspace import in_workspace, where_to_write_hint
 
 __all__ = ["AUTO_ON_OFF", "STAGES_WITH_ARGS", "PassedOnArgs", "Step", "stage_args_option", "parse_stage_args",
-           "check_stage_args", "stage_config", "check_steps", "step_is_current", "run_step", "backend_wanted",
+           "check_stage_args", "check_qat_args", "stage_config", "qat_step", "check_steps", "step_is_current",
+           "run_step", "backend_wanted",
            "command_inputs", "check_input_folders", "check_output_root", "create_output_root"]
 
 AUTO_ON_OFF = ("auto", "on", "off")
@@ -96,6 +97,14 @@ def check_stage_args(config: Any) -> None:
         parse_stage_args(stage, getattr(config, f"{stage.replace('-', '_')}_args"))
 
 
+def check_qat_args(config: Any) -> None:
+    """A command's --qat-args (run, search): parsed now, and refused without --qat, which it would
+    silently do nothing without."""
+    parse_stage_args("qat", config.qat_args)
+    if config.qat_args and not config.qat:
+        raise ConfigError("--qat-args given without --qat", hint="add --qat, or leave --qat-args out")
+
+
 def stage_config(stage: str, extra_args: str, settings: Mapping, wired: Iterable[str] = (),
                  command: str = "run") -> Any:
     """The stage's config from the command's `settings` plus the user's --<stage>-args (which may
@@ -141,6 +150,15 @@ class Step:
 
     def upstream_ready(self) -> bool:
         return all((folder / MANIFEST_NAME).is_file() for folder in self.upstream.values())
+
+
+def qat_step(config: Any, ptq: Step, folder: Path) -> Step | None:
+    """With the command's --qat, the step that fine-tunes `ptq`'s folder into `folder`; the steps that
+    take an int8 folder (evaluate, htp-check, hub, compare) then take this one's, upstream
+    `{step.stage: step.folder}` of whichever int8 step they get. None without --qat."""
+    if not config.qat:
+        return None
+    return Step("qat", "qat", folder, {"ptq": ptq.folder}, config.qat_args, {"ptq": ptq.folder}, command=ptq.command)
 
 
 def check_steps(steps: Iterable[Step]) -> None:

@@ -58,7 +58,7 @@ STAGE_VALUES = {
                "eval_data": None, "out": None, "preset": ("w8a8", "w8a16"), "calibration_scheme": ("min-max",),
                "output_tail_bits": (8, 16), "ray_address": "127.0.0.1:6379", "ptq_args": "--holdout 4 --no-cle",
                "export_args": "--opset 18", "htp_check_args": "--fp16-baseline", "hub_args": "--no-profile",
-               "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "input_name": "x", "output_name": "y",
+               "qat": True, "qat_args": "--epochs 2", "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "input_name": "x", "output_name": "y",
                "onnx": REPO_ROOT / "my_net.onnx"},
     # INPUT is positional: a word that starts with "-" must still come back as an input.
     "predict": {"input": (Path("a.jpg"), Path("-odd name.mp4")), "model": "fastdepth", "weights": "my.pth",

@@ -287,7 +287,8 @@ def test_search_on_an_onnx_file_runs_its_one_size_and_rebuilds_from_the_file(fas
     from lpcv_depth.options import config_from_args
     from lpcv_depth.results import SearchResults
     from lpcv_depth.schema import from_json
-    from lpcv_depth.stages.search import SearchConfig, plan_trials, rebuild_commands
+    from lpcv_depth.stages.search import SearchConfig, plan_trials
+    from lpcv_depth.stages.search_report import rebuild_commands
     from tests.test_search import PTQ_ARGS  # test_pipeline's sets --latency-runs, which search wires itself
 
     out = tmp_path / "search"

@@ -25,9 +25,9 @@ from lpcv_depth.manifest import Manifest, config_as_dict
 from lpcv_depth.options import inherit, option
 from lpcv_depth.report import markdown_table
 from lpcv_depth.results import INT8_STAGES, int8_results_type
-from lpcv_depth.runner import (AUTO_ON_OFF, PassedOnArgs, Step, backend_wanted, check_input_folders, check_stage_args,
-                               command_inputs, check_steps, check_output_root, create_output_root, parse_stage_args,
-                               run_step, stage_args_option)
+from lpcv_depth.runner import (AUTO_ON_OFF, PassedOnArgs, Step, backend_wanted, check_input_folders, check_qat_args,
+                               check_stage_args, command_inputs, check_steps, check_output_root, create_output_root,
+                               qat_step, run_step, stage_args_option)
 from lpcv_depth.stage import StageDefinition, StageLog, command_line, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import ExportConfig, OnnxFileOptions
@@ -71,9 +71,7 @@ class RunConfig(PassedOnArgs, OnnxFileOptions):
             raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}",
                               hint="leave --max-frames out to use every frame")
         check_stage_args(self)
-        parse_stage_args("qat", self.qat_args)
-        if self.qat_args and not self.qat:
-            raise ConfigError("--qat-args given without --qat", hint="add --qat, or leave --qat-args out")
+        check_qat_args(self)
 
     @property
     def destination(self) -> Path:
@@ -169,22 +167,21 @@ def plan_steps(config: RunConfig, root: Path, skipped: dict[str, str] | None = N
         "median": c.median}, c.ptq_args, {"export": export.folder})
     steps = [export, ptq]
     chained = {"export": export.folder, "ptq": ptq.folder}
-    int8, int8_stage = ptq, "ptq"
-    if c.qat:
-        int8 = Step("qat", "qat", root / f"qat-{c.preset}", {"ptq": ptq.folder}, c.qat_args, {"ptq": ptq.folder})
-        int8_stage = "qat"
-        steps.append(int8)
-        chained["qat"] = int8.folder
+    qat = qat_step(c, ptq, root / f"qat-{c.preset}")
+    int8 = qat or ptq
+    if qat is not None:
+        steps.append(qat)
+        chained["qat"] = qat.folder
     if "htp-check" not in skipped:
         htp = Step("htp-check", "htp-check", int8.folder / "htp-check", {
             "ptq": int8.folder, "eval_data": eval_data, "median": c.median, "max_frames": c.max_frames},
-            c.htp_check_args, {int8_stage: int8.folder})
+            c.htp_check_args, {int8.stage: int8.folder})
         steps.append(htp)
         chained["htp-check"] = htp.folder
     if "hub" not in skipped:
-        hub = Step("hub", "hub", root / f"hub-{int8_stage}-{c.preset}", {
+        hub = Step("hub", "hub", root / f"hub-{int8.stage}-{c.preset}", {
             "artifact": int8.folder, "eval_data": eval_data, "median": c.median, "max_frames": c.max_frames},
-            c.hub_args, {int8_stage: int8.folder})
+            c.hub_args, {int8.stage: int8.folder})
         steps.append(hub)
         chained["hub"] = hub.folder
     steps.append(Step("compare", "compare", root / "compare", {

@@ -9,12 +9,14 @@
 Each trial is what a user would run by hand: export at its input size (shared by every trial of that
 size), PTQ with its preset, the evaluate stage's F-score against ground truth (fp32 and int8), NPU
 coverage from the local HTP compile with CPU fallback disabled (where the qnn extra is installed;
---htp-frames N also scores the HTP-emulated int8 model), and an S24 profile on AI Hub where a token is
-configured. Trials run as Ray tasks (a local Ray by default; --ray-address none: a plain loop); finished
-work is reused by content, so a rerun only does what changed. --onnx FILE searches the file's model
-at its one size. Writes under OUT (default build/<model>/search; --onnx: build/<file stem>/search):
-results.json and results.csv (updated as each trial ends), pareto.png, report.md (the best fully-NPU
-trial within --budget-ms, and the commands that rebuild it).
+--htp-frames N also scores the HTP-emulated int8 model), and an S24 profile on AI Hub where a token
+is configured. With --qat, the qat stage fine-tunes each trial's ptq model, and the trial's
+evaluation, htp-check and hub take the qat folder. Trials run as Ray tasks (a local Ray by default;
+--ray-address none: a plain loop); finished work is reused by content, so a rerun only does what
+changed. --onnx FILE searches the file's model at its one size. Writes under OUT (default
+build/<model>/search; --onnx: build/<file stem>/search): results.json and results.csv (updated as
+each trial ends), pareto.png, report.md (the best fully-NPU trial within --budget-ms, and the
+commands that rebuild it).
 Every option: docs/search.md.
 """
 
@@ -38,12 +40,15 @@ from lpcv_depth.cache import read_records
 from lpcv_depth.errors import ConfigError, LpcvError
 from lpcv_depth.manifest import write_manifest
 from lpcv_depth.options import format_size, inherit, option, parse_size
-from lpcv_depth.runner import (AUTO_ON_OFF, PassedOnArgs, Step, backend_wanted, check_input_folders, check_stage_args,
-                               command_inputs, check_steps, check_output_root, create_output_root, run_step,
-                               step_is_current)
+from lpcv_depth.results import INT8_STAGES
+from lpcv_depth.runner import (AUTO_ON_OFF, PassedOnArgs, Step, backend_wanted, check_input_folders, check_qat_args,
+                               check_stage_args, command_inputs, check_steps, check_output_root, create_output_root,
+                               qat_step, run_step, step_is_current)
 from lpcv_depth.stage import StageDefinition, StageLog, display_path
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import ExportConfig, OnnxFileOptions
+from lpcv_depth.stages.int8_outputs import QDQ_ONNX
+from lpcv_depth.stages.pipeline import RunConfig
 from lpcv_depth.stages.ptq import CALIBRATION_SCHEMES, PRESETS, PtqConfig
 from lpcv_depth.workspace import build_dir, in_workspace
 
@@ -100,6 +105,9 @@ class SearchConfig(PassedOnArgs, OnnxFileOptions):
     hub: str = option("auto", choices=AUTO_ON_OFF,
                       help="S24 profile on AI Hub: auto = where an API token is configured")
     budget_ms: float = option(round(1000 / 30, 1), help="S24 latency budget per frame, ms (default: 30 FPS)")
+    qat: bool = inherit(RunConfig, "qat", help="fine-tune each trial's int8 model with the qat stage; the trial's "
+                                               "evaluation, htp-check and hub then take the qat folder")
+    qat_args: str = inherit(RunConfig, "qat_args")
     ray_address: str = option(LOCAL_RAY, help="where trials run: local (a Ray started on this machine for the "
                                               "run), an existing cluster (HOST:PORT, ray://HOST:PORT or auto), or "
                                               "none (no Ray: one trial after another in this process)")
@@ -148,6 +156,7 @@ class SearchConfig(PassedOnArgs, OnnxFileOptions):
             raise ConfigError("trial_memory_gb must be >= 0 and budget_ms > 0",
                               hint="--trial-memory-gb 0 reserves nothing; --budget-ms is the S24 time per frame")
         check_stage_args(self)
+        check_qat_args(self)
 
     def check_onnx_file(self) -> None:
         """--onnx: the file's own size is the grid's one size (reading it refuses a file export would)."""
@@ -217,6 +226,11 @@ class Trial:
     local: Unit
     hub: Unit | None
 
+    @property
+    def int8_step(self) -> Step:
+        """The step whose model the trial's int8 figures are of: qat with --qat, else ptq."""
+        return next(step for step in reversed(self.local.steps) if step.stage in INT8_STAGES)
+
 
 def _ptq_default(name: str) -> Any:
     from lpcv_depth.options import field_default
@@ -269,22 +283,26 @@ def _trial_units(config: SearchConfig, folder: Path, export: Unit, preset: str, 
     wiring = {"calib": in_workspace(config.calib), "fp32": export_dir, "preset": preset, "eval_data": None,
               "calibration_scheme": scheme or _ptq_default("calibration_scheme"),
               "output_tail_bits": tail or _ptq_default("output_tail_bits"), **TRIAL_PTQ_CHECKS}
-    steps = [Step("ptq", "ptq", ptq_dir, wiring, config.ptq_args, {"export": export_dir},
-                  open_to_user=("verify_images",), command=STAGE),
-             Step("eval-int8", "evaluate", folder / "eval-int8", _evaluate_wiring(config, ptq_dir / "model_qdq.onnx"),
-                  upstream={"ptq": ptq_dir}, command=STAGE)]
+    ptq = Step("ptq", "ptq", ptq_dir, wiring, config.ptq_args, {"export": export_dir},
+               open_to_user=("verify_images",), command=STAGE)
+    qat = qat_step(config, ptq, folder / "qat")
+    int8 = qat or ptq
+    steps = [ptq, *([qat] if qat else []),
+             Step("eval-int8", "evaluate", folder / "eval-int8", _evaluate_wiring(config, int8.folder / QDQ_ONNX),
+                  upstream={int8.stage: int8.folder}, command=STAGE)]
     if htp:
         # Coverage comes from the compile alone; the emulation (seconds to minutes a frame) runs only
         # for --htp-frames. Open to the user, so --htp-check-args may turn them back on: numerics, fp16 baseline.
         scored = config.htp_frames is not None
         steps.append(Step("htp-check", "htp-check", folder / "htp-check", {
-            "ptq": ptq_dir, "eval_data": in_workspace(config.eval_data) if scored else None,
+            "ptq": int8.folder, "eval_data": in_workspace(config.eval_data) if scored else None,
             "median": config.median, "max_frames": config.htp_frames, "numerics": scored, "fp16_baseline": False},
-            config.htp_check_args, {"ptq": ptq_dir}, open_to_user=("numerics", "fp16_baseline"), command=STAGE))
+            config.htp_check_args, {int8.stage: int8.folder}, open_to_user=("numerics", "fp16_baseline"),
+            command=STAGE))
     hub_unit = None
     if hub:
-        hub_step = Step("hub", "hub", folder / "hub", {"artifact": ptq_dir, "eval_data": None, "inference": False},
-                        config.hub_args, {"ptq": ptq_dir}, command=STAGE)
+        hub_step = Step("hub", "hub", folder / "hub", {"artifact": int8.folder, "eval_data": None, "inference": False},
+                        config.hub_args, {int8.stage: int8.folder}, command=STAGE)
         hub_unit = Unit(f"hub {folder.name}", folder, (hub_step,), state_name=HUB_STATE)
     return Unit(folder.name, folder, tuple(steps), force=config.force), hub_unit
 
@@ -369,8 +387,8 @@ def run_search(config: SearchConfig, log: StageLog | None = None) -> SearchOutpu
     check_steps(step for unit in _units(trials) + [t.hub for t in trials if t.hub] for step in unit.steps)
     create_output_root(root, command=STAGE, marker=STATE_NAME, model=config.model)
     table = _Table(root, config, trials)
-    log.info(f"{len(trials)} trials ({_grid_line(config)}); htp-check {'on' if htp else 'off'}, "
-             f"hub {'on' if hub else 'off'} -> {display_path(root)}")
+    log.info(f"{len(trials)} trials ({_grid_line(config)}); qat {'on' if config.qat else 'off'}, "
+             f"htp-check {'on' if htp else 'off'}, hub {'on' if hub else 'off'} -> {display_path(root)}")
     # Each unit's up-to-date check hashes what it reads (weights, photos): done once, here.
     current = {unit.key: up_to_date(unit) for unit in _units(trials)}
     with _open_runner(config, root, all(current.values()), log) as runner:
@@ -623,7 +641,9 @@ def _end_line(trial: Trial, row, outcome: dict) -> str:
         return (f"FAILED {trial.name} at {outcome.get('failed_step', '?')}: "
                 f"{str(row.error).splitlines()[0]} (log: {display_path(trial.local.folder / LOG_NAME)})")
     verb = "reused" if outcome.get("reused") else f"done {outcome.get('seconds', 0):.1f}s"
-    figures = f"F-score int8 {row.fscore_int8:.3f} (fp32 {row.fscore_fp32:.3f})" if row.fscore_int8 is not None else ""
+    int8 = "int8 after qat" if row.int8_stage == "qat" else "int8"
+    figures = f"F-score {int8} {row.fscore_int8:.3f} (fp32 {row.fscore_fp32:.3f})" if row.fscore_int8 is not None \
+        else ""
     if row.htp_full is not None:
         figures += ", all on the HTP" if row.htp_full else f", {row.htp_cpu_nodes} node(s) on the CPU"
     return f"{verb} {trial.name}: {figures}"
@@ -634,7 +654,8 @@ def _duration(seconds: float) -> str:
 
 
 def _finish(config: SearchConfig, root: Path, table: _Table, log: StageLog) -> SearchOutput:
-    from lpcv_depth.stages.search_report import PARETO, REPORT, choose, draw_pareto, report_markdown, write_table
+    from lpcv_depth.stages.search_report import (PARETO, REPORT, choose, draw_pareto, rebuild_commands,
+                                                 report_markdown, write_table)
 
     rows = list(table.rows.values())
     chosen, reason = choose(rows, config.budget_ms)
@@ -668,25 +689,6 @@ def _manifest_inputs(config: SearchConfig) -> dict:
         inputs["onnx"] = {"path": os.fspath(Path(config.onnx).resolve()), "sha256": hashes.pop(Path(config.onnx).name),
                           "external_data": hashes}
     return inputs
-
-
-def rebuild_commands(config: SearchConfig, trial: Trial) -> list[str]:
-    """The stage commands that rebuild this one trial by itself, into build/<model folder>/<trial>/: the
-    configs the trial ran with, its folders moved there."""
-    from lpcv_depth.options import config_to_argv
-    from lpcv_depth.stage import command_line
-
-    alone = os.fspath(build_dir(config.model_folder(config.model), trial.name))
-    moved = {os.fspath(trial.export.folder): alone, os.fspath(trial.local.folder): alone}
-
-    def shown(arg: str) -> str:
-        for old, new in moved.items():
-            if arg == old or arg.startswith(old + os.sep):
-                arg = new + arg[len(old):]
-        return display_path(arg) if os.path.isabs(arg) else arg
-
-    steps = [*trial.export.steps, *trial.local.steps, *(trial.hub.steps if trial.hub else ())]
-    return [command_line(step.stage, *[shown(arg) for arg in config_to_argv(step.config)]) for step in steps]
 
 
 def _next_hint(result: SearchOutput) -> str | None:

@@ -17,11 +17,14 @@ from lpcv_depth.files import write_text_atomically
 from lpcv_depth.manifest import MANIFEST_NAME, Manifest
 from lpcv_depth.report import cell, markdown_table
 from lpcv_depth.results import (EvaluateResults, ExportResults, HtpCheckResults, HubResults, PtqResults,
-                                SearchResults, SearchTrial)
+                                QatResults, SearchResults, SearchTrial)
 from lpcv_depth.schema import to_json
-from lpcv_depth.stage import display_path
+from lpcv_depth.options import config_to_argv
+from lpcv_depth.stage import command_line, display_path
+from lpcv_depth.workspace import build_dir
 
-__all__ = ["latency_line", "trial_row", "write_table", "choose", "draw_pareto", "report_markdown", "LATENCY", "GMACS"]
+__all__ = ["latency_line", "trial_row", "write_table", "choose", "draw_pareto", "report_markdown", "rebuild_commands",
+           "LATENCY", "GMACS"]
 
 LATENCY = "s24_latency_ms"
 GMACS = "gmacs"
@@ -53,10 +56,12 @@ def trial_row(trial, outcome: dict | None, hub_outcome: dict | None = None) -> S
     """Everything measured about a trial, from its folders; `outcome` is how its last run ended."""
     from lpcv_depth.track3_metric import FSCORE
 
-    export_dir, ptq_dir = trial.export.steps[0].folder, trial.local.folder / "ptq"
+    export_dir, ptq_dir, int8_step = trial.export.steps[0].folder, trial.local.folder / "ptq", trial.int8_step
     export = _results(export_dir, "export", ExportResults)
     fp32 = _results(trial.export.steps[1].folder, "evaluate", EvaluateResults)
     ptq = _results(ptq_dir, "ptq", PtqResults)
+    qat = _results(int8_step.folder, "qat", QatResults) if int8_step.stage == "qat" else None
+    int8_model = qat if int8_step.stage == "qat" else ptq  # what eval-int8, htp-check and hub took
     int8 = _results(trial.local.folder / "eval-int8", "evaluate", EvaluateResults)
     htp_dir = trial.local.folder / "htp-check"
     htp = _results(htp_dir, "htp-check", HtpCheckResults) if any(s.name == "htp-check" for s in trial.local.steps) else None
@@ -73,11 +78,13 @@ def trial_row(trial, outcome: dict | None, hub_outcome: dict | None = None) -> S
         fscore_fp32=fscore_fp32, fscore_int8=fscore_int8,
         fscore_drop=fscore_fp32 - fscore_int8 if fscore_fp32 is not None and fscore_int8 is not None else None,
         abs_rel_int8=int8.overall.metrics.get("abs_rel") if int8 and int8.overall.scored else None,
-        sqnr_db=ptq.int8_vs_fp32.sqnr_db if ptq else None,
+        sqnr_db=int8_model.int8_vs_fp32.sqnr_db if int8_model else None, int8_stage=int8_step.stage,
+        ptq_sqnr_db=ptq.int8_vs_fp32.sqnr_db if ptq and int8_step.stage == "qat" else None,
         htp_full=htp.coverage.full_htp if htp else None, htp_cpu_nodes=htp.coverage.cpu_nodes if htp else None,
         htp_fscore_int8=(htp.ground_truth.overall["int8_htp"][FSCORE]
                          if htp and htp.ground_truth and htp.ground_truth.frames else None),
         export_dir=os.fspath(export_dir), ptq_dir=os.fspath(ptq_dir) if ptq else None,
+        qat_dir=os.fspath(int8_step.folder) if qat else None,
         eval_dir=os.fspath(trial.local.folder / "eval-int8") if int8 else None,
         htp_check_dir=os.fspath(htp_dir) if htp else None, log=os.fspath(trial.local.folder / "log.txt"))
     return _with_hub(row, trial, hub, hub_outcome)
@@ -233,7 +240,8 @@ def report_markdown(results: SearchResults, reason: str, commands: list[str], wh
     if chosen is None:
         lines += [f"**No trial chosen**: {reason}.", ""]
     else:
-        figures = [f"int8 F-score {chosen.fscore_int8:.2f} (fp32 {cell(chosen.fscore_fp32, '{:.2f}')})"]
+        int8 = "int8 F-score after qat" if chosen.int8_stage == "qat" else "int8 F-score"
+        figures = [f"{int8} {chosen.fscore_int8:.2f} (fp32 {cell(chosen.fscore_fp32, '{:.2f}')})"]
         figures.append(f"{chosen.s24_latency_ms:.1f} ms on the S24" if chosen.s24_latency_ms is not None
                        else f"{chosen.gmacs:.2f} GMACs (latency not measured)")
         lines += [f"**Chosen: `{chosen.trial}`**: {', '.join(figures)}. Why: {reason}.", ""]
@@ -257,10 +265,29 @@ def _trials_table(rows: list[SearchTrial]) -> str:
             return "yes"
         return f"no ({row.htp_cpu_nodes or row.s24_cpu_layers or 0} CPU)"
 
+    # With --qat, the int8 columns are the qat model's; which stage and the ptq start's SQNR say so.
+    qat = any(r.int8_stage == "qat" for r in rows)
     return markdown_table(
-        ["trial", "status", "GMACs", "F fp32", "F int8", "drop", "SQNR dB", "fully NPU", "HTP F int8", "S24 ms",
-         "peak MB"],
+        ["trial", "status", "GMACs", "F fp32", "F int8", "drop", "SQNR dB",
+         *(["int8 from", "ptq SQNR dB"] if qat else []), "fully NPU", "HTP F int8", "S24 ms", "peak MB"],
         [[r.trial, r.status + (" (reused)" if r.reused else ""), cell(r.gmacs, "{:.2f}"), cell(r.fscore_fp32, "{:.2f}"),
-          cell(r.fscore_int8, "{:.2f}"), cell(r.fscore_drop, "{:.2f}"), cell(r.sqnr_db), npu(r),
+          cell(r.fscore_int8, "{:.2f}"), cell(r.fscore_drop, "{:.2f}"), cell(r.sqnr_db),
+          *([r.int8_stage, cell(r.ptq_sqnr_db)] if qat else []), npu(r),
           cell(r.htp_fscore_int8, "{:.2f}"), cell(r.s24_latency_ms), cell(r.s24_peak_memory_mb, "{:.0f}")]
-         for r in rows], align="llrrrrrlrrr")
+         for r in rows], align="llrrrrr" + ("lr" if qat else "") + "lrrr")
+
+
+def rebuild_commands(config, trial) -> list[str]:
+    """The stage commands that rebuild this one trial by itself, into build/<model folder>/<trial>/: the
+    configs the trial ran with, its folders moved there."""
+    alone = os.fspath(build_dir(config.model_folder(config.model), trial.name))
+    moved = {os.fspath(trial.export.folder): alone, os.fspath(trial.local.folder): alone}
+
+    def shown(arg: str) -> str:
+        for old, new in moved.items():
+            if arg == old or arg.startswith(old + os.sep):
+                arg = new + arg[len(old):]
+        return display_path(arg) if os.path.isabs(arg) else arg
+
+    steps = [*trial.export.steps, *trial.local.steps, *(trial.hub.steps if trial.hub else ())]
+    return [command_line(step.stage, *[shown(arg) for arg in config_to_argv(step.config)]) for step in steps]
