@@ -302,25 +302,40 @@ def test_run_chains_qat_between_ptq_and_the_int8_stages(calib_subset, tmp_path):
         check_steps(plan_steps(RunConfig(**base, qat=True, qat_args="--ptq elsewhere"), root))
 
 
-def test_a_rebuild_from_read_back_encodings_must_differ_from_ptq_far_less_than_ptq_from_fp32():
-    from types import SimpleNamespace
-
-    from lpcv_depth.stages.ptq import PtqConfig
+def test_a_rebuild_must_differ_from_ptq_far_less_than_ptq_from_fp32():
     from lpcv_depth.stages.qat_start import REPRODUCED_LOADED_MARGIN_DB, REPRODUCED_MIN_SQNR_DB, _reproduction_floor
     from lpcv_depth.verify import sqnr_db
 
     rng = np.random.default_rng(0)
     fp32 = rng.random((2, 1, 8, 8)).astype(np.float32)
     saved = fp32 + rng.normal(0, 0.1, fp32.shape).astype(np.float32)  # a ptq sim well away from fp32
-    recomputed = SimpleNamespace(config=PtqConfig(preset="w4a8"))
-    read_back = [SimpleNamespace(config=PtqConfig(preset="w4a8", **flag)) for flag in ({"adaround": True},
-                                                                                        {"seq_mse": True})]
-    assert _reproduction_floor(recomputed, fp32, saved) == REPRODUCED_MIN_SQNR_DB
-    for ptq in read_back:
-        floor = _reproduction_floor(ptq, fp32, saved)
-        assert floor == pytest.approx(sqnr_db(fp32, saved) + REPRODUCED_LOADED_MARGIN_DB)
-        assert floor < REPRODUCED_MIN_SQNR_DB
-        assert _reproduction_floor(ptq, fp32, fp32 + 1e-6) == REPRODUCED_MIN_SQNR_DB  # never above the exact floor
+    floor = _reproduction_floor(fp32, saved)
+    assert floor == pytest.approx(sqnr_db(fp32, saved) + REPRODUCED_LOADED_MARGIN_DB)
+    assert floor < REPRODUCED_MIN_SQNR_DB
+    assert _reproduction_floor(fp32, fp32 + 1e-6) == REPRODUCED_MIN_SQNR_DB  # never above the exact floor
+
+
+def test_a_4bit_folder_rebuilds_with_another_thread_count(fastdepth_w4a8, tmp_path):
+    """ptq ran with torch's default threads; one thread sums in another order and flips a few 4-bit
+    weight roundings (measured: FastDepth w4a8 rebuilt at 38.5 dB against ptq's saved outputs), which
+    is no reason to refuse the folder."""
+    import torch
+
+    from lpcv_depth.backends.aimet_fast import fast_quantize_dequantize
+    from lpcv_depth.stage import StageLog
+    from lpcv_depth.stages.ptq import prepare_float_model
+    from lpcv_depth.stages.qat_start import read_ptq_folder, rebuild_quantsim
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        log = StageLog("qat")
+        ptq = read_ptq_folder(fastdepth_w4a8.out_dir, log)
+        with fast_quantize_dequantize():
+            _, reproduced = rebuild_quantsim(ptq, prepare_float_model(ptq.config, log), tmp_path, log)
+    finally:
+        torch.set_num_threads(threads)
+    assert reproduced["sqnr_db"] is None or reproduced["sqnr_db"] > 25.0
 
 
 def test_predict_takes_a_qat_folder_as_it_takes_a_ptq_folder(qat_run, calib_subset, tmp_path):
