@@ -527,3 +527,26 @@ def test_qat_reads_a_folder_calibrated_on_a_gpu_on_a_machine_without_one(w8a8, m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     ptq = read_ptq_folder(folder, StageLog("qat"))
     assert ptq.config.device == "cpu" and ptq.config.preset == "w8a8"
+
+
+def test_one_output_contract_check_for_the_torch_model_and_the_fp32_onnx():
+    """check_torch_contract (the torch path) and the aimet-onnx route's fp32 ONNX share one check."""
+    import torch
+
+    from lpcv_depth.contract import TRACK3
+    from lpcv_depth.errors import ContractError
+    from lpcv_depth.stages.ptq import check_output_contract, check_torch_contract
+
+    shape = TRACK3.output.concrete_shape(2)
+    good = np.linspace(0, 1, int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    assert check_output_contract(good, "fp32 ONNX") == {"min": 0.0, "max": 1.0}
+    with pytest.raises(ContractError, match=r"fp32 ONNX output shape \(2, 480, 640\) does not match the contract "
+                                            r"\(2, 1, 480, 640\)"):
+        check_output_contract(good[:, 0], "fp32 ONNX")
+    with pytest.raises(ContractError, match=r"model output range \[0, 2\] is outside"):
+        check_output_contract(good * 2, "fp32 ONNX")
+    images = np.zeros((2, 3, 224, 224), np.float32)
+    with pytest.raises(ContractError, match=r"torch model output shape \(1, 480, 640\) does not match the contract "
+                                            r"\(1, 1, 480, 640\)"):
+        check_torch_contract(lambda x: torch.zeros(len(x), 480, 640), images)
+    assert check_torch_contract(lambda x: torch.full((len(x), 1, 480, 640), 0.5), images) == {"min": 0.5, "max": 0.5}
