@@ -503,6 +503,11 @@ def test_device_is_validated_recorded_and_cuda_refused_without_a_gpu(w8a8, calib
     err = capsys.readouterr().err
     assert "torch sees no CUDA GPU" in err and "fix: pass --device cpu" in err and not (tmp_path / "cuda").exists()
     assert resolve_device("auto") == "cpu"
+    from lpcv_depth.runner import stage_config
+
+    assert stage_config("ptq", "--device cpu", {}).device == "cpu"  # run and search: --ptq-args
+    with pytest.raises(ConfigError, match="torch sees no CUDA GPU"):
+        stage_config("ptq", "--device cuda", {})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine: accepted
     assert PtqConfig(device="cuda").as_dict()["device"] == "cuda"
     # Recorded: the option as given in config, where it ran in results and in the report.
