@@ -90,7 +90,9 @@ class PtqResults:
     {"layer_scale_fold": {"folded": 24}}, then bn_fold, cle, output_tail, weights_kept_8bit, seq_mse when they ran).
     ablation (AdaRound/SeqMSE against nearest rounding) and mixed_precision (the mixed preset's
     per-layer sensitivity) are None when those did not run; ground_truth without --eval-data.
-    backend: which AIMET route quantized the model (ptq --backend, resolved)."""
+    backend: which AIMET route quantized the model (ptq --backend, resolved).
+    device: where ptq's calibration, AdaRound and SeqMSE ran (ptq --device, resolved: cpu or cuda); a qat
+    folder carries its ptq folder's (qat's own is training.device)."""
 
     model: str
     preset: str
@@ -107,6 +109,8 @@ class PtqResults:
     mixed_precision: dict | None = None
     # aimet-torch (a torch export), onnx2torch (an ONNX-file export through aimet-torch) or aimet-onnx.
     backend: str = "aimet-torch"
+    # A folder written before ptq had --device ran on the CPU.
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)

@@ -53,10 +53,11 @@ def calib_subset(tmp_path_factory, calibration_dir) -> Path:
 
 
 def fastdepth_ptq_config(fp32: Path, calib: Path, out: Path, **overrides):
-    """PTQ settings that keep the default suite quick: 16 calibration + 4 held-out images, no CLE."""
+    """PTQ settings that keep the default suite quick: 16 calibration + 4 held-out images, no CLE; on
+    the CPU, where the suite's figures and bit-for-bit comparisons were measured (auto would take a GPU)."""
     from lpcv_depth.stages.ptq import PtqConfig
 
-    options = dict(calib=calib, fp32=fp32, holdout=4, min_calib=8, cle=False, latency_runs=2, out=out)
+    options = dict(calib=calib, fp32=fp32, holdout=4, min_calib=8, cle=False, latency_runs=2, device="cpu", out=out)
     options.update(overrides)
     return PtqConfig(**options)
 

@@ -337,6 +337,26 @@ def test_a_batch_inside_the_histograms_range_skips_the_merge(monkeypatch):
     assert merges == [1]
 
 
+def test_fast_tf_enhanced_leaves_tensors_off_the_cpu_to_aimet(monkeypatch):
+    """ptq --device cuda calibrates on a GPU, whose histc is not the CPU arithmetic the fast histograms
+    reproduce: AIMET's own update_stats takes every tensor off the CPU ("meta" stands in for a GPU)."""
+    from aimet_torch.quantization.encoding_analyzer import TfEnhancedEncodingAnalyzer
+
+    from lpcv_depth.backends.aimet_fast import _fast_tf_enhanced_class
+
+    seen = []
+    monkeypatch.setattr(TfEnhancedEncodingAnalyzer, "update_stats",
+                        lambda self, tensor: seen.append(tensor.device.type) or "aimet")
+    activation, weight = _fast_tf_enhanced_class()(()), _fast_tf_enhanced_class()((4, 1))
+    weight.weights = True
+    assert activation.update_stats(torch.ones(8, device="meta")) == "aimet"
+    assert weight.update_stats(torch.ones(4, 3, device="meta")) == "aimet"
+    assert seen == ["meta", "meta"]
+    activation.update_stats(torch.linspace(-1, 1, 8))  # on the CPU: the fast path
+    weight.update_stats(torch.linspace(-1, 1, 12).reshape(4, 3))
+    assert seen == ["meta", "meta"]
+
+
 @pytest.mark.parametrize("num_steps", [254, 14])  # symmetric 8-bit and 4-bit weights
 @pytest.mark.parametrize("shape", [(16, 24), (12, 3, 3, 3)])
 def test_fast_tf_enhanced_weight_encodings_are_aimets(shape, num_steps):

@@ -349,13 +349,20 @@ def test_latency_runs_zero_skips_host_latency(fastdepth_export, calib_subset, tm
     assert result.results.qdq_vs_aimet_sim["sqnr_db"] > 25 and result.qdq_onnx.is_file()
 
 
-def test_fewer_checked_images_calibrate_and_export_the_same_model(w8a8, fastdepth_export, calib_subset, tmp_path):
+def test_fewer_checked_images_calibrate_and_export_the_same_model(w8a8, fastdepth_export, calib_subset, tmp_path,
+                                                                  monkeypatch):
     """What a search trial runs (--verify-images 2 --latency-runs 0): the same int8 model as the full
-    stage, its checks on the first held-out images only."""
+    stage, its checks on the first held-out images only. Also --device auto where torch sees no GPU:
+    the CPU, and the very model of --device cpu (the fixture's)."""
+    import torch
+
     with pytest.raises(ConfigError, match="verify_images must be >= 1"):
         PtqConfig(calib=calib_subset, fp32=fastdepth_export, verify_images=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     trial = run_ptq(fastdepth_ptq_config(fastdepth_export, calib_subset, tmp_path / "trial", verify_images=2,
-                                         latency_runs=0))
+                                         latency_runs=0, device="auto"))
+    assert trial.manifest["config"]["device"] == "auto" and trial.results.device == "cpu"
+    assert w8a8.manifest["config"]["device"] == "cpu" == w8a8.results.device
     for name in ("fastdepth.encodings", "fastdepth.onnx"):
         assert (trial.aimet_dir / name).read_bytes() == (w8a8.aimet_dir / name).read_bytes()
     assert trial.qdq_onnx.read_bytes() == w8a8.qdq_onnx.read_bytes()
@@ -471,3 +478,80 @@ def test_w4a16_exports_int4_weights_with_16bit_activations_and_keeps_layers_int8
 def test_int8_weights_option_is_validated():
     with pytest.raises(ConfigError, match="int8_weights"):
         PtqConfig(int8_weights="middle")
+
+
+def test_device_is_validated_recorded_and_cuda_refused_without_a_gpu(w8a8, calib_subset, monkeypatch, tmp_path,
+                                                                     capsys):
+    import torch
+
+    from lpcv_depth.cli import main
+    from lpcv_depth.device import resolve_device
+    from lpcv_depth.manifest import Manifest
+    from lpcv_depth.results import PtqResults
+
+    assert PtqConfig().device == "auto"
+    with pytest.raises(SystemExit) as exited:  # argparse refuses a value outside the choices
+        main(["ptq", "--device", "tpu"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "invalid choice: 'tpu'" in err and "fix:" in err
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        PtqConfig(device="tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["ptq", "--fp32", str(w8a8.manifest["config"]["fp32"]), "--calib", str(calib_subset), "--device", "cuda",
+            "--out", str(tmp_path / "cuda")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "torch sees no CUDA GPU" in err and "fix: pass --device cpu" in err and not (tmp_path / "cuda").exists()
+    assert resolve_device("auto") == "cpu"
+    from lpcv_depth.runner import stage_config
+
+    assert stage_config("ptq", "--device cpu", {}).device == "cpu"  # run and search: --ptq-args
+    with pytest.raises(ConfigError, match="torch sees no CUDA GPU"):
+        stage_config("ptq", "--device cuda", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine: accepted
+    assert PtqConfig(device="cuda").as_dict()["device"] == "cuda"
+    # Recorded: the option as given in config, where it ran in results and in the report.
+    assert Manifest.read(w8a8.out_dir, stage="ptq").results_as(PtqResults).device == "cpu"
+    assert "Calibration: tf-enhanced on cpu;" in (w8a8.out_dir / "report.md").read_text()
+
+
+def test_qat_reads_a_folder_calibrated_on_a_gpu_on_a_machine_without_one(w8a8, monkeypatch, tmp_path):
+    """qat rebuilds ptq's sim on the CPU: a ptq config with device cuda must not be refused there."""
+    import shutil
+
+    import torch
+
+    from lpcv_depth.stage import StageLog
+    from lpcv_depth.stages.qat_start import read_ptq_folder
+
+    folder = tmp_path / "ptq-cuda"
+    shutil.copytree(w8a8.out_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["config"]["device"] = "cuda"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ptq = read_ptq_folder(folder, StageLog("qat"))
+    assert ptq.config.device == "cpu" and ptq.config.preset == "w8a8"
+
+
+def test_one_output_contract_check_for_the_torch_model_and_the_fp32_onnx():
+    """check_torch_contract (the torch path) and the aimet-onnx route's fp32 ONNX share one check."""
+    import torch
+
+    from lpcv_depth.contract import TRACK3
+    from lpcv_depth.errors import ContractError
+    from lpcv_depth.stages.ptq import check_output_contract, check_torch_contract
+
+    shape = TRACK3.output.concrete_shape(2)
+    good = np.linspace(0, 1, int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    assert check_output_contract(good, "fp32 ONNX") == {"min": 0.0, "max": 1.0}
+    with pytest.raises(ContractError, match=r"fp32 ONNX output shape \(2, 480, 640\) does not match the contract "
+                                            r"\(2, 1, 480, 640\)"):
+        check_output_contract(good[:, 0], "fp32 ONNX")
+    with pytest.raises(ContractError, match=r"model output range \[0, 2\] is outside"):
+        check_output_contract(good * 2, "fp32 ONNX")
+    images = np.zeros((2, 3, 224, 224), np.float32)
+    with pytest.raises(ContractError, match=r"torch model output shape \(1, 480, 640\) does not match the contract "
+                                            r"\(1, 1, 480, 640\)"):
+        check_torch_contract(lambda x: torch.zeros(len(x), 480, 640), images)
+    assert check_torch_contract(lambda x: torch.full((len(x), 1, 480, 640), 0.5), images) == {"min": 0.5, "max": 0.5}

@@ -41,6 +41,17 @@ def test_what_the_aimet_onnx_route_cannot_apply_is_refused_before_any_work(flags
     assert not (tmp_path / "q").exists()
 
 
+def test_the_aimet_onnx_route_refuses_cuda_and_runs_auto_on_the_cpu(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    argv = ["ptq", "--backend", "aimet-onnx", "--no-cle", "--output-tail-bits", "8", "--device", "cuda",
+            "--fp32", str(tmp_path / "missing"), "--out", str(tmp_path / "q")]
+    assert cli.main(argv) == ExitCode.ERROR
+    err = capsys.readouterr().err
+    assert "cannot apply --device cuda (it calibrates through ONNX Runtime's CPU provider" in err
+    assert "fix: pass --device cpu, or --backend onnx2torch" in err and not (tmp_path / "q").exists()
+    assert PtqConfig(device="auto", **ROUTE).device == "auto"
+
+
 def test_w8a16_keeps_its_16_bit_tail_on_the_aimet_onnx_route():
     """With 16-bit activations the tail is 16-bit anyway: nothing to refuse."""
     config = PtqConfig(preset="w8a16", **ROUTE | {"output_tail_bits": 16})
@@ -83,6 +94,7 @@ def test_aimet_onnx_quantizes_the_wrapped_bare_fastdepth_as_well_as_the_torch_pa
                                                                                    fastdepth_w8a8):
     result, torch_route = aimet_onnx_fastdepth.results, fastdepth_w8a8.results
     assert result.backend == "aimet-onnx" and torch_route.backend == "aimet-torch"
+    assert result.device == "cpu" and aimet_onnx_fastdepth.manifest["config"]["device"] == "auto"
     assert Manifest.read(aimet_onnx_fastdepth.out_dir, stage="ptq").results_as(PtqResults).backend == "aimet-onnx"
     graph = result.techniques["onnx_graph"]
     assert graph["source_opset"] == 17 and graph["opset"] == 21

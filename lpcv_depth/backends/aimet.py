@@ -228,7 +228,7 @@ def run_forward(model, batches, progress: Callable | None = None) -> np.ndarray:
     outputs = []
     with torch.no_grad():
         for batch in batches:
-            outputs.append(model(batch).numpy())
+            outputs.append(model(batch).cpu().numpy())  # .cpu(): a model on a GPU (ptq --device cuda)
             if progress:
                 progress()
     return np.concatenate(outputs)
@@ -286,20 +286,26 @@ def promote_sensitive_layers(sim, batches, reference: np.ndarray, *, max_drop_db
 
 
 def apply_adaround(model, dummy, batches, *, iterations: int, param_bw: int, scheme, config_file: Path,
-                   workdir: Path):
-    """AdaRound the weights; returns (adarounded model, path of its frozen param encodings)."""
+                   workdir: Path, device: str = "cpu"):
+    """AdaRound the weights on `device` (a resolved --device); returns (adarounded model, on the CPU like
+    `model` after the call, and the path of its frozen param encodings)."""
     from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
 
-    params = AdaroundParameters(data_loader=batches, num_batches=len(batches), default_num_iterations=iterations,
-                                forward_fn=lambda m, batch: m(batch))
-    adarounded = Adaround.apply_adaround(model, dummy, params, path=os.fspath(workdir), filename_prefix="adaround",
-                                         default_param_bw=param_bw, default_quant_scheme=scheme,
-                                         default_config_file=os.fspath(config_file))
-    return adarounded, workdir / "adaround.encodings"
+    from lpcv_depth.device import on_device, to_device
+
+    # AIMET runs AdaRound where the model is, and expects the dummy input there too.
+    params = AdaroundParameters(data_loader=to_device(batches, device), num_batches=len(batches),
+                                default_num_iterations=iterations, forward_fn=lambda m, batch: m(batch))
+    with on_device(model, device):
+        adarounded = Adaround.apply_adaround(model, dummy.to(device), params, path=os.fspath(workdir),
+                                             filename_prefix="adaround", default_param_bw=param_bw,
+                                             default_quant_scheme=scheme, default_config_file=os.fspath(config_file))
+    return adarounded.cpu(), workdir / "adaround.encodings"
 
 
-def apply_seq_mse(sim, batches, candidates: int) -> int:
-    """Sequential MSE weight encodings for every Conv2d/Linear; returns how many layers it optimized.
+def apply_seq_mse(sim, batches, candidates: int, device: str = "cpu") -> int:
+    """Sequential MSE weight encodings for every Conv2d/Linear, searched on `device` (a resolved --device;
+    the sim is back on the CPU after); returns how many layers it optimized.
 
     aimet-torch 2.42 silently skips layers whose weights have more than 4 bits (its
     SUPPORTED_PARAM_BW), i.e. every layer of our 8-bit presets: `--seq-mse` would be a no-op. The
@@ -309,10 +315,15 @@ def apply_seq_mse(sim, batches, candidates: int) -> int:
     import aimet_torch._base.seq_mse as seq_mse_base
     from aimet_torch.seq_mse import apply_seq_mse as aimet_seq_mse
 
+    from lpcv_depth.device import on_device, to_device
+
     limit = seq_mse_base.SUPPORTED_PARAM_BW
     seq_mse_base.SUPPORTED_PARAM_BW = 32
     try:
-        aimet_seq_mse(sim, batches, num_candidates=candidates, forward_fn=lambda m, batch: m(batch))
+        # AIMET searches where sim.model is (it moves its float copy there).
+        with on_device(sim.model, device):
+            aimet_seq_mse(sim, to_device(batches, device), num_candidates=candidates,
+                          forward_fn=lambda m, batch: m(batch))
     finally:
         seq_mse_base.SUPPORTED_PARAM_BW = limit
     return sum(1 for module in sim.model.modules() if _weight_encoding_frozen(module))

@@ -13,6 +13,9 @@ wherever that is not guaranteed (tests/test_aimet_fast.py compares them against 
 - `calibration_without_output_copies(sim)`: calibration hands the fresh output of an op on as it
   is, where AIMET copies every activation first.
 
+The first three are CPU kernels: a tensor on another device (ptq --device cuda) takes AIMET's own
+path. The fourth only decides whether a tensor is copied, which is the same on every device.
+
 Where the time went, and what these changed: docs/history/ptq-speed.md.
 """
 
@@ -101,7 +104,7 @@ def _fast_tf_enhanced_class():
     AIMET's own bin edges on the first call and over merge_stats' merged range after it. The
     out-of-range counts merge_stats adds are computed only when the growth limit actually clips
     (they are zero otherwise), and any
-    non-finite value, non-float32 input, per-channel or blockwise observer, and every weight
+    tensor off the CPU, non-finite value, non-float32 input, per-channel or blockwise observer, and every weight
     quantizer, takes AIMET's own path.
 
     AIMET also runs the whole tf-enhanced candidate search on every batch's own histogram, for a
@@ -187,6 +190,8 @@ def _fast_tf_enhanced_class():
 
         @torch.no_grad()
         def update_stats(self, input_tensor):
+            if input_tensor.device.type != "cpu":  # exact against torch.histc's CPU arithmetic only
+                return super().update_stats(input_tensor)
             observer = self.observer
             current = observer.stats[0]
             if self.weights and current.histogram is None:

@@ -70,12 +70,16 @@ def manifest_inputs(export: Manifest, fp32_onnx: Path, fp32_sha256: str, weights
             "weights": weights, "calibration": split.describe()}
 
 
-def calibrate(sim, batches, stage: str) -> None:
-    """AIMET's compute_encodings over `batches`, with a progress bar and without AIMET's activation copies."""
+def calibrate(sim, batches, stage: str, device: str = "cpu") -> None:
+    """AIMET's compute_encodings over `batches` on `device` (a resolved --device; the sim is back on the
+    CPU after), with a progress bar and without AIMET's activation copies."""
     from lpcv_depth.backends import aimet as aimet_sim
     from lpcv_depth.backends.aimet_fast import calibration_without_output_copies
+    from lpcv_depth.device import on_device, to_device
 
-    with Progress(len(batches), f"{stage}: calibrating") as tick, calibration_without_output_copies(sim):
+    with (Progress(len(batches), f"{stage}: calibrating") as tick, calibration_without_output_copies(sim),
+          on_device(sim.model, device)):
+        batches = to_device(batches, device)
         sim.compute_encodings(lambda m: aimet_sim.run_forward(m, batches, tick))
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from lpcv_depth.calibration import RECOMMENDED_IMAGES, CalibrationSplit, iter_batches, split_calibration_folder
 from lpcv_depth.contract import TRACK3
+from lpcv_depth.device import DEVICES, resolve_device
 from lpcv_depth.errors import ConfigError, ContractError, GateError
 from lpcv_depth.gates import enforce_gates
 from lpcv_depth.host import keep_freed_memory
@@ -45,8 +46,8 @@ from lpcv_depth.verify import OrtRunner, ParityThresholds, check_output_range, s
 from lpcv_depth.workspace import build_dir, in_workspace
 
 __all__ = ["PtqConfig", "PtqOutput", "Preset", "PRESETS", "run_ptq", "FloatStart", "prepare_float_model",
-           "build_quantsim", "kept_int8_weights", "rebuild_fp32_model", "check_torch_contract", "score_against_ground_truth", "GateError",
-           "DEFINITION"]
+           "build_quantsim", "kept_int8_weights", "rebuild_fp32_model", "check_torch_contract", "check_output_contract",
+           "score_against_ground_truth", "GateError", "DEFINITION"]
 
 STAGE = "ptq"
 DEFAULT_FP32_MODEL = "depth_anything_v2_vits"
@@ -135,6 +136,9 @@ class PtqConfig:
     # ONNX file"); a torch export is always quantized from its torch model with aimet-torch.
     backend: str = option("auto", choices=BACKENDS,
                           help="an ONNX-file export: onnx2torch (then aimet-torch) or aimet-onnx; auto: onnx2torch")
+    # Exports, checks and the exact fast CPU kernels (backends/aimet_fast.py) stay on the CPU (docs/ptq.md).
+    device: str = option("auto", choices=DEVICES, help="where calibration, AdaRound and SeqMSE run: auto (a CUDA "
+                                                       "GPU where torch sees one), cpu or cuda")
     out: Path | None = option(None, help="output folder (default: <fp32>/../ptq-<preset>)")
 
     def __post_init__(self):
@@ -178,6 +182,7 @@ class PtqConfig:
             raise ConfigError(f"--eval-data folder not found: {self.eval_data}",
                               hint="pass an RGB-D set (rgb/ + depth/) or a folder of sets")
         self.sim_parity  # validates the thresholds
+        resolve_device(self.device)
         check_backend_option(self)
 
     @property
@@ -284,14 +289,16 @@ def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqOutput:
         from lpcv_depth.stages.ptq_onnx import run_ptq_aimet_onnx
 
         return run_ptq_aimet_onnx(config, export, log)
+    device = resolve_device(config.device)
     start = prepare_float_model(config, log, export)
     inputs, fp32, tail, techniques = start.inputs, start.fp32, start.tail, start.techniques
     with StagingDir(config.destination, stage=STAGE, inputs=[config.fp32_dir, config.calib_dir, config.eval_data],
                     scratch=True) as staging, fast_quantize_dequantize():
-        sim, sim_source, analyzers = _quantsim_step(config, start.model, inputs, tail, techniques, staging.scratch, log)
-        _seq_mse_step(config, sim, inputs, techniques, log)
-        _calibrate_step(sim, inputs, log)
-        ablation = _rounding_ablation(config, start.model, sim, inputs, fp32, tail, log)
+        sim, sim_source, analyzers = _quantsim_step(config, start.model, inputs, tail, techniques, staging.scratch,
+                                                    device, log)
+        _seq_mse_step(config, sim, inputs, techniques, device, log)
+        _calibrate_step(sim, inputs, device, log)
+        ablation = _rounding_ablation(config, start.model, sim, inputs, fp32, tail, device, log)
         mixed = _sensitivity(config, sim, sim_source, inputs, log)
         sim_holdout = aimet_sim_outputs(sim, inputs.holdout_batches, fp32.holdout, log)
         artifacts = export_artifacts(sim, inputs.dummy, staging.path, fp32.name, opset=config.opset,
@@ -302,7 +309,7 @@ def run_ptq(config: PtqConfig, log: StageLog | None = None) -> PtqOutput:
                              preparation=asdict(start.preparation), qdq_vs_aimet_sim=checks.qdq_vs_aimet_sim,
                              int8_vs_fp32=checks.fidelity, sizes_bytes=sizes(fp32.onnx, artifacts),
                              host_latency_ms=checks.latency, ground_truth=checks.ground_truth, ablation=ablation,
-                             mixed_precision=mixed, backend=start.backend)
+                             mixed_precision=mixed, backend=start.backend, device=device)
         manifest_path = write_outputs(config, staging.path, start.export, fp32, inputs, artifacts, sim_holdout,
                                       checks, results, log)
     return finish(config, artifacts, manifest_path, results, log)
@@ -430,10 +437,16 @@ def check_torch_contract(model, sample: np.ndarray) -> dict:
 
     with torch.no_grad():
         out = model(torch.from_numpy(sample[:1])).numpy()
-    want = TRACK3.output.concrete_shape(1)
-    if out.shape != want:
-        raise ContractError(f"torch model output shape {out.shape} does not match the contract {want}")
-    return check_output_range(out, TRACK3)
+    return check_output_contract(out, "torch model")
+
+
+def check_output_contract(output: np.ndarray, what: str) -> dict:
+    """ContractError unless `output` (the outputs of len(output) images; `what` made them, e.g. "fp32 ONNX")
+    has the contract's shape; then the contract's range checks (verify.check_output_range)."""
+    want = TRACK3.output.concrete_shape(len(output) if output.ndim else 1)
+    if output.shape != want:
+        raise ContractError(f"{what} output shape {output.shape} does not match the contract {want}")
+    return check_output_range(output, TRACK3)
 
 
 def _fp32_model(config: PtqConfig, export: Manifest, results: ExportResults, inputs: _Inputs, log: StageLog) -> _Fp32:
@@ -546,7 +559,7 @@ def kept_int8_weights(config: PtqConfig, model, dummy) -> list[str]:
 
 
 def _quantsim_step(config: PtqConfig, model, inputs: _Inputs, tail: list[str], techniques: dict, scratch: Path,
-                   log: StageLog):
+                   device: str, log: StageLog):
     """(sim, the torch model it wraps: AdaRounded with --adaround, the calibration method census)."""
     from lpcv_depth.backends import aimet as aimet_sim
 
@@ -557,8 +570,8 @@ def _quantsim_step(config: PtqConfig, model, inputs: _Inputs, tail: list[str], t
             model, param_encodings = aimet_sim.apply_adaround(
                 model, inputs.dummy, inputs.calibration_batches, iterations=config.adaround_iterations,
                 param_bw=preset.param_bw, scheme=aimet_sim.quant_scheme(config.calibration_scheme),
-                config_file=aimet_sim.htp_v75_config_path(), workdir=scratch)
-            step.detail = f"{config.adaround_iterations} iterations per layer"
+                config_file=aimet_sim.htp_v75_config_path(), workdir=scratch, device=device)
+            step.detail = f"{config.adaround_iterations} iterations per layer on {device}"
     with log.step("quantsim") as step:
         sim, widened = build_quantsim(config, model, inputs.dummy, tail, param_encodings)
         analyzers = aimet_sim.calibration_analyzers(sim)
@@ -574,27 +587,27 @@ def _quantsim_step(config: PtqConfig, model, inputs: _Inputs, tail: list[str], t
     return sim, model, analyzers
 
 
-def _seq_mse_step(config: PtqConfig, sim, inputs: _Inputs, techniques: dict, log: StageLog) -> None:
+def _seq_mse_step(config: PtqConfig, sim, inputs: _Inputs, techniques: dict, device: str, log: StageLog) -> None:
     from lpcv_depth.backends import aimet as aimet_sim
 
     if not config.seq_mse:
         return
     with log.step("seq-mse") as step:
-        optimized = aimet_sim.apply_seq_mse(sim, inputs.calibration_batches, config.seq_mse_candidates)
+        optimized = aimet_sim.apply_seq_mse(sim, inputs.calibration_batches, config.seq_mse_candidates, device)
         techniques["seq_mse"] = {"layers_optimized": optimized, "candidates": config.seq_mse_candidates}
-        step.detail = f"{optimized} layers, {config.seq_mse_candidates} candidate ranges each"
+        step.detail = f"{optimized} layers, {config.seq_mse_candidates} candidate ranges each, on {device}"
     if not optimized:
         raise RuntimeError("SeqMSE optimized no layer: aimet-torch changed how it selects layers")
 
 
-def _calibrate_step(sim, inputs: _Inputs, log: StageLog) -> None:
+def _calibrate_step(sim, inputs: _Inputs, device: str, log: StageLog) -> None:
     with log.step("compute-encodings") as step:
-        calibrate(sim, inputs.calibration_batches, STAGE)
-        step.detail = f"{len(inputs.calibration_batches)} images"
+        calibrate(sim, inputs.calibration_batches, STAGE, device)
+        step.detail = f"{len(inputs.calibration_batches)} images on {device}"
 
 
 def _rounding_ablation(config: PtqConfig, float_model, sim, inputs: _Inputs, fp32: _Fp32, tail: list[str],
-                       log: StageLog) -> dict | None:
+                       device: str, log: StageLog) -> dict | None:
     """What the weight-rounding techniques bought: the same sim with nearest rounding, same images."""
     from lpcv_depth.backends import aimet as aimet_sim
 
@@ -603,7 +616,7 @@ def _rounding_ablation(config: PtqConfig, float_model, sim, inputs: _Inputs, fp3
         return None
     with log.step("rounding-ablation") as step:
         nearest, _ = build_quantsim(config, float_model, inputs.dummy, tail)
-        calibrate(nearest, inputs.calibration_batches, STAGE)
+        calibrate(nearest, inputs.calibration_batches, STAGE, device)
         without = sqnr_db(fp32.holdout, aimet_sim.run_forward(nearest.model, inputs.holdout_batches))
         with_ = sqnr_db(fp32.holdout, aimet_sim.run_forward(sim.model, inputs.holdout_batches))
         step.detail = f"AIMET sim SQNR {with_:.2f} dB with {applied}, {without:.2f} dB with nearest rounding"

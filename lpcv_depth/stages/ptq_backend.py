@@ -54,6 +54,9 @@ def aimet_onnx_conflicts(config) -> list[tuple[str, str, str]]:
     if config.calibration_scheme == "percentile":
         conflicts.append(("--calibration-scheme percentile", "aimet-onnx 2.42's QuantSim has no percentile setting",
                           "--calibration-scheme tf-enhanced"))
+    if config.device == "cuda":
+        conflicts.append(("--device cuda", "it calibrates through ONNX Runtime's CPU provider (onnxruntime-gpu is "
+                                           "not among lpcv-depth's dependencies)", "--device cpu"))
     if config.exporter != "legacy":
         conflicts.append((f"--exporter {config.exporter}", "aimet-onnx exports the ONNX graph itself, no torch "
                                                            "exporter runs", "--exporter legacy"))

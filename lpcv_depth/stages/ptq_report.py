@@ -47,7 +47,8 @@ def _plain(value):
 def markdown(config, results: PtqResults, title: str = "PTQ report", extra: tuple[str, ...] = ()) -> str:
     techniques = ", ".join(f"{name}={'on' if getattr(config, name) else 'off'}" for name in TECHNIQUE_FLAGS)
     sections = [f"# {title}: {config.preset} ({config.preset_spec.description})\n",
-                f"Calibration: {config.calibration_scheme}; techniques: {techniques}; AIMET route: {results.backend}\n",
+                f"Calibration: {config.calibration_scheme} on {results.device}; techniques: {techniques}; "
+                f"AIMET route: {results.backend}\n",
                 _fidelity_section(results), *extra]
     if results.ground_truth is not None:
         sections.append(_ground_truth_section(results))

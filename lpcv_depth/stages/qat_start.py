@@ -55,8 +55,10 @@ def read_ptq_folder(folder: Path, log: StageLog) -> PtqFolder:
     with log.step("read-ptq") as step:
         manifest = Manifest.read(folder, stage="ptq", flag="--ptq")
         try:
-            config = from_json(PtqConfig, {k: v for k, v in manifest.config.items() if k not in _DERIVED},
-                               where="ptq config")
+            # The rebuild calibrates on the CPU wherever ptq did, so a folder made with --device cuda
+            # is read on a machine without a GPU too (PtqConfig refuses cuda there).
+            config = from_json(PtqConfig, {k: v for k, v in manifest.config.items() if k not in _DERIVED}
+                               | {"device": "cpu"}, where="ptq config")
         except SchemaError as err:
             raise ArtifactMismatchError(f"the ptq config in {folder} cannot be read: {err}",
                                         hint=f"rerun {redo} with this version") from None
