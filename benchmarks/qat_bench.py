@@ -140,7 +140,7 @@ def main() -> int:
                         help="fastdepth: also train on the calibration_indoor photos after the calibration and "
                              "held-out ones (--train-images)")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--qat-args", default="", help='extra qat flags, e.g. "--lr 5e-5 --freeze-encodings"')
+    parser.add_argument("--qat-args", default="", help='extra qat flags, e.g. "--lr 5e-5 --no-freeze-encodings"')
     parser.add_argument("--out", type=Path, default=build_dir("bench", "qat"))
     args = parser.parse_args()
     qat_args = ["--epochs", str(args.epochs), *args.qat_args.split()]

@@ -426,3 +426,29 @@ def test_train_data_that_eval_data_scores_is_refused(fastdepth_w8a8, rgbd_dir, t
         ["qat", "--ptq", str(fastdepth_w8a8.out_dir), "--train-data", str(tmp_path / "none")], capsys)
     assert "ground_truth_weight must be >= 0" in _fails_with_fix(
         ["qat", "--ptq", str(fastdepth_w8a8.out_dir), "--ground-truth-weight", "-1"], capsys)
+
+
+def test_num_train_takes_the_calibration_photos_first_then_train_images_then_train_data():
+    from lpcv_depth.stages.qat import _first
+
+    calibration, extra, frames = np.arange(3), ["a", "b"], ["frame"]
+    kept = _first(4, calibration, extra, frames)
+    assert list(kept[0]) == [0, 1, 2] and kept[1] == ["a"] and kept[2] == []
+    assert _first(2, calibration, extra, frames)[1:] == [[], []]
+    assert _first(None, calibration, extra, frames) == (calibration, extra, frames)
+
+
+def test_an_epoch_within_min_gain_of_the_kept_checkpoint_does_not_replace_it(monkeypatch):
+    from lpcv_depth.stages import qat_train
+
+    images, targets, holdout, reference = _tiny_data()
+    settings = qat_train.TrainSettings(epochs=3, lr=1e-3, batch_size=3, patience=2, loss="si-log",
+                                       learn_encodings=False, device="cpu", seed=0, min_gain_db=0.25)
+    scores = iter([10.0, 10.1, 10.2, 12.0])  # the start, then three epochs
+    monkeypatch.setattr(qat_train, "_holdout_sqnr", lambda *_: (next(scores), 0.0))
+    training = qat_train.fine_tune(_Tiny(), images, targets, holdout, reference, settings, lambda *_: None)
+    assert training.best_epoch == 0 and training.best_sqnr_db == 10.0 and training.stopped_early
+    assert len(training.history) == 2  # two epochs within 0.25 dB used up the patience
+    scores = iter([10.0, 10.1, 10.3, 10.4])  # 0.3 dB over the start is a gain; 0.1 more is not
+    training = qat_train.fine_tune(_Tiny(), images, targets, holdout, reference, settings, lambda *_: None)
+    assert training.best_epoch == 2 and training.best_sqnr_db == 10.3

@@ -13,13 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from lpcv_depth.manifest import MANIFEST_NAME, Manifest
+from lpcv_depth.manifest import MANIFEST_NAME, Manifest, write_manifest
 from lpcv_depth.results import INT8_STAGES, PtqSizes
 from lpcv_depth.stage import StageLog
 from lpcv_depth.stages.export import tracer_warnings_silenced
 
 __all__ = ["INT8_STAGES", "FP32_ONNX", "QDQ_ONNX", "HOLDOUT_OUTPUTS", "Artifacts", "export_artifacts", "sizes",
-           "save_holdout_outputs", "manifest_inputs", "calibrate", "aimet_sim_outputs", "Progress"]
+           "save_holdout_outputs", "manifest_inputs", "write_int8_manifest", "calibrate", "aimet_sim_outputs",
+           "Progress"]
 
 FP32_ONNX = "model.onnx"
 QDQ_ONNX = "model_qdq.onnx"
@@ -61,6 +62,17 @@ def save_holdout_outputs(folder: Path, fp32: np.ndarray, sim_holdout: np.ndarray
     path = folder / HOLDOUT_OUTPUTS
     np.savez_compressed(path, fp32=fp32, aimet_sim=sim_holdout, int8_qdq=int8_qdq)
     return path
+
+
+def write_int8_manifest(folder: Path, *, stage: str, config: dict, inputs: dict, artifacts: Artifacts,
+                        holdout: tuple[np.ndarray, np.ndarray, np.ndarray], report_files: list[Path], results: Any,
+                        log: StageLog) -> Path:
+    """The held-out outputs (fp32, AIMET sim, QDQ) and the manifest, last, listing every artifact of an
+    int8 folder: what ptq and qat write alike, whatever else each records in `inputs` and its report."""
+    holdout_outputs = save_holdout_outputs(folder, *holdout)
+    return write_manifest(folder, stage=stage, config=config, inputs=inputs,
+                          outputs=[artifacts.aimet_onnx, artifacts.encodings, artifacts.qdq, holdout_outputs,
+                                   *report_files], timings=log.timings, results=results)
 
 
 def manifest_inputs(export: Manifest, fp32_onnx: Path, fp32_sha256: str, weights: dict, split: Any) -> dict:

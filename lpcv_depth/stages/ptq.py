@@ -31,7 +31,7 @@ from lpcv_depth.errors import ConfigError, ContractError, GateError
 from lpcv_depth.gates import enforce_gates
 from lpcv_depth.host import keep_freed_memory
 from lpcv_depth.manifest import (MANIFEST_NAME, ArtifactMismatchError, Manifest, config_as_dict, read_manifest,
-                                 sha256_file, write_manifest)
+                                 sha256_file)
 from lpcv_depth.options import choices_hint, flag_name, inherit, option
 from lpcv_depth.results import ExportResults, PtqResults
 from lpcv_depth.schema import SchemaError, from_json
@@ -39,7 +39,7 @@ from lpcv_depth.stage import StageDefinition, StageLog, StagingDir, command_line
 from lpcv_depth.stages.evaluate import EvaluateConfig
 from lpcv_depth.stages.export import EXPORTERS, ExportConfig
 from lpcv_depth.stages.int8_outputs import (FP32_ONNX, QDQ_ONNX, Artifacts, Progress, aimet_sim_outputs, calibrate,
-                                            export_artifacts, manifest_inputs, save_holdout_outputs, sizes)
+                                            export_artifacts, manifest_inputs, sizes, write_int8_manifest)
 from lpcv_depth.stages.ptq_backend import BACKENDS, backend_for, check_backend_option
 from lpcv_depth.stages.ptq_verify import Int8Checks, ptq_gates, score_against_ground_truth, verify_int8
 from lpcv_depth.verify import OrtRunner, ParityThresholds, check_output_range, sqnr_db
@@ -320,11 +320,10 @@ def write_outputs(config: PtqConfig, folder: Path, export: Manifest, fp32: _Fp32
                   log: StageLog) -> Path:
     """The report, the held-out outputs and the manifest, last (whichever AIMET route made the artifacts)."""
     report_files = _report(config, folder, results, fp32, checks, log)
-    holdout_outputs = save_holdout_outputs(folder, fp32.holdout, sim_holdout, checks.int8_holdout)
     record = manifest_inputs(export, fp32.onnx, fp32.onnx_sha256, fp32.weights, inputs.split)
-    return write_manifest(folder, stage=STAGE, config=config.as_dict(), inputs=record,
-                          outputs=[artifacts.aimet_onnx, artifacts.encodings, artifacts.qdq, holdout_outputs,
-                                   *report_files], timings=log.timings, results=results)
+    return write_int8_manifest(folder, stage=STAGE, config=config.as_dict(), inputs=record, artifacts=artifacts,
+                               holdout=(fp32.holdout, sim_holdout, checks.int8_holdout), report_files=report_files,
+                               results=results, log=log)
 
 
 def finish(config: PtqConfig, artifacts: Artifacts, manifest_path: Path, results: PtqResults,

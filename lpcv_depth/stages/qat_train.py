@@ -43,6 +43,8 @@ class TrainSettings:
     device: str
     seed: int
     lr_schedule: str = "constant"
+    # An epoch replaces the kept checkpoint only when its held-out SQNR beats it by this much (dB).
+    min_gain_db: float = 0.0
     # Weight of the ground-truth term on the photos that carry depth (--train-data); 0 = teacher only.
     ground_truth_weight: float = 0.0
 
@@ -153,7 +155,7 @@ def fine_tune(sim, images: np.ndarray, targets: np.ndarray, holdout_batches: lis
                 tick.show(loss=f"{loss:.4g}", holdout_sqnr=f"{sqnr:.2f} dB")
             history.append(QatEpoch(epoch=epoch, loss=loss, holdout_sqnr_db=sqnr, holdout_sqnr_db_plain=plain,
                                     seconds=round(time.perf_counter() - began, 3)))
-            if sqnr > best:
+            if sqnr > best and sqnr - best >= settings.min_gain_db:
                 best, best_state, best_epoch, waited = sqnr, _snapshot(model), epoch, 0
             else:
                 waited += 1
