@@ -69,7 +69,7 @@ class QatConfig:
                           help="flip: each photo is also trained on mirrored left-right (the teacher answers the "
                                "mirrored photo too); none: as taken")
     # epochs, lr and the schedule: the settings measured best on FastDepth w4a8 (docs/qat.md, "Measurements").
-    epochs: int = option(8, help="at most N passes over the training photos")
+    epochs: int = option(12, help="at most N passes over the training photos")
     lr: float = option(1e-4, help="Adam learning rate of the weights (and of the ranges unless frozen)")
     lr_schedule: str = option("cosine", choices=LR_SCHEDULES,
                               help="cosine: from --lr down to 0 over the planned epochs; constant: --lr throughout")
