@@ -73,7 +73,7 @@ class QatConfig:
     lr: float = option(5e-5, help="Adam learning rate of the weights (and of the ranges unless frozen)")
     lr_schedule: str = option("cosine", choices=LR_SCHEDULES,
                               help="cosine: from --lr down to 0 over the planned epochs; constant: --lr throughout")
-    # 2 keeps DA-V2 ViT-S under 24 GiB (13.2 GiB peak measured at batch 2, docs/qat.md "Peak memory").
+    # 2 keeps DA-V2 ViT-S well under 24 GiB (8.3 GiB peak at batch 2, 13.2 GiB with learned ranges: docs/qat.md).
     batch_size: int = option(2, help="photos per training step")
     # The held-out SQNR dips for a few epochs while the rate is high: w4a8's best epoch came 7 after the last gain.
     patience: int = option(8, help="stop after N epochs without a better held-out SQNR")
