@@ -44,14 +44,19 @@ def run_stage(args: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 2**20
 
 
-def calibration_subset(count: int, folder: Path) -> Path:
-    """The first `count` calibration photos plus 8 more held out, as symlinks (nothing is copied)."""
+def linked(paths, folder: Path) -> Path:
+    """`folder` holding a symlink to each of `paths` under its own name (nothing is copied)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for path in sorted(CALIBRATION.glob("*.jpg"))[:count + 8]:
+    for path in paths:
         link = folder / path.name
         if not link.exists():
             link.symlink_to(path)
     return folder
+
+
+def calibration_subset(count: int, folder: Path) -> Path:
+    """The first `count` calibration photos plus 8 more held out, as symlinks."""
+    return linked(sorted(CALIBRATION.glob("*.jpg"))[:count + 8], folder)
 
 
 def bench_vits(out: Path, num_calib: int, vs_ort: bool = False, ptq_args: Sequence[str] = (),

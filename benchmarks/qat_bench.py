@@ -21,7 +21,7 @@ import numpy as np
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ptq_bench import CALIBRATION, RGBD, calibration_subset, run_stage  # noqa: E402
+from ptq_bench import CALIBRATION, RGBD, calibration_subset, linked, run_stage  # noqa: E402
 
 from lpcv_depth.workspace import build_dir  # noqa: E402
 
@@ -31,12 +31,7 @@ TRAINING_OVERLAP = ("hololens_dev",)
 
 def unseen_rgbd(folder: Path) -> Path:
     """A folder of the RGB-D sets the training photos do not overlap, as symlinks."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for dataset in sorted(p for p in RGBD.iterdir() if p.is_dir() and p.name not in TRAINING_OVERLAP):
-        link = folder / dataset.name
-        if not link.exists():
-            link.symlink_to(dataset)
-    return folder
+    return linked(sorted(p for p in RGBD.iterdir() if p.is_dir() and p.name not in TRAINING_OVERLAP), folder)
 
 
 def _cli(*args: str | Path) -> list[str]:
@@ -84,12 +79,7 @@ def _qat(ptq_dir: Path, out: Path, qat_args: list[str]) -> dict:
 
 def remaining_photos(num_calib: int, folder: Path) -> Path:
     """The calibration_indoor photos after ptq's calibration and held-out ones, as symlinks: --train-images."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in sorted(CALIBRATION.glob("*.jpg"))[num_calib + 8:]:
-        link = folder / path.name
-        if not link.exists():
-            link.symlink_to(path)
-    return folder
+    return linked(sorted(CALIBRATION.glob("*.jpg"))[num_calib + 8:], folder)
 
 
 def bench_fastdepth(out: Path, preset: str, num_calib: int, losses: list[str], qat_args: list[str],

@@ -171,6 +171,7 @@ class _TrainSet:
     extra: list[Path]
     frames: list[Frame]
     photos: int  # before augmentation
+    ground_truth_weight: float  # --ground-truth-weight where frames carry depth, else 0
 
 
 def run_qat(config: QatConfig, log: StageLog | None = None) -> QatOutput:
@@ -238,7 +239,8 @@ def _training_set(config: QatConfig, start: FloatStart, eval_data: Path | None, 
         step.detail = (f"fp32 outputs on {len(images)} training images: {len(calibration)} calibration photos + "
                        f"{len(extra)} from --train-images + {len(frames)} RGB-D frames from --train-data"
                        + (", each also mirrored" if len(images) > count else ""))
-    return _TrainSet(images, targets, depth, extra, frames, photos=count)
+    return _TrainSet(images, targets, depth, extra, frames, photos=count,
+                     ground_truth_weight=config.ground_truth_weight if frames else 0.0)
 
 
 def _first(limit: int | None, *groups):
@@ -281,7 +283,7 @@ def _train_step(config: QatConfig, sim, start: FloatStart, train: _TrainSet, dev
                              patience=config.patience, loss=config.loss, learn_encodings=not config.freeze_encodings,
                              device=device, seed=config.seed, lr_schedule=config.lr_schedule,
                              min_gain_db=config.min_gain,
-                             ground_truth_weight=config.ground_truth_weight if train.frames else 0.0)
+                             ground_truth_weight=train.ground_truth_weight)
 
     def on_epoch(epoch, best: float) -> None:
         log.info(f"epoch {epoch.epoch}/{config.epochs}: loss {epoch.loss:.4g}, held-out SQNR "
@@ -307,7 +309,7 @@ def _training_record(config: QatConfig, training: Training, train: _TrainSet, de
                        best_holdout_sqnr_db=training.best_sqnr_db, history=training.history,
                        peak_rss_mb=training.peak_rss_mb, lr_schedule=config.lr_schedule, augment=config.augment,
                        photos=train.photos, ground_truth_frames=len(train.frames),
-                       ground_truth_weight=config.ground_truth_weight if train.frames else 0.0)
+                       ground_truth_weight=train.ground_truth_weight)
 
 
 def _inputs_record(ptq: PtqFolder, start: FloatStart, train: _TrainSet, reproduced: dict) -> dict:

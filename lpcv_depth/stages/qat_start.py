@@ -122,11 +122,12 @@ def rebuild_quantsim(ptq: PtqFolder, start: FloatStart, scratch: Path, log: Stag
         if kept:
             step.detail += f"; {kept} kept at 16 bits as ptq measured"
     with log.step("reproduce-ptq") as step:
-        saved = np.load(ptq.folder / HOLDOUT_OUTPUTS)["aimet_sim"]
+        holdout_outputs = np.load(ptq.folder / HOLDOUT_OUTPUTS)
+        saved = holdout_outputs["aimet_sim"]
         rebuilt = aimet_sim.run_forward(sim.model, start.inputs.holdout_batches[:len(saved)])
         reproduced = sqnr_db(saved, rebuilt)
         step.detail = f"held-out outputs vs ptq's saved ones: SQNR {reproduced:.1f} dB"
-    floor = _reproduction_floor(np.load(ptq.folder / HOLDOUT_OUTPUTS)["fp32"], saved)
+    floor = _reproduction_floor(holdout_outputs["fp32"], saved)
     if reproduced < floor:
         raise ArtifactMismatchError(
             f"the QuantSim rebuilt from {ptq.folder} does not reproduce its held-out outputs (SQNR {reproduced:.1f} "

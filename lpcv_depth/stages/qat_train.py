@@ -89,10 +89,8 @@ def gradient_matching_loss(student, teacher):
 def ground_truth_loss(student, depth):
     """The scale-invariant log loss against measured depth, on its valid pixels only (depth > 0); images
     without a valid pixel (the unlabeled photos of a mixed batch) add nothing."""
-    import torch
-
     valid = (depth > 0).flatten(1).to(student.dtype)
-    d = (torch.log(student.clamp_min(_LOG_FLOOR)) - torch.log(depth.clamp_min(_LOG_FLOOR))).flatten(1) * valid
+    d = _log_difference(student, depth).flatten(1) * valid
     count = valid.sum(1)
     labelled = count > 0
     if not bool(labelled.any()):
